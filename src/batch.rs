@@ -1,0 +1,399 @@
+//! A borrowed view of one batch (SPEC section 1).
+//!
+//! | name | shape | meaning |
+//! |---|---|---|
+//! | `logp` | (B, L) | log π_θ(y_t \| y_<t): the current policy, the only input gradients flow through |
+//! | `logp_old` | (B, L) | log μ(y_t \| y_<t): the rollout policy, the trust-region anchor |
+//! | `advantages` | (B, L) or (B,) | A_t; a (B,) array is broadcast along its row |
+//! | `mask` | (B, L) | response mask (`bool`, `u8`, `f32` or `f64`): nonzero = a generated token that is trained on |
+//! | `topk_logp_old` | (B, L, K) | optional: the rollout policy's top-K log-probs at each position |
+//! | `topk_logp` | (B, L, K) | optional: the current policy's log-probs of those K tokens |
+//! | `logp_ref` | (B, L) | optional: the reference policy, for the KL penalty |
+//!
+//! A [`Batch`] borrows its arrays (no copies) and checks their shapes when it is built.
+//! Values are checked where they are read: at response positions only, since padding
+//! may hold NaN, −inf or garbage and is never read. [`Batch::validate`] runs the value
+//! checks on their own; [`evaluate`](crate::evaluate) runs them inside its single pass,
+//! and reports the first bad value in row-major order, whatever the thread count.
+//!
+//! The value checks (SPEC section 2): a NaN or infinite log-prob, advantage or top-K
+//! log-prob at a response position is an error, as is a log-prob above 1e-4; a log-prob
+//! in (0, 1e-4] is read as 0 (bf16 rounding of a probability of 1). A float mask must be
+//! finite everywhere.
+//!
+//! ```
+//! use cppo::Batch;
+//! use cppo::ndarray::{array, Array2};
+//! let logp = array![[-0.1f32, -2.0, f32::NAN]];
+//! let logp_old = array![[-0.2f32, -1.5, f32::NEG_INFINITY]];
+//! let adv = array![1.0f32]; // one advantage per row, broadcast
+//! let mask = array![[1u8, 1, 0]];
+//! let batch = Batch::new(&logp, &logp_old, &adv, &mask).unwrap();
+//! assert_eq!(batch.shape(), (1, 3));
+//! batch.validate().unwrap(); // the NaN and -inf sit in padding
+//!
+//! let wrong = Array2::<u8>::ones((2, 3));
+//! assert!(Batch::new(&logp, &logp_old, &adv, &wrong).is_err());
+//! ```
+
+use ndarray::{Array2, ArrayBase, ArrayRef2, ArrayView1, ArrayView2, ArrayView3, Data, Ix1, Ix2};
+
+use crate::divergence::LOGP_TOLERANCE;
+use crate::error::{At, Error, Result};
+use crate::float::{Float, MaskElem};
+
+/// The advantages of a batch: one per token (B, L), or one per row (B,).
+#[derive(Clone, Copy, Debug)]
+pub enum Advantages<'a, F> {
+    /// A_t per token.
+    PerToken(ArrayView2<'a, F>),
+    /// One A per row, broadcast along it (GRPO's outcome rewards).
+    PerRow(ArrayView1<'a, F>),
+}
+
+impl<'a, F> From<ArrayView2<'a, F>> for Advantages<'a, F> {
+    fn from(v: ArrayView2<'a, F>) -> Self {
+        Self::PerToken(v)
+    }
+}
+
+impl<'a, F> From<ArrayView1<'a, F>> for Advantages<'a, F> {
+    fn from(v: ArrayView1<'a, F>) -> Self {
+        Self::PerRow(v)
+    }
+}
+
+impl<'a, F, S: Data<Elem = F>> From<&'a ArrayBase<S, Ix2>> for Advantages<'a, F> {
+    fn from(a: &'a ArrayBase<S, Ix2>) -> Self {
+        Self::PerToken(a.view())
+    }
+}
+
+impl<'a, F, S: Data<Elem = F>> From<&'a ArrayBase<S, Ix1>> for Advantages<'a, F> {
+    fn from(a: &'a ArrayBase<S, Ix1>) -> Self {
+        Self::PerRow(a.view())
+    }
+}
+
+/// The response mask, in any of the element types trainers use.
+#[derive(Clone, Copy, Debug)]
+pub enum Mask<'a> {
+    /// `bool`: true = response token.
+    Bool(ArrayView2<'a, bool>),
+    /// `u8`: nonzero = response token.
+    U8(ArrayView2<'a, u8>),
+    /// `f32`: nonzero = response token; must be finite.
+    F32(ArrayView2<'a, f32>),
+    /// `f64`: nonzero = response token; must be finite.
+    F64(ArrayView2<'a, f64>),
+}
+
+macro_rules! mask_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl<'a> From<ArrayView2<'a, $t>> for Mask<'a> {
+            fn from(v: ArrayView2<'a, $t>) -> Self {
+                Self::$v(v)
+            }
+        }
+        impl<'a> From<&'a ArrayRef2<$t>> for Mask<'a> {
+            fn from(a: &'a ArrayRef2<$t>) -> Self {
+                Self::$v(a.view())
+            }
+        }
+        impl<'a> From<&'a Array2<$t>> for Mask<'a> {
+            fn from(a: &'a Array2<$t>) -> Self {
+                Self::$v(a.view())
+            }
+        }
+        impl<'a, 'b> From<&'a ArrayView2<'b, $t>> for Mask<'a> {
+            fn from(a: &'a ArrayView2<'b, $t>) -> Self {
+                Self::$v(a.view())
+            }
+        }
+    )*};
+}
+mask_from!(bool => Bool, u8 => U8, f32 => F32, f64 => F64);
+
+impl Mask<'_> {
+    /// (B, L).
+    pub fn dim(&self) -> (usize, usize) {
+        match self {
+            Self::Bool(m) => m.dim(),
+            Self::U8(m) => m.dim(),
+            Self::F32(m) => m.dim(),
+            Self::F64(m) => m.dim(),
+        }
+    }
+
+    /// Number of response tokens in row `i`, or the first invalid (non-finite) mask
+    /// value in it.
+    pub(crate) fn row_len(&self, i: usize) -> Result<usize> {
+        fn count<M: MaskElem>(row: ArrayView1<'_, M>, i: usize) -> Result<usize> {
+            let mut n = 0;
+            for (j, &m) in row.iter().enumerate() {
+                if !m.is_valid() {
+                    return Err(Error::NonFinite {
+                        array: "mask",
+                        at: At::new(i, j),
+                        value: m.to_f64(),
+                    });
+                }
+                n += usize::from(m.is_on());
+            }
+            Ok(n)
+        }
+        match self {
+            Self::Bool(m) => Ok(m.row(i).iter().filter(|&&b| b).count()),
+            Self::U8(m) => Ok(m.row(i).iter().filter(|&&b| b != 0).count()),
+            Self::F32(m) => count(m.row(i), i),
+            Self::F64(m) => count(m.row(i), i),
+        }
+    }
+}
+
+/// The optional top-K pair, (B, L, K) each.
+#[derive(Clone, Copy, Debug)]
+pub struct TopK<'a, F> {
+    /// log P_k: the rollout policy's top-K log-probs.
+    pub logp_old: ArrayView3<'a, F>,
+    /// log Q_k: the current policy's log-probs of the same tokens.
+    pub logp: ArrayView3<'a, F>,
+}
+
+/// A shape-checked, borrowed batch. See the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a, F> {
+    pub(crate) logp: ArrayView2<'a, F>,
+    pub(crate) logp_old: ArrayView2<'a, F>,
+    pub(crate) advantages: Advantages<'a, F>,
+    pub(crate) mask: Mask<'a>,
+    pub(crate) topk: Option<TopK<'a, F>>,
+    pub(crate) logp_ref: Option<ArrayView2<'a, F>>,
+}
+
+fn shape_err(array: &'static str, expected: String, got: &[usize]) -> Error {
+    Error::ShapeMismatch {
+        array,
+        expected,
+        got: got.to_vec(),
+    }
+}
+
+impl<'a, F: Float> Batch<'a, F> {
+    /// A batch of `logp`, `logp_old` (B, L), `advantages` (B, L) or (B,), and a (B, L)
+    /// response mask. Checks the shapes.
+    pub fn new(
+        logp: &'a ArrayRef2<F>,
+        logp_old: &'a ArrayRef2<F>,
+        advantages: impl Into<Advantages<'a, F>>,
+        mask: impl Into<Mask<'a>>,
+    ) -> Result<Self> {
+        let (b, l) = logp.dim();
+        let bl = format!("({b}, {l})");
+        if logp_old.dim() != (b, l) {
+            return Err(shape_err("logp_old", bl, logp_old.shape()));
+        }
+        let advantages = advantages.into();
+        match &advantages {
+            Advantages::PerToken(a) if a.dim() != (b, l) => {
+                return Err(shape_err(
+                    "advantages",
+                    format!("({b},) or {bl}"),
+                    a.shape(),
+                ));
+            }
+            Advantages::PerRow(a) if a.len() != b => {
+                return Err(shape_err(
+                    "advantages",
+                    format!("({b},) or {bl}"),
+                    a.shape(),
+                ));
+            }
+            _ => {}
+        }
+        let mask = mask.into();
+        if mask.dim() != (b, l) {
+            let (mb, ml) = mask.dim();
+            return Err(shape_err("mask", bl, &[mb, ml]));
+        }
+        Ok(Self {
+            logp: logp.view(),
+            logp_old: logp_old.view(),
+            advantages,
+            mask,
+            topk: None,
+            logp_ref: None,
+        })
+    }
+
+    /// Adds the top-K pair, both (B, L, K) with the same K ≥ 1.
+    ///
+    /// ```
+    /// use cppo::Batch;
+    /// use cppo::ndarray::{Array1, Array2, Array3};
+    /// let z = Array2::<f64>::zeros((2, 3));
+    /// let (adv, mask) = (Array1::<f64>::ones(2), Array2::<bool>::from_elem((2, 3), true));
+    /// let b = Batch::new(&z, &z, &adv, &mask).unwrap();
+    /// let k4 = Array3::<f64>::zeros((2, 3, 4));
+    /// let k5 = Array3::<f64>::zeros((2, 3, 5));
+    /// assert!(b.with_topk(&k4, &k4).is_ok());
+    /// assert!(b.with_topk(&k4, &k5).is_err()); // different widths
+    /// ```
+    pub fn with_topk(
+        mut self,
+        topk_logp_old: &'a ndarray::ArrayRef3<F>,
+        topk_logp: &'a ndarray::ArrayRef3<F>,
+    ) -> Result<Self> {
+        let (b, l) = self.shape();
+        let (tb, tl, k) = topk_logp_old.dim();
+        if (tb, tl) != (b, l) || k == 0 {
+            return Err(shape_err(
+                "topk_logp_old",
+                format!("({b}, {l}, K) with K >= 1"),
+                topk_logp_old.shape(),
+            ));
+        }
+        if topk_logp.dim() != (b, l, k) {
+            return Err(shape_err(
+                "topk_logp",
+                format!("({b}, {l}, {k}), as topk_logp_old"),
+                topk_logp.shape(),
+            ));
+        }
+        self.topk = Some(TopK {
+            logp_old: topk_logp_old.view(),
+            logp: topk_logp.view(),
+        });
+        Ok(self)
+    }
+
+    /// Adds the reference policy's log-probs (B, L), for the KL penalty.
+    pub fn with_logp_ref(mut self, logp_ref: &'a ArrayRef2<F>) -> Result<Self> {
+        let (b, l) = self.shape();
+        if logp_ref.dim() != (b, l) {
+            return Err(shape_err(
+                "logp_ref",
+                format!("({b}, {l})"),
+                logp_ref.shape(),
+            ));
+        }
+        self.logp_ref = Some(logp_ref.view());
+        Ok(self)
+    }
+
+    /// (B, L).
+    pub fn shape(&self) -> (usize, usize) {
+        self.logp.dim()
+    }
+
+    /// K of the top-K pair, if present.
+    pub fn topk_width(&self) -> Option<usize> {
+        self.topk.map(|t| t.logp_old.dim().2)
+    }
+
+    /// Whether a `logp_ref` is present.
+    pub fn has_logp_ref(&self) -> bool {
+        self.logp_ref.is_some()
+    }
+
+    /// The number of response tokens in each row.
+    ///
+    /// # Errors
+    ///
+    /// A non-finite value in a float mask.
+    pub fn row_lengths(&self) -> Result<Vec<usize>> {
+        (0..self.shape().0).map(|i| self.mask.row_len(i)).collect()
+    }
+
+    /// Runs every value check of SPEC section 2 on its own and reports the first bad
+    /// value in row-major order. [`evaluate`](crate::evaluate) runs the same checks
+    /// inside its pass; call this to check a batch without computing anything.
+    pub fn validate(&self) -> Result<()> {
+        let (b, l) = self.shape();
+        for i in 0..b {
+            self.mask.row_len(i)?;
+            for j in 0..l {
+                if self.is_response(i, j) {
+                    self.read_logp(i, j)?;
+                    self.read_logp_old(i, j)?;
+                    self.read_adv(i, j)?;
+                    if let Some(topk) = &self.topk {
+                        for k in 0..topk.logp_old.dim().2 {
+                            read_logprob(
+                                topk.logp_old[[i, j, k]],
+                                "topk_logp_old",
+                                At::with_k(i, j, k),
+                            )?;
+                            read_logprob(topk.logp[[i, j, k]], "topk_logp", At::with_k(i, j, k))?;
+                        }
+                    }
+                    if let Some(r) = &self.logp_ref {
+                        read_logprob(r[[i, j]], "logp_ref", At::new(i, j))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    pub(crate) fn is_response(&self, i: usize, j: usize) -> bool {
+        match &self.mask {
+            Mask::Bool(m) => m[[i, j]],
+            Mask::U8(m) => m[[i, j]] != 0,
+            Mask::F32(m) => m[[i, j]] != 0.0,
+            Mask::F64(m) => m[[i, j]] != 0.0,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn read_logp(&self, i: usize, j: usize) -> Result<f64> {
+        read_logprob(self.logp[[i, j]], "logp", At::new(i, j))
+    }
+
+    #[inline(always)]
+    pub(crate) fn read_logp_old(&self, i: usize, j: usize) -> Result<f64> {
+        read_logprob(self.logp_old[[i, j]], "logp_old", At::new(i, j))
+    }
+
+    #[inline(always)]
+    pub(crate) fn read_adv(&self, i: usize, j: usize) -> Result<f64> {
+        let a = match &self.advantages {
+            Advantages::PerToken(a) => a[[i, j]],
+            Advantages::PerRow(a) => a[i],
+        }
+        .to_f64();
+        if a.is_finite() {
+            Ok(a)
+        } else {
+            Err(Error::NonFinite {
+                array: "advantages",
+                at: At::new(i, j),
+                value: a,
+            })
+        }
+    }
+}
+
+/// A log-prob read at a response position: finite, at most 1e-4, and (0, 1e-4] read as 0.
+#[inline(always)]
+pub(crate) fn read_logprob<F: Float>(x: F, array: &'static str, at: At) -> Result<f64> {
+    let x = x.to_f64();
+    if !x.is_finite() {
+        Err(Error::NonFinite {
+            array,
+            at,
+            value: x,
+        })
+    } else if x <= 0.0 {
+        Ok(x)
+    } else if x <= LOGP_TOLERANCE {
+        Ok(0.0)
+    } else {
+        Err(Error::PositiveLogProb {
+            array,
+            at,
+            value: x,
+        })
+    }
+}

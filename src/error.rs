@@ -1,0 +1,133 @@
+//! The crate's one error type.
+//!
+//! Every fallible function returns [`Result<T>`](Result), whose error is [`Error`]. Its
+//! variants carry structured fields, so a caller can both print a one-line message that
+//! names the array, row and column, and match on what went wrong.
+//!
+//! ```
+//! use cppo::{Batch, Error};
+//! use cppo::ndarray::array;
+//!
+//! let logp = array![[-0.1, 0.5]]; // 0.5 is not a log-probability
+//! let logp_old = array![[-0.2, -0.3]];
+//! let adv = array![1.0];
+//! let mask = array![[true, true]];
+//! let batch = Batch::new(&logp, &logp_old, &adv, &mask).unwrap();
+//! let err = batch.validate().unwrap_err();
+//! assert!(matches!(err, Error::PositiveLogProb { array: "logp", at, .. } if at.row == 0 && at.col == 1));
+//! assert_eq!(err.to_string(), "logp at row 0, column 1 is 0.5, above the 1e-4 tolerance for a log-probability");
+//! ```
+
+use std::fmt;
+
+/// Shorthand for `std::result::Result<T, cppo::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where in a (B, L) or (B, L, K) array a bad value sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct At {
+    /// Row (sequence) index, from 0.
+    pub row: usize,
+    /// Column (token slot) index, from 0.
+    pub col: usize,
+    /// Index along the top-K axis, for the (B, L, K) arrays only.
+    pub k: Option<usize>,
+}
+
+impl At {
+    /// A position in a (B, L) array.
+    pub const fn new(row: usize, col: usize) -> Self {
+        Self { row, col, k: None }
+    }
+
+    /// A position in a (B, L, K) array.
+    pub const fn with_k(row: usize, col: usize, k: usize) -> Self {
+        Self {
+            row,
+            col,
+            k: Some(k),
+        }
+    }
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "row {}, column {}", self.row, self.col)?;
+        if let Some(k) = self.k {
+            write!(f, ", k {k}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong in this crate.
+///
+/// Bad input is always reported through this enum, never through a panic or a NaN in
+/// the outputs. The enum is `#[non_exhaustive]`: later versions may add variants.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An array does not have the shape the batch requires.
+    #[error("{array} has shape {got:?}, expected {expected}")]
+    ShapeMismatch {
+        /// The array's name, as in SPEC section 1 (`logp`, `mask`, `topk_logp`, ...).
+        array: &'static str,
+        /// What the shape should have been, in words (for example `(4, 16)` or `(4,) or (4, 16)`).
+        expected: String,
+        /// The shape that was given.
+        got: Vec<usize>,
+    },
+    /// An array the configuration needs was not given.
+    #[error("{array} is missing; it is required by {needed_by}")]
+    MissingArray {
+        /// The missing array's name.
+        array: &'static str,
+        /// What needs it, for example `divergence topk_tv`.
+        needed_by: &'static str,
+    },
+    /// A NaN or infinite value at a response position (or anywhere in a float mask).
+    #[error("{array} at {at} is {value}, not a finite number")]
+    NonFinite {
+        /// The array's name.
+        array: &'static str,
+        /// Where the value is.
+        at: At,
+        /// The offending value, widened to `f64`.
+        value: f64,
+    },
+    /// A log-probability above the 1e-4 tolerance (SPEC section 2).
+    #[error("{array} at {at} is {value}, above the 1e-4 tolerance for a log-probability")]
+    PositiveLogProb {
+        /// The array's name.
+        array: &'static str,
+        /// Where the value is.
+        at: At,
+        /// The offending value, widened to `f64`.
+        value: f64,
+    },
+    /// A configuration value outside its valid range.
+    #[error("config field {field}: {reason}")]
+    InvalidConfig {
+        /// The field's path in the JSON config, for example `rule.delta`.
+        field: &'static str,
+        /// What is wrong with it, including the value given.
+        reason: String,
+    },
+    /// A global count override (`num_tokens`, `num_seqs`) is smaller than what this batch
+    /// alone contains, so it cannot be the count of a batch this one is a part of.
+    #[error("config field {field} = {given} is smaller than this batch's own count {local}")]
+    CountTooSmall {
+        /// `num_tokens` or `num_seqs`.
+        field: &'static str,
+        /// The override that was given.
+        given: u64,
+        /// The count in this batch.
+        local: u64,
+    },
+}
+
+// A compile-time check: errors can cross threads and be boxed into `anyhow`-style errors.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Error>();
+};

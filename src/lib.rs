@@ -1,0 +1,112 @@
+//! # cppo
+//!
+//! CPPO (Cumulative Prefix-divergence Policy Optimization, Mao et al., arXiv 2606.10968)
+//! and the token-level trust regions around it, for reinforcement learning of LLMs with
+//! PPO/GRPO-style objectives.
+//!
+//! PPO and GRPO hold every token to one threshold. CPPO's token mask has two mechanisms
+//! instead, on a per-token divergence D_t between the current policy π_θ and the
+//! rollout policy μ:
+//!
+//! - a **position-weighted threshold**, stricter on early tokens, whose deviations
+//!   condition everything after them: w_t D_t ≤ δ, with w_t falling linearly from 1 to
+//!   w_min over the response;
+//! - a **cumulative prefix budget**: the further the prefix has drifted, the less
+//!   further drift is allowed: S_t ≤ δ + δ_b W_{t−1}, with S_t = Σ_{s≤t} w_s D_s and
+//!   W_t = Σ_{s≤t} w_s.
+//!
+//! A token that moves back toward the rollout policy (A_t (ρ_t − 1) ≤ 0) is never
+//! masked.
+//!
+//! The crate computes, over batched `ndarray` tensors (rows = sequences, columns =
+//! token positions, plus a response mask):
+//!
+//! | module | what |
+//! |---|---|
+//! | [`batch`] | the validated, borrowed input view |
+//! | [`divergence`] | per-token D_t: binary TV/KL, top-K TV/KL |
+//! | [`schedule`] | position weights w_t |
+//! | [`rule`] | trust-region rules (`none`, `ratio`, `dppo`, `cppo`, `trm_max`, `trm_avg`) and reason codes |
+//! | [`objective`] | per-token objectives and the KL penalty, with exact gradients |
+//! | [`aggregate`] | verl's loss aggregation modes and global counts |
+//! | [`stats`] | diagnostics |
+//! | [`config`] | the serde config of SPEC section 9, with presets |
+//! | [`engine`] | the fused per-row pass: [`evaluate`], [`evaluate_into`], [`trust_region`] |
+//!
+//! ## Example
+//!
+//! ```
+//! use cppo::{evaluate, Batch, Config, Par};
+//! use cppo::ndarray::array;
+//!
+//! // Two sequences of four slots; the second has a hole (a tool output) and padding.
+//! let logp = array![[-0.2f32, -1.0, -0.1, -2.5], [-0.3, f32::NAN, -0.9, f32::NAN]];
+//! let logp_old = array![[-0.3f32, -1.6, -0.1, -1.2], [-0.2, 0.0, -1.4, 0.0]];
+//! let advantages = array![1.0f32, -1.0]; // one per sequence, broadcast
+//! let mask = array![[true, true, true, true], [true, false, true, false]];
+//!
+//! let batch = Batch::new(&logp, &logp_old, &advantages, &mask)?;
+//! let eval = evaluate(&Config::cppo(), &batch, Par::Rayon)?;
+//!
+//! // Feed eval.outputs.grad into your autodiff graph as sum(grad.detach() * logp).
+//! assert_eq!(eval.outputs.grad.dim(), (2, 4));
+//! assert_eq!(eval.outputs.grad[[1, 1]], 0.0); // padding: zero, whatever it held
+//! assert_eq!(eval.diagnostics.response_tokens, 6);
+//! # Ok::<(), cppo::Error>(())
+//! ```
+//!
+//! ## Numerics
+//!
+//! Inputs are `f32` or `f64`; all arithmetic runs in `f64`, prefix sums included, and
+//! outputs are rounded once to the input type. Results are bit-identical for
+//! [`Par::Seq`] and [`Par::Rayon`] on any number of threads.
+//!
+//! ## Decisions where the spec is silent
+//!
+//! - Values are checked where they are read, inside the single pass; the first bad value
+//!   in row-major order is reported, whatever the thread count ([`Batch::validate`] runs
+//!   the same checks alone).
+//! - Per-row advantages that are NaN are reported at the row's first response column.
+//! - A float mask must be finite everywhere, padding included: a NaN mask value is an
+//!   error, not a guess.
+//! - Every log-prob array (`logp`, `logp_old`, the top-K pair, `logp_ref`) follows the
+//!   same rule: NaN/inf at a response position is an error, (0, 1e-4] reads as 0.
+//! - The KL penalty is not masked by the trust region and its x is not clamped.
+//! - Fractions and means in [`Diagnostics`] are 0 when their denominator is 0.
+//!
+//! ## Feature flags
+//!
+//! - `cli`: the `cppo` command-line tool (clap, serde_json, ndarray-npy). Off by default:
+//!   the library itself depends only on ndarray, rayon, serde and thiserror.
+
+#![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+pub use ndarray;
+
+pub mod aggregate;
+pub mod batch;
+pub mod config;
+pub mod divergence;
+pub mod engine;
+pub mod error;
+pub mod float;
+pub mod objective;
+pub mod rule;
+pub mod schedule;
+pub mod stats;
+
+pub use aggregate::{Aggregation, Counts};
+pub use batch::{Advantages, Batch, Mask, TopK};
+pub use config::Config;
+pub use divergence::Divergence;
+pub use engine::{
+    Evaluation, MaskOutputs, Outputs, OutputsMut, Par, Summary, evaluate, evaluate_into,
+    trust_region,
+};
+pub use error::{At, Error, Result};
+pub use float::{Float, MaskElem};
+pub use objective::{KlEstimator, KlPenalty, Objective};
+pub use rule::{Reason, Rule};
+pub use schedule::Schedule;
+pub use stats::{Diagnostics, Tally};

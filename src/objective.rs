@@ -1,0 +1,277 @@
+//! PPO-style objectives, the KL penalty, and their exact per-token gradients
+//! (SPEC sections 5 and 6).
+//!
+//! Per token, with keep M (a constant), ratio ρ = exp(clamp(logp − logp_old, −20, 20))
+//! and advantage A, each objective gives a loss l and its gradient g = ∂l/∂logp:
+//!
+//! | objective | l | g |
+//! |---|---|---|
+//! | `surrogate` (the paper's) | −M ρ A | −M ρ A |
+//! | `detached_is` (DPPO's REINFORCE path) | −M min(ρ, C) A logp | −M min(ρ, C) A |
+//! | `ppo_clip` | M max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high) A) | −M ρ A on the unclipped branch, else 0 |
+//! | `cispo` | −M min(ρ, 1+ε_high) A logp | −M min(ρ, 1+ε_high) A |
+//!
+//! With `dual_clip` c > 1, `ppo_clip` also caps the loss of A < 0 tokens:
+//! l = M min(max(...), −cA), with gradient 0 where the cap is the branch taken. In
+//! `detached_is` and `cispo` the weight min(ρ, ·) is detached (a constant), as in the
+//! papers' code. Ties between branches go to the unclipped one; they occur only inside
+//! the clip range, where both branches have the same value and gradient, or on the
+//! boundary itself, a set of measure zero.
+//!
+//! The optional KL penalty to a reference policy adds, per response token and before
+//! aggregation, with x = logp_ref − logp and coefficient β:
+//!
+//! | estimator | l | g |
+//! |---|---|---|
+//! | `k1` | −β x | β |
+//! | `k2` | β x² / 2 | −β x |
+//! | `k3` | β (eˣ − x − 1) | β (1 − eˣ) |
+//!
+//! The penalty is not masked by the trust region: it applies to every response token.
+//! `x` is not clamped (SPEC section 6 does not clamp it; verl clamps k3 to ±10, which
+//! zeroes its gradient there).
+//!
+//! ```
+//! use cppo::objective::Objective;
+//! let o = Objective::PpoClip { eps_low: 0.2, eps_high: 0.2, dual_clip: None };
+//! // A > 0 and ρ above 1 + ε: the clipped branch, no gradient.
+//! let t = o.eval(1.5, 1.0, -0.3);
+//! assert!((t.loss - -1.2).abs() < 1e-15);
+//! assert_eq!(t.grad, 0.0);
+//! assert!(t.clipped);
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::rule::{DEFAULT_EPS, check, check_nonnegative, check_positive};
+
+/// The default `ratio_cap` C of `detached_is` (the DPPO reference code's).
+pub const DEFAULT_RATIO_CAP: f64 = 10.0;
+/// The default `eps_high` of `cispo` (the CISPO paper's, as in MiniMax-M1).
+pub const DEFAULT_CISPO_EPS_HIGH: f64 = 0.28;
+/// The clamp on the log-ratio logp − logp_old before exponentiation.
+pub const LOG_RATIO_CLAMP: f64 = 20.0;
+
+/// A per-token objective. Serialized as SPEC section 9's `objective` object, tagged by
+/// `kind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Objective {
+    /// The paper's importance-weighted surrogate −ρA.
+    #[default]
+    Surrogate,
+    /// The DPPO reference code's REINFORCE path: −min(ρ, C) A logp, weight detached.
+    DetachedIs {
+        /// C > 0, default 10.
+        #[serde(default = "default_ratio_cap")]
+        ratio_cap: f64,
+    },
+    /// PPO's clipped objective, optionally with dual clip.
+    PpoClip {
+        /// ε_low ≥ 0, default 0.2.
+        #[serde(default = "default_eps")]
+        eps_low: f64,
+        /// ε_high ≥ 0, default 0.2.
+        #[serde(default = "default_eps")]
+        eps_high: f64,
+        /// Dual-clip constant c > 1 for A < 0, or `None`.
+        #[serde(default)]
+        dual_clip: Option<f64>,
+    },
+    /// CISPO: −min(ρ, 1 + ε_high) A logp, weight detached.
+    Cispo {
+        /// ε_high ≥ 0, default 0.28.
+        #[serde(default = "default_cispo_eps_high")]
+        eps_high: f64,
+    },
+}
+
+fn default_ratio_cap() -> f64 {
+    DEFAULT_RATIO_CAP
+}
+fn default_eps() -> f64 {
+    DEFAULT_EPS
+}
+fn default_cispo_eps_high() -> f64 {
+    DEFAULT_CISPO_EPS_HIGH
+}
+
+/// One token's objective value before masking.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenTerm {
+    /// The loss l (for M = 1).
+    pub loss: f64,
+    /// ∂l/∂logp (for M = 1).
+    pub grad: f64,
+    /// Whether a clip determined the value (`ppo_clip`'s clipped or dual branch, or
+    /// `cispo`'s cap).
+    pub clipped: bool,
+}
+
+impl Objective {
+    /// The objective's name as in configs.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Surrogate => "surrogate",
+            Self::DetachedIs { .. } => "detached_is",
+            Self::PpoClip { .. } => "ppo_clip",
+            Self::Cispo { .. } => "cispo",
+        }
+    }
+
+    /// Checks `ratio_cap` > 0, ε ≥ 0, `dual_clip` > 1.
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Self::Surrogate => Ok(()),
+            Self::DetachedIs { ratio_cap } => check_positive("objective.ratio_cap", ratio_cap),
+            Self::PpoClip {
+                eps_low,
+                eps_high,
+                dual_clip,
+            } => {
+                check_nonnegative("objective.eps_low", eps_low)?;
+                check_nonnegative("objective.eps_high", eps_high)?;
+                match dual_clip {
+                    Some(c) => check(
+                        c > 1.0 && c.is_finite(),
+                        "objective.dual_clip",
+                        "> 1 and finite",
+                        c,
+                    ),
+                    None => Ok(()),
+                }
+            }
+            Self::Cispo { eps_high } => check_nonnegative("objective.eps_high", eps_high),
+        }
+    }
+
+    /// Whether the objective reports a clipped fraction (`ppo_clip`, `cispo`).
+    pub const fn has_clip(&self) -> bool {
+        matches!(self, Self::PpoClip { .. } | Self::Cispo { .. })
+    }
+
+    /// The loss and gradient of one kept token, from its ratio ρ, advantage A and
+    /// current log-prob (which only the detached forms read).
+    #[inline(always)]
+    pub fn eval(&self, rho: f64, adv: f64, logp: f64) -> TokenTerm {
+        match *self {
+            Self::Surrogate => {
+                let g = -rho * adv;
+                TokenTerm {
+                    loss: g,
+                    grad: g,
+                    clipped: false,
+                }
+            }
+            Self::DetachedIs { ratio_cap } => {
+                let g = -rho.min(ratio_cap) * adv;
+                TokenTerm {
+                    loss: g * logp,
+                    grad: g,
+                    clipped: false,
+                }
+            }
+            Self::PpoClip {
+                eps_low,
+                eps_high,
+                dual_clip,
+            } => {
+                let unclipped = -rho * adv;
+                let clipped = -rho.clamp(1.0 - eps_low, 1.0 + eps_high) * adv;
+                let mut term = if unclipped >= clipped {
+                    TokenTerm {
+                        loss: unclipped,
+                        grad: unclipped,
+                        clipped: false,
+                    }
+                } else {
+                    TokenTerm {
+                        loss: clipped,
+                        grad: 0.0,
+                        clipped: true,
+                    }
+                };
+                if let Some(c) = dual_clip {
+                    let cap = -c * adv;
+                    if adv < 0.0 && cap < term.loss {
+                        term = TokenTerm {
+                            loss: cap,
+                            grad: 0.0,
+                            clipped: true,
+                        };
+                    }
+                }
+                term
+            }
+            Self::Cispo { eps_high } => {
+                let cap = 1.0 + eps_high;
+                let g = -rho.min(cap) * adv;
+                TokenTerm {
+                    loss: g * logp,
+                    grad: g,
+                    clipped: rho > cap,
+                }
+            }
+        }
+    }
+}
+
+/// A KL estimator for the penalty to the reference policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    /// k1 = −x = logp − logp_ref.
+    K1,
+    /// k2 = x² / 2.
+    K2,
+    /// k3 = eˣ − x − 1 (Schulman's low-variance estimator; GRPO's default).
+    K3,
+}
+
+/// The KL penalty β·k(x), x = logp_ref − logp. Serialized as SPEC section 9's `kl` object.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KlPenalty {
+    /// Which estimator.
+    pub estimator: KlEstimator,
+    /// The coefficient β ≥ 0.
+    pub coef: f64,
+}
+
+impl KlPenalty {
+    /// Checks β ≥ 0 and finite.
+    pub fn validate(&self) -> Result<()> {
+        check_nonnegative("kl.coef", self.coef)
+    }
+
+    /// The penalty's loss and gradient ∂/∂logp for one token.
+    ///
+    /// ```
+    /// use cppo::objective::{KlEstimator, KlPenalty};
+    /// let k3 = KlPenalty { estimator: KlEstimator::K3, coef: 0.5 };
+    /// let (l, g) = k3.eval(-1.0, -1.0); // same policy: zero loss and gradient
+    /// assert_eq!((l, g), (0.0, 0.0));
+    /// ```
+    #[inline(always)]
+    pub fn eval(&self, logp: f64, logp_ref: f64) -> (f64, f64) {
+        let beta = self.coef;
+        let x = logp_ref - logp;
+        match self.estimator {
+            KlEstimator::K1 => (-beta * x, beta),
+            KlEstimator::K2 => (beta * x * x / 2.0, -beta * x),
+            KlEstimator::K3 => {
+                // e^x − 1 via exp_m1: no cancellation for small x.
+                let em1 = x.exp_m1();
+                (beta * (em1 - x), -beta * em1)
+            }
+        }
+    }
+}
+
+/// The ratio ρ = exp(clamp(logp − logp_old, −20, 20)) and the clamped log-ratio.
+#[inline(always)]
+pub fn ratio(logp: f64, logp_old: f64) -> (f64, f64) {
+    let r = (logp - logp_old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
+    (r.exp(), r)
+}
