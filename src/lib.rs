@@ -76,8 +76,12 @@
 //!
 //! ## Feature flags
 //!
-//! - `cli`: the `cppo` command-line tool (clap, serde_json, ndarray-npy). Off by default:
-//!   the library itself depends only on ndarray, rayon, serde and thiserror.
+//! - `synth`: [`synth`], realistic synthetic batches for demos, examples and benchmarks
+//!   (rand, rand_distr).
+//! - `cli`: the `cppo` command-line tool (clap, serde_json, ndarray-npy); implies `synth`.
+//!
+//! Both are off by default: the library itself depends only on ndarray, rayon, serde
+//! and thiserror.
 
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
@@ -95,6 +99,8 @@ pub mod objective;
 pub mod rule;
 pub mod schedule;
 pub mod stats;
+#[cfg(feature = "synth")]
+pub mod synth;
 
 pub use aggregate::{Aggregation, Counts};
 pub use batch::{Advantages, Batch, Mask, TopK};

@@ -1,0 +1,1 @@
+//! Realistic synthetic batches (feature `synth`). Placeholder: being written.
