@@ -307,33 +307,31 @@ pub fn trust_region<F: Float>(
         divergence,
         ..Config::with_rule(*rule)
     };
-    let mut o = Outputs::<F>::zeros((0, 0));
-    let (b, l) = batch.shape();
-    o.divergence = Array2::from_elem((b, l), F::default());
-    o.weight = o.divergence.clone();
-    o.threshold = o.divergence.clone();
-    o.keep = Array2::from_elem((b, l), false);
-    o.reason = Array2::zeros((b, l));
+    let shape = batch.shape();
+    let zeros = || Array2::from_elem(shape, F::default());
+    let (mut divergence, mut weight, mut threshold) = (zeros(), zeros(), zeros());
+    let mut keep = Array2::from_elem(shape, false);
+    let mut reason = Array2::zeros(shape);
     let s = evaluate_into(
         &cfg,
         batch,
         OutputsMut {
-            divergence: o.divergence.view_mut(),
-            weight: o.weight.view_mut(),
-            threshold: o.threshold.view_mut(),
-            keep: o.keep.view_mut(),
-            reason: o.reason.view_mut(),
+            divergence: divergence.view_mut(),
+            weight: weight.view_mut(),
+            threshold: threshold.view_mut(),
+            keep: keep.view_mut(),
+            reason: reason.view_mut(),
             token_loss: None,
             grad: None,
         },
         par,
     )?;
     Ok(MaskOutputs {
-        divergence: o.divergence,
-        weight: o.weight,
-        threshold: o.threshold,
-        keep: o.keep,
-        reason: o.reason,
+        divergence,
+        weight,
+        threshold,
+        keep,
+        reason,
         diagnostics: s.diagnostics,
     })
 }

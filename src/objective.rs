@@ -60,6 +60,7 @@ pub const LOG_RATIO_CLAMP: f64 = 20.0;
 pub enum Objective {
     /// The paper's importance-weighted surrogate −ρA.
     #[default]
+    #[serde(deserialize_with = "crate::rule::no_params")]
     Surrogate,
     /// The DPPO reference code's REINFORCE path: −min(ρ, C) A logp, weight detached.
     DetachedIs {

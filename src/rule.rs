@@ -112,6 +112,7 @@ impl Reason {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Rule {
     /// No trust region: every response token is kept.
+    #[serde(deserialize_with = "no_params")]
     None,
     /// PPO/GRPO's ratio clip, applied as a mask: feasible iff 1 − ε_low ≤ ρ ≤ 1 + ε_high.
     Ratio {
@@ -155,6 +156,17 @@ pub enum Rule {
         #[serde(default = "default_delta")]
         delta: f64,
     },
+}
+
+/// A parameterless variant still refuses unknown fields (serde's internally tagged unit
+/// variants would ignore them).
+pub(crate) fn no_params<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    NoParams::deserialize(d).map(|_| ())
 }
 
 fn default_eps() -> f64 {
