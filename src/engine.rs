@@ -33,18 +33,17 @@
 //! assert_eq!(seq.outputs.reason, array![[1u8, 1]]);
 //! ```
 
-use ndarray::{Array2, ArrayView1, ArrayViewMut1, ArrayViewMut2, Axis, s};
+use ndarray::{Array2, ArrayViewMut2, Axis};
 
 use crate::aggregate::Counts;
-use crate::batch::{Batch, Mask, read_logprob};
+use crate::batch::{Batch, Mask};
 use crate::config::Config;
-use crate::divergence::{Divergence, binary_kl, binary_tv, topk_kl_pairs, topk_tv_pairs};
-use crate::error::{At, Error, Result};
-use crate::float::{Float, MaskElem};
-use crate::objective::{Objective, ratio};
-use crate::rule::{Reason, Rule};
-use crate::schedule::linear_weight;
-use crate::stats::{Diagnostics, Tally, TokenRecord};
+use crate::divergence::Divergence;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::kernel::{Plan, RowOut, run_row};
+use crate::rule::Rule;
+use crate::stats::{Diagnostics, Tally};
 
 /// Sequential or parallel execution. Both give bit-identical results.
 ///
@@ -250,11 +249,7 @@ pub fn evaluate_into<F: Float>(
         tokens: override_count("num_tokens", cfg.num_tokens, counts.tokens)?,
         seqs: override_count("num_seqs", cfg.num_seqs, counts.seqs)?,
     };
-    let plan = Plan {
-        cfg,
-        denominators,
-        leaf_rows: leaf_rows(shape),
-    };
+    let plan = Plan { cfg, denominators };
     let block = Block {
         row0: 0,
         divergence: out.divergence,
@@ -265,7 +260,7 @@ pub fn evaluate_into<F: Float>(
         token_loss: out.token_loss,
         grad: out.grad,
     };
-    let tally = run_block(&plan, batch, block, par)?;
+    let tally = run_block(&plan, leaf_rows(shape), batch, block, par)?;
     Ok(Summary {
         loss: tally.loss,
         diagnostics: Diagnostics::new(&tally, cfg),
@@ -397,12 +392,6 @@ fn local_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Result<Counts> {
     }
 }
 
-struct Plan<'c> {
-    cfg: &'c Config,
-    denominators: Counts,
-    leaf_rows: usize,
-}
-
 /// A block of consecutive rows of every output, starting at batch row `row0`.
 struct Block<'o, F> {
     row0: usize,
@@ -415,7 +404,7 @@ struct Block<'o, F> {
     grad: Option<ArrayViewMut2<'o, F>>,
 }
 
-impl<'o, F> Block<'o, F> {
+impl<'o, F: Float> Block<'o, F> {
     fn rows(&self) -> usize {
         self.reason.nrows()
     }
@@ -453,15 +442,15 @@ impl<'o, F> Block<'o, F> {
     }
 
     fn row(&mut self, r: usize) -> RowOut<'_, F> {
-        RowOut {
-            divergence: self.divergence.row_mut(r),
-            weight: self.weight.row_mut(r),
-            threshold: self.threshold.row_mut(r),
-            keep: self.keep.row_mut(r),
-            reason: self.reason.row_mut(r),
-            token_loss: self.token_loss.as_mut().map(|v| v.row_mut(r)),
-            grad: self.grad.as_mut().map(|v| v.row_mut(r)),
-        }
+        RowOut::new(
+            self.divergence.row_mut(r),
+            self.weight.row_mut(r),
+            self.threshold.row_mut(r),
+            self.keep.row_mut(r),
+            self.reason.row_mut(r),
+            self.token_loss.as_mut().map(|v| v.row_mut(r)),
+            self.grad.as_mut().map(|v| v.row_mut(r)),
+        )
     }
 }
 
@@ -479,21 +468,22 @@ fn split_opt<F>(v: Option<ArrayViewMut2<'_, F>>, mid: usize) -> SplitOpt<'_, F> 
 
 fn run_block<F: Float>(
     plan: &Plan<'_>,
+    leaf_rows: usize,
     batch: &Batch<'_, F>,
     mut block: Block<'_, F>,
     par: Par,
 ) -> Result<Tally> {
     let n = block.rows();
-    if n <= plan.leaf_rows {
+    if n <= leaf_rows {
         let mut tally = Tally::default();
         for r in 0..n {
             let i = block.row0 + r;
             let out = block.row(r);
-            let row_tally = match &batch.mask {
-                Mask::Bool(m) => run_row(plan, batch, m.row(i), i, out),
-                Mask::U8(m) => run_row(plan, batch, m.row(i), i, out),
-                Mask::F32(m) => run_row(plan, batch, m.row(i), i, out),
-                Mask::F64(m) => run_row(plan, batch, m.row(i), i, out),
+            let row_tally = match batch.mask {
+                Mask::Bool(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::U8(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::F32(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::F64(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
             }?;
             tally = tally.merge(&row_tally);
         }
@@ -502,230 +492,14 @@ fn run_block<F: Float>(
     let (left, right) = block.split(n / 2);
     let (l, r) = match par {
         Par::Seq => (
-            run_block(plan, batch, left, par),
-            run_block(plan, batch, right, par),
+            run_block(plan, leaf_rows, batch, left, par),
+            run_block(plan, leaf_rows, batch, right, par),
         ),
         Par::Rayon => rayon::join(
-            || run_block(plan, batch, left, par),
-            || run_block(plan, batch, right, par),
+            || run_block(plan, leaf_rows, batch, left, par),
+            || run_block(plan, leaf_rows, batch, right, par),
         ),
     };
     // The left error first: the lowest row wins, whatever ran first.
     Ok(l?.merge(&r?))
-}
-
-/// One row of every output.
-struct RowOut<'r, F> {
-    divergence: ArrayViewMut1<'r, F>,
-    weight: ArrayViewMut1<'r, F>,
-    threshold: ArrayViewMut1<'r, F>,
-    keep: ArrayViewMut1<'r, bool>,
-    reason: ArrayViewMut1<'r, u8>,
-    token_loss: Option<ArrayViewMut1<'r, F>>,
-    grad: Option<ArrayViewMut1<'r, F>>,
-}
-
-impl<F: Float> RowOut<'_, F> {
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn write(&mut self, j: usize, d: f64, w: f64, c: f64, reason: Reason, l: f64, g: f64) {
-        self.divergence[j] = F::from_f64(d);
-        self.weight[j] = F::from_f64(w);
-        self.threshold[j] = F::from_f64(c);
-        self.keep[j] = reason.is_kept();
-        self.reason[j] = reason.code();
-        if let Some(v) = &mut self.token_loss {
-            v[j] = F::from_f64(l);
-        }
-        if let Some(v) = &mut self.grad {
-            v[j] = F::from_f64(g);
-        }
-    }
-}
-
-/// The divergence of response token (i, j), with its checked log-probs.
-#[inline(always)]
-fn token_divergence<F: Float>(
-    div: Divergence,
-    batch: &Batch<'_, F>,
-    i: usize,
-    j: usize,
-) -> Result<(f64, f64, f64)> {
-    let lp = batch.read_logp(i, j)?;
-    let lq = batch.read_logp_old(i, j)?;
-    let d = match div {
-        Divergence::BinaryTv => binary_tv(lp, lq),
-        Divergence::BinaryKl => binary_kl(lp, lq),
-        Divergence::TopkTv | Divergence::TopkKl => {
-            // Presence was checked before the pass.
-            let Some(topk) = batch.topk.as_ref() else {
-                unreachable!("top-K arrays checked before the pass")
-            };
-            let old = topk.logp_old.slice(s![i, j, ..]);
-            let new = topk.logp.slice(s![i, j, ..]);
-            for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
-                read_logprob(a, "topk_logp_old", At::with_k(i, j, k))?;
-                read_logprob(b, "topk_logp", At::with_k(i, j, k))?;
-            }
-            // Checked above: finite and at most 1e-4, so min(0) is the (0, 1e-4] → 0 rule.
-            let pairs = old
-                .iter()
-                .zip(new.iter())
-                .map(|(&a, &b)| (a.to_f64().min(0.0), b.to_f64().min(0.0)));
-            if div == Divergence::TopkTv {
-                topk_tv_pairs(pairs)
-            } else {
-                topk_kl_pairs(pairs)
-            }
-        }
-    };
-    Ok((lp, lq, d))
-}
-
-/// The outcome of a rule's test on one token, before the corrective bypass.
-#[derive(Clone, Copy)]
-enum Verdict {
-    Pass,
-    Fail(Reason),
-}
-
-fn run_row<F: Float, M: MaskElem>(
-    plan: &Plan<'_>,
-    batch: &Batch<'_, F>,
-    mask: ArrayView1<'_, M>,
-    i: usize,
-    mut out: RowOut<'_, F>,
-) -> Result<Tally> {
-    let cfg = plan.cfg;
-    let mut tally = Tally::default();
-    // The mask was checked by the count before the pass.
-    let row_len = mask.iter().filter(|m| m.is_on()).count();
-    if row_len == 0 {
-        for j in 0..mask.len() {
-            out.write(j, 0.0, 0.0, 0.0, Reason::NotResponse, 0.0, 0.0);
-        }
-        return Ok(tally);
-    }
-    tally.seqs = 1;
-    let agg_w = cfg
-        .aggregation
-        .weight(plan.denominators, row_len, mask.len(), cfg.norm_length);
-
-    // TRM decides the whole row from its max or mean divergence.
-    let row_ok = match cfg.rule {
-        Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
-            let (mut max, mut sum) = (0.0f64, 0.0f64);
-            for (j, m) in mask.iter().enumerate() {
-                if m.is_on() {
-                    let (_, _, d) = token_divergence(cfg.divergence, batch, i, j)?;
-                    max = max.max(d);
-                    sum += d;
-                }
-            }
-            let stat = if matches!(cfg.rule, Rule::TrmMax { .. }) {
-                max
-            } else {
-                sum / row_len as f64
-            };
-            stat <= delta
-        }
-        _ => true,
-    };
-    let trm = cfg.rule.is_sequence_level();
-    let objective: Objective = cfg.objective;
-    let (mut t, mut s_sum, mut w_sum) = (0usize, 0.0f64, 0.0f64);
-    let mut row_loss = 0.0f64;
-
-    for (j, m) in mask.iter().enumerate() {
-        if !m.is_on() {
-            out.write(j, 0.0, 0.0, 0.0, Reason::NotResponse, 0.0, 0.0);
-            continue;
-        }
-        t += 1;
-        let (lp, lq, d) = token_divergence(cfg.divergence, batch, i, j)?;
-        let adv = batch.read_adv(i, j)?;
-        let (rho, log_ratio) = ratio(lp, lq);
-        let away = adv * (rho - 1.0) > 0.0;
-
-        let (w, c, verdict) = match cfg.rule {
-            Rule::None => (1.0, f64::NAN, Verdict::Pass),
-            Rule::Ratio { eps_low, eps_high } => {
-                let ok = rho >= 1.0 - eps_low && rho <= 1.0 + eps_high;
-                (1.0, f64::NAN, pass_if(ok, Reason::TokenThreshold))
-            }
-            Rule::Dppo { delta } => (1.0, delta, pass_if(d <= delta, Reason::TokenThreshold)),
-            Rule::Cppo {
-                delta,
-                delta_b,
-                w_min,
-                horizon,
-            } => {
-                let w = linear_weight(w_min, t, horizon.unwrap_or(row_len), horizon.is_some());
-                let wd = w * d;
-                let (s_prev, w_prev) = (s_sum, w_sum);
-                s_sum += wd;
-                w_sum += w;
-                match delta_b {
-                    None => (w, delta, pass_if(wd <= delta, Reason::TokenThreshold)),
-                    Some(db) => {
-                        let room = delta + db * w_prev;
-                        let c = delta.min(room - s_prev);
-                        let v = if wd > delta {
-                            Verdict::Fail(Reason::TokenThreshold)
-                        } else if s_sum > room {
-                            Verdict::Fail(Reason::PrefixBudget)
-                        } else {
-                            Verdict::Pass
-                        };
-                        (w, c, v)
-                    }
-                }
-            }
-            Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
-                (1.0, delta, pass_if(row_ok, Reason::TokenThreshold))
-            }
-        };
-        let reason = match verdict {
-            Verdict::Pass => Reason::Feasible,
-            Verdict::Fail(_) if !away && !trm => Reason::Corrective,
-            Verdict::Fail(r) => r,
-        };
-        let keep = reason.is_kept();
-
-        let term = objective.eval(rho, adv, lp);
-        let (mut l, mut g) = if keep {
-            (term.loss, term.grad)
-        } else {
-            (0.0, 0.0)
-        };
-        if let (Some(kl), Some(r)) = (&cfg.kl, &batch.logp_ref) {
-            let lr = read_logprob(r[[i, j]], "logp_ref", At::new(i, j))?;
-            let (lk, gk) = kl.eval(lp, lr);
-            l += lk;
-            g += gk;
-        }
-        row_loss += l;
-        out.write(j, d, w, c, reason, l, g * agg_w);
-        tally.record(&TokenRecord {
-            reason,
-            adv,
-            divergence: d,
-            log_ratio,
-            ratio: rho,
-            threshold: c,
-            clipped: term.clipped,
-            decile: (t - 1) * 10 / row_len,
-        });
-    }
-    tally.loss = row_loss * agg_w;
-    Ok(tally)
-}
-
-#[inline(always)]
-fn pass_if(ok: bool, fail: Reason) -> Verdict {
-    if ok {
-        Verdict::Pass
-    } else {
-        Verdict::Fail(fail)
-    }
 }

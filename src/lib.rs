@@ -95,9 +95,11 @@ pub mod divergence;
 pub mod engine;
 pub mod error;
 pub mod float;
+mod kernel;
 pub mod objective;
 pub mod rule;
 pub mod schedule;
+mod simd;
 pub mod stats;
 #[cfg(feature = "synth")]
 pub mod synth;

@@ -178,7 +178,7 @@ impl Tally {
         self.divergence_sum += r.divergence;
         self.divergence_max = self.divergence_max.max(r.divergence);
         self.k1_sum -= r.log_ratio;
-        self.k3_sum += r.log_ratio.exp_m1() - r.log_ratio;
+        self.k3_sum += (r.ratio - 1.0) - r.log_ratio;
         self.ratio_sum += r.ratio;
         self.ratio_min = self.ratio_min.min(r.ratio);
         self.ratio_max = self.ratio_max.max(r.ratio);

@@ -1,0 +1,706 @@
+//! The fused per-row kernel behind [`evaluate`](crate::evaluate).
+//!
+//! A row is swept once, left to right, in blocks of [`BLK`] columns staged in small
+//! stack arrays (nothing is allocated):
+//!
+//! 1. **load** the block's mask, log-probs and advantages, widened to f64; check them
+//!    all at once (a vectorizable test that finds the first bad response token, if any);
+//!    compute ρ, and p, q for the binary divergences, as SIMD exponentials
+//!    ([`crate::simd`]);
+//! 2. **scan** the block's response tokens in order: divergence, weight, the prefix sums
+//!    S and W (f64), the rule's test, the corrective bypass, the objective's loss and
+//!    gradient, the KL term, the diagnostics tally;
+//! 3. **store** the block's outputs into the row's output lanes.
+//!
+//! Errors surface at the first bad token in row-major order and, within a token, in the
+//! order logp, logp_old, advantages, top-K pair, logp_ref (the order of
+//! [`Batch::validate`](crate::Batch::validate)).
+
+use ndarray::{ArrayView1, ArrayViewMut1, Axis, s};
+
+use crate::aggregate::Counts;
+use crate::batch::{Advantages, Batch, read_logprob};
+use crate::config::Config;
+use crate::divergence::{
+    Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_probs, topk_kl_pairs,
+    topk_tv_pairs,
+};
+use crate::error::{At, Error, Result};
+use crate::float::{Float, MaskElem};
+use crate::objective::LOG_RATIO_CLAMP;
+use crate::rule::{Reason, Rule};
+use crate::schedule::linear_weight;
+use crate::simd::exp_in_place;
+use crate::stats::{Tally, TokenRecord};
+
+/// Columns per block.
+pub(crate) const BLK: usize = 64;
+
+/// Top-K widths up to this are staged for SIMD; wider ones use a scalar loop.
+const TOPK_STACK: usize = 64;
+
+/// What every row of one call shares.
+pub(crate) struct Plan<'c> {
+    pub cfg: &'c Config,
+    /// N_tok and N_seq, after the overrides.
+    pub denominators: Counts,
+}
+
+/// A row of an input: a slice when contiguous (the common case), else a strided view.
+enum Lane<'a, T> {
+    Slice(&'a [T]),
+    View(ArrayView1<'a, T>),
+}
+
+impl<'a, T: Copy> Lane<'a, T> {
+    fn new(v: ArrayView1<'a, T>) -> Self {
+        match v.to_slice() {
+            Some(s) => Self::Slice(s),
+            None => Self::View(v),
+        }
+    }
+
+    /// `dst[k] = f(self[j0 + k])` for k < dst.len().
+    #[inline(always)]
+    fn load<U>(&self, j0: usize, dst: &mut [U], f: impl Fn(T) -> U) {
+        let n = dst.len();
+        match self {
+            Self::Slice(s) => {
+                for (d, &x) in dst.iter_mut().zip(&s[j0..j0 + n]) {
+                    *d = f(x);
+                }
+            }
+            Self::View(v) => {
+                for (d, &x) in dst.iter_mut().zip(v.slice(s![j0..j0 + n])) {
+                    *d = f(x);
+                }
+            }
+        }
+    }
+}
+
+/// A row of an output: a slice when contiguous, else a strided view.
+enum LaneMut<'a, T> {
+    Slice(&'a mut [T]),
+    View(ArrayViewMut1<'a, T>),
+}
+
+impl<'a, T: Copy> LaneMut<'a, T> {
+    fn new(v: ArrayViewMut1<'a, T>) -> Self {
+        if v.is_standard_layout() {
+            if let Some(s) = v.into_slice() {
+                return Self::Slice(s);
+            }
+            unreachable!("a standard-layout view is a slice")
+        }
+        Self::View(v)
+    }
+
+    #[inline(always)]
+    fn store(&mut self, j0: usize, src: &[T]) {
+        match self {
+            Self::Slice(s) => s[j0..j0 + src.len()].copy_from_slice(src),
+            Self::View(v) => v
+                .slice_mut(s![j0..j0 + src.len()])
+                .assign(&ArrayView1::from(src)),
+        }
+    }
+
+    fn fill(&mut self, x: T) {
+        match self {
+            Self::Slice(s) => s.fill(x),
+            Self::View(v) => v.fill(x),
+        }
+    }
+}
+
+/// One row of every output.
+pub(crate) struct RowOut<'r, F> {
+    divergence: LaneMut<'r, F>,
+    weight: LaneMut<'r, F>,
+    threshold: LaneMut<'r, F>,
+    keep: LaneMut<'r, bool>,
+    reason: LaneMut<'r, u8>,
+    token_loss: Option<LaneMut<'r, F>>,
+    grad: Option<LaneMut<'r, F>>,
+}
+
+impl<'r, F: Float> RowOut<'r, F> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        divergence: ArrayViewMut1<'r, F>,
+        weight: ArrayViewMut1<'r, F>,
+        threshold: ArrayViewMut1<'r, F>,
+        keep: ArrayViewMut1<'r, bool>,
+        reason: ArrayViewMut1<'r, u8>,
+        token_loss: Option<ArrayViewMut1<'r, F>>,
+        grad: Option<ArrayViewMut1<'r, F>>,
+    ) -> Self {
+        Self {
+            divergence: LaneMut::new(divergence),
+            weight: LaneMut::new(weight),
+            threshold: LaneMut::new(threshold),
+            keep: LaneMut::new(keep),
+            reason: LaneMut::new(reason),
+            token_loss: token_loss.map(LaneMut::new),
+            grad: grad.map(LaneMut::new),
+        }
+    }
+
+    fn fill_zero(&mut self) {
+        let z = F::default();
+        self.divergence.fill(z);
+        self.weight.fill(z);
+        self.threshold.fill(z);
+        self.keep.fill(false);
+        self.reason.fill(0);
+        if let Some(v) = &mut self.token_loss {
+            v.fill(z);
+        }
+        if let Some(v) = &mut self.grad {
+            v.fill(z);
+        }
+    }
+
+    /// Copies a finished block of staged outputs to columns `j0..j0 + n`.
+    fn store(&mut self, j0: usize, n: usize, st: &OutStage<F>) {
+        self.divergence.store(j0, &st.divergence[..n]);
+        self.weight.store(j0, &st.weight[..n]);
+        self.threshold.store(j0, &st.threshold[..n]);
+        self.keep.store(j0, &st.keep[..n]);
+        self.reason.store(j0, &st.reason[..n]);
+        if let Some(v) = &mut self.token_loss {
+            v.store(j0, &st.token_loss[..n]);
+        }
+        if let Some(v) = &mut self.grad {
+            v.store(j0, &st.grad[..n]);
+        }
+    }
+}
+
+/// One row of every input.
+struct RowIn<'a, F, M> {
+    i: usize,
+    mask: Lane<'a, M>,
+    logp: Lane<'a, F>,
+    logp_old: Lane<'a, F>,
+    /// Per-token advantages, or the row's one advantage.
+    adv: Result<Lane<'a, F>, f64>,
+    logp_ref: Option<Lane<'a, F>>,
+}
+
+impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
+    fn new(batch: &Batch<'a, F>, mask: ArrayView1<'a, M>, i: usize) -> Self {
+        Self {
+            i,
+            mask: Lane::new(mask),
+            logp: Lane::new(batch.logp.index_axis_move(Axis(0), i)),
+            logp_old: Lane::new(batch.logp_old.index_axis_move(Axis(0), i)),
+            adv: match batch.advantages {
+                Advantages::PerToken(a) => Ok(Lane::new(a.index_axis_move(Axis(0), i))),
+                Advantages::PerRow(a) => Err(a[i].to_f64()),
+            },
+            logp_ref: batch
+                .logp_ref
+                .map(|r| Lane::new(r.index_axis_move(Axis(0), i))),
+        }
+    }
+}
+
+/// One block of a row's inputs, widened to f64, and what is computed from them in SIMD.
+struct InStage {
+    n: usize,
+    on: [bool; BLK],
+    /// Raw log-probs and advantages, for the checks.
+    lp_raw: [f64; BLK],
+    lq_raw: [f64; BLK],
+    adv: [f64; BLK],
+    /// The first response token with a bad logp, logp_old or advantage (n if none).
+    first_bad: usize,
+    /// Checked log-probs ((0, 1e-4] read as 0).
+    lp: [f64; BLK],
+    lq: [f64; BLK],
+    /// Clamped log-ratio r and ρ = e^r.
+    log_ratio: [f64; BLK],
+    rho: [f64; BLK],
+    /// p = e^logp and q = e^logp_old (binary divergences only).
+    p: [f64; BLK],
+    q: [f64; BLK],
+}
+
+/// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
+#[inline(always)]
+fn logprob_ok(x: f64) -> bool {
+    x <= LOGP_TOLERANCE && x > f64::NEG_INFINITY
+}
+
+impl InStage {
+    const fn new() -> Self {
+        Self {
+            n: 0,
+            on: [false; BLK],
+            lp_raw: [0.0; BLK],
+            lq_raw: [0.0; BLK],
+            adv: [0.0; BLK],
+            first_bad: 0,
+            lp: [0.0; BLK],
+            lq: [0.0; BLK],
+            log_ratio: [0.0; BLK],
+            rho: [0.0; BLK],
+            p: [0.0; BLK],
+            q: [0.0; BLK],
+        }
+    }
+
+    /// Loads columns `j0..j0 + n`, finds the first bad token, computes the exponentials.
+    fn load<F: Float, M: MaskElem>(
+        &mut self,
+        row: &RowIn<'_, F, M>,
+        j0: usize,
+        n: usize,
+        binary: bool,
+    ) {
+        self.n = n;
+        row.mask.load(j0, &mut self.on[..n], M::is_on);
+        row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
+        row.logp_old.load(j0, &mut self.lq_raw[..n], F::to_f64);
+        match &row.adv {
+            Ok(lane) => lane.load(j0, &mut self.adv[..n], F::to_f64),
+            Err(a) => self.adv[..n].fill(*a),
+        }
+
+        // One vectorizable test for the whole block; the scan reports the exact error.
+        let mut any_bad = false;
+        for k in 0..n {
+            let ok =
+                logprob_ok(self.lp_raw[k]) & logprob_ok(self.lq_raw[k]) & self.adv[k].is_finite();
+            any_bad |= self.on[k] & !ok;
+        }
+        self.first_bad = if any_bad {
+            (0..n)
+                .find(|&k| {
+                    self.on[k]
+                        && !(logprob_ok(self.lp_raw[k])
+                            && logprob_ok(self.lq_raw[k])
+                            && self.adv[k].is_finite())
+                })
+                .unwrap_or(n)
+        } else {
+            n
+        };
+
+        for k in 0..n {
+            self.lp[k] = self.lp_raw[k].min(0.0);
+            self.lq[k] = self.lq_raw[k].min(0.0);
+            self.log_ratio[k] = (self.lp[k] - self.lq[k]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
+        }
+        self.rho[..n].copy_from_slice(&self.log_ratio[..n]);
+        exp_in_place(&mut self.rho[..n]);
+        if binary {
+            self.p[..n].copy_from_slice(&self.lp[..n]);
+            self.q[..n].copy_from_slice(&self.lq[..n]);
+            exp_in_place(&mut self.p[..n]);
+            exp_in_place(&mut self.q[..n]);
+        }
+    }
+
+    /// The error of token k = `first_bad`, in the order logp, logp_old, advantages.
+    #[cold]
+    fn error(&self, k: usize, at: At) -> Error {
+        let check = || -> Result<()> {
+            read_logprob(self.lp_raw[k], "logp", at)?;
+            read_logprob(self.lq_raw[k], "logp_old", at)?;
+            Err(Error::NonFinite {
+                array: "advantages",
+                at,
+                value: self.adv[k],
+            })
+        };
+        match check() {
+            Err(e) => e,
+            Ok(()) => unreachable!("check() always errs"),
+        }
+    }
+
+    /// D_t of checked response token k of the block, at (i, j).
+    #[inline(always)]
+    fn divergence<F: Float>(
+        &self,
+        div: Divergence,
+        batch: &Batch<'_, F>,
+        k: usize,
+        at: At,
+    ) -> Result<f64> {
+        Ok(match div {
+            Divergence::BinaryTv => (self.p[k] - self.q[k]).abs(),
+            Divergence::BinaryKl => {
+                binary_kl_from_probs(self.lp[k], self.lq[k], self.p[k], self.q[k])
+            }
+            Divergence::TopkTv | Divergence::TopkKl => topk_divergence(div, batch, at)?,
+        })
+    }
+}
+
+/// D_t under a top-K divergence at response token `at`, checking its K entries.
+fn topk_divergence<F: Float>(div: Divergence, batch: &Batch<'_, F>, at: At) -> Result<f64> {
+    let Some(topk) = batch.topk.as_ref() else {
+        unreachable!("top-K arrays are checked before the pass")
+    };
+    let (i, j) = (at.row, at.col);
+    let old = topk.logp_old.slice(s![i, j, ..]);
+    let new = topk.logp.slice(s![i, j, ..]);
+    let kk = old.len();
+    let check = |k: usize, a: F, b: F| -> Result<(f64, f64)> {
+        Ok((
+            read_logprob(a.to_f64(), "topk_logp_old", At::with_k(i, j, k))?,
+            read_logprob(b.to_f64(), "topk_logp", At::with_k(i, j, k))?,
+        ))
+    };
+    if kk > TOPK_STACK {
+        for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
+            check(k, a, b)?;
+        }
+        // Checked: min(0) is exactly the (0, 1e-4] → 0 rule.
+        let pairs = old
+            .iter()
+            .zip(new.iter())
+            .map(|(&a, &b)| (a.to_f64().min(0.0), b.to_f64().min(0.0)));
+        return Ok(if div == Divergence::TopkTv {
+            topk_tv_pairs(pairs)
+        } else {
+            topk_kl_pairs(pairs)
+        });
+    }
+    let mut lo = [0.0f64; TOPK_STACK];
+    let mut ln = [0.0f64; TOPK_STACK];
+    for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
+        (lo[k], ln[k]) = check(k, a, b)?;
+    }
+    let (lo, ln) = (&lo[..kk], &ln[..kk]);
+    let mut po = [0.0f64; TOPK_STACK];
+    let mut pn = [0.0f64; TOPK_STACK];
+    let (po, pn) = (&mut po[..kk], &mut pn[..kk]);
+    po.copy_from_slice(lo);
+    pn.copy_from_slice(ln);
+    exp_in_place(po);
+    exp_in_place(pn);
+    let p_rest = (1.0 - po.iter().sum::<f64>()).max(0.0);
+    let q_rest = (1.0 - pn.iter().sum::<f64>()).max(0.0);
+    Ok(if div == Divergence::TopkTv {
+        let l1: f64 = po.iter().zip(pn.iter()).map(|(a, b)| (a - b).abs()).sum();
+        (l1 + (p_rest - q_rest).abs()) / 2.0
+    } else {
+        let head: f64 = po
+            .iter()
+            .zip(lo.iter().zip(ln))
+            .map(|(pk, (a, b))| pk * (a - b))
+            .sum();
+        let rest = if p_rest > 0.0 {
+            p_rest * (p_rest.ln() - q_rest.max(TOPK_KL_REST_FLOOR).ln())
+        } else {
+            0.0
+        };
+        (head + rest).max(0.0)
+    })
+}
+
+/// One block of a row's outputs, in the output type.
+struct OutStage<F> {
+    divergence: [F; BLK],
+    weight: [F; BLK],
+    threshold: [F; BLK],
+    keep: [bool; BLK],
+    reason: [u8; BLK],
+    token_loss: [F; BLK],
+    grad: [F; BLK],
+}
+
+impl<F: Float> OutStage<F> {
+    fn new() -> Self {
+        let z = [F::default(); BLK];
+        Self {
+            divergence: z,
+            weight: z,
+            threshold: z,
+            keep: [false; BLK],
+            reason: [0; BLK],
+            token_loss: z,
+            grad: z,
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn set(&mut self, k: usize, d: f64, w: f64, c: f64, reason: Reason, l: f64, g: f64) {
+        self.divergence[k] = F::from_f64(d);
+        self.weight[k] = F::from_f64(w);
+        self.threshold[k] = F::from_f64(c);
+        self.keep[k] = reason.is_kept();
+        self.reason[k] = reason.code();
+        self.token_loss[k] = F::from_f64(l);
+        self.grad[k] = F::from_f64(g);
+    }
+}
+
+/// The outcome of a rule's test on one token, before the corrective bypass.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Pass,
+    Fail(Reason),
+}
+
+#[inline(always)]
+fn pass_if(ok: bool, fail: Reason) -> Verdict {
+    if ok {
+        Verdict::Pass
+    } else {
+        Verdict::Fail(fail)
+    }
+}
+
+/// Tracks ⌊10 (t − 1)/T⌋ as t advances, without a division per token.
+struct Decile {
+    row_len: usize,
+    decile: usize,
+    /// The first t of the next decile.
+    next: usize,
+}
+
+impl Decile {
+    fn new(row_len: usize) -> Self {
+        let mut d = Self {
+            row_len,
+            decile: 0,
+            next: 0,
+        };
+        d.next = d.start_of(1);
+        d
+    }
+
+    /// The first t (from 1) with ⌊10 (t − 1)/T⌋ ≥ k: t − 1 = ⌈k T / 10⌉.
+    fn start_of(&self, k: usize) -> usize {
+        (k * self.row_len).div_ceil(10) + 1
+    }
+
+    #[inline(always)]
+    fn at(&mut self, t: usize) -> usize {
+        while t >= self.next && self.decile < 9 {
+            self.decile += 1;
+            self.next = self.start_of(self.decile + 1);
+        }
+        self.decile
+    }
+}
+
+/// The checked logp_ref of response token `at`.
+#[inline(always)]
+fn logp_ref_at<F: Float>(lane: &Lane<'_, F>, at: At) -> Result<f64> {
+    let x = match lane {
+        Lane::Slice(s) => s[at.col],
+        Lane::View(v) => v[at.col],
+    };
+    read_logprob(x.to_f64(), "logp_ref", at)
+}
+
+/// Sweeps a row in blocks: `token(state, stage, k, at)` on every column in order (its
+/// logp, logp_old and advantage checked if it is a response token), then
+/// `end_block(state, j0, n)` after each block.
+#[inline(always)]
+fn sweep<F: Float, M: MaskElem, S>(
+    row: &RowIn<'_, F, M>,
+    binary: bool,
+    state: &mut S,
+    mut token: impl FnMut(&mut S, &InStage, usize, At) -> Result<()>,
+    mut end_block: impl FnMut(&mut S, usize, usize),
+) -> Result<()> {
+    let mut st = InStage::new();
+    let l = match &row.logp {
+        Lane::Slice(s) => s.len(),
+        Lane::View(v) => v.len(),
+    };
+    for j0 in (0..l).step_by(BLK) {
+        let n = BLK.min(l - j0);
+        st.load(row, j0, n, binary);
+        for k in 0..n {
+            let at = At::new(row.i, j0 + k);
+            if k == st.first_bad {
+                return Err(st.error(k, at));
+            }
+            token(state, &st, k, at)?;
+        }
+        end_block(state, j0, n);
+    }
+    Ok(())
+}
+
+/// The row's max or mean divergence, for TRM's whole-row decision.
+fn trm_row_stat<F: Float, M: MaskElem>(
+    cfg: &Config,
+    batch: &Batch<'_, F>,
+    row: &RowIn<'_, F, M>,
+    row_len: usize,
+) -> Result<f64> {
+    let (mut max, mut sum) = (0.0f64, 0.0f64);
+    sweep(
+        row,
+        !cfg.divergence.needs_topk(),
+        &mut (),
+        |(), st, k, at| {
+            if st.on[k] {
+                let d = st.divergence(cfg.divergence, batch, k, at)?;
+                max = max.max(d);
+                sum += d;
+            }
+            Ok(())
+        },
+        |(), _, _| {},
+    )?;
+    Ok(if matches!(cfg.rule, Rule::TrmMax { .. }) {
+        max
+    } else {
+        sum / row_len as f64
+    })
+}
+
+/// Computes row `i` into `out` and returns its tally.
+pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
+    plan: &Plan<'_>,
+    batch: &Batch<'a, F>,
+    mask: ArrayView1<'a, M>,
+    i: usize,
+    mut out: RowOut<'_, F>,
+) -> Result<Tally> {
+    let cfg = plan.cfg;
+    let mut tally = Tally::default();
+    // The mask was checked by the count before the pass.
+    let row_len = mask.iter().filter(|m| m.is_on()).count();
+    if row_len == 0 {
+        out.fill_zero();
+        return Ok(tally);
+    }
+    tally.seqs = 1;
+    let row = RowIn::new(batch, mask, i);
+    let width = batch.shape().1;
+    let agg_w = cfg
+        .aggregation
+        .weight(plan.denominators, row_len, width, cfg.norm_length);
+
+    // TRM decides the whole row from its max or mean divergence.
+    let row_ok = match cfg.rule {
+        Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
+            trm_row_stat(cfg, batch, &row, row_len)? <= delta
+        }
+        _ => true,
+    };
+    let trm = cfg.rule.is_sequence_level();
+    let binary = !cfg.divergence.needs_topk();
+    let (mut t, mut s_sum, mut w_sum) = (0usize, 0.0f64, 0.0f64);
+    let mut row_loss = 0.0f64;
+    let mut decile = Decile::new(row_len);
+    // The staged block of outputs: filled token by token, stored after each block.
+    let mut state = (OutStage::<F>::new(), out);
+    let token = |(os, _): &mut (OutStage<F>, RowOut<'_, F>),
+                 st: &InStage,
+                 k: usize,
+                 at: At|
+     -> Result<()> {
+        if !st.on[k] {
+            os.set(k, 0.0, 0.0, 0.0, Reason::NotResponse, 0.0, 0.0);
+            return Ok(());
+        }
+        t += 1;
+        let (lp, adv, rho) = (st.lp[k], st.adv[k], st.rho[k]);
+        let d = st.divergence(cfg.divergence, batch, k, at)?;
+        let away = adv * (rho - 1.0) > 0.0;
+        let (w, c, verdict) = match cfg.rule {
+            Rule::None => (1.0, f64::NAN, Verdict::Pass),
+            Rule::Ratio { eps_low, eps_high } => {
+                let ok = rho >= 1.0 - eps_low && rho <= 1.0 + eps_high;
+                (1.0, f64::NAN, pass_if(ok, Reason::TokenThreshold))
+            }
+            Rule::Dppo { delta } => (1.0, delta, pass_if(d <= delta, Reason::TokenThreshold)),
+            Rule::Cppo {
+                delta,
+                delta_b,
+                w_min,
+                horizon,
+            } => {
+                let w = linear_weight(w_min, t, horizon.unwrap_or(row_len), horizon.is_some());
+                let wd = w * d;
+                let (s_prev, w_prev) = (s_sum, w_sum);
+                s_sum += wd;
+                w_sum += w;
+                match delta_b {
+                    None => (w, delta, pass_if(wd <= delta, Reason::TokenThreshold)),
+                    Some(db) => {
+                        let room = delta + db * w_prev;
+                        let c = delta.min(room - s_prev);
+                        let v = if wd > delta {
+                            Verdict::Fail(Reason::TokenThreshold)
+                        } else if s_sum > room {
+                            Verdict::Fail(Reason::PrefixBudget)
+                        } else {
+                            Verdict::Pass
+                        };
+                        (w, c, v)
+                    }
+                }
+            }
+            Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
+                (1.0, delta, pass_if(row_ok, Reason::TokenThreshold))
+            }
+        };
+        let reason = match verdict {
+            Verdict::Pass => Reason::Feasible,
+            Verdict::Fail(_) if !away && !trm => Reason::Corrective,
+            Verdict::Fail(r) => r,
+        };
+        let keep = reason.is_kept();
+
+        let term = cfg.objective.eval(rho, adv, lp);
+        let (mut tl, mut g) = if keep {
+            (term.loss, term.grad)
+        } else {
+            (0.0, 0.0)
+        };
+        if let (Some(kl), Some(lane)) = (&cfg.kl, &row.logp_ref) {
+            let (lk, gk) = kl.eval(lp, logp_ref_at(lane, at)?);
+            tl += lk;
+            g += gk;
+        }
+        row_loss += tl;
+        os.set(k, d, w, c, reason, tl, g * agg_w);
+        tally.record(&TokenRecord {
+            reason,
+            adv,
+            divergence: d,
+            log_ratio: st.log_ratio[k],
+            ratio: rho,
+            threshold: c,
+            clipped: term.clipped,
+            decile: decile.at(t),
+        });
+        Ok(())
+    };
+
+    sweep(&row, binary, &mut state, token, |(os, out), j0, n| {
+        out.store(j0, n, os)
+    })?;
+    tally.loss = row_loss * agg_w;
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Decile;
+
+    #[test]
+    fn decile_tracker_matches_the_division() {
+        for row_len in 1..60 {
+            let mut d = Decile::new(row_len);
+            for t in 1..=row_len {
+                assert_eq!(d.at(t), (t - 1) * 10 / row_len, "T = {row_len}, t = {t}");
+            }
+        }
+    }
+}
