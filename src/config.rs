@@ -20,7 +20,7 @@
 //! that moves back keeps its gradient.
 //!
 //! ```
-//! use cppo::{Config, Error};
+//! use cppo::Config;
 //! let json = r#"{"divergence": "binary_tv", "rule": {"kind": "cppo", "delta_b": null}}"#;
 //! # let parse = |s: &str| serde_json::from_str::<Config>(s);
 //! let cfg: Config = parse(json).unwrap();

@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::kernel::{Plan, RowOut, run_row};
+use crate::kernel::{Plan, RowLanes, RowOut, run_row};
 use crate::rule::Rule;
 use crate::stats::{Diagnostics, Tally};
 
@@ -96,35 +96,64 @@ impl<F: Float> Outputs<F> {
     /// Mutable views of every output, for [`evaluate_into`].
     pub fn view_mut(&mut self) -> OutputsMut<'_, F> {
         OutputsMut {
-            divergence: self.divergence.view_mut(),
-            weight: self.weight.view_mut(),
-            threshold: self.threshold.view_mut(),
-            keep: self.keep.view_mut(),
-            reason: self.reason.view_mut(),
+            divergence: Some(self.divergence.view_mut()),
+            weight: Some(self.weight.view_mut()),
+            threshold: Some(self.threshold.view_mut()),
+            keep: Some(self.keep.view_mut()),
+            reason: Some(self.reason.view_mut()),
             token_loss: Some(self.token_loss.view_mut()),
             grad: Some(self.grad.view_mut()),
         }
     }
 }
 
-/// Caller-owned output buffers for [`evaluate_into`], each (B, L). `token_loss` and
-/// `grad` may be left out when only the mask is wanted.
+/// Caller-owned output buffers for [`evaluate_into`], each (B, L). Every buffer is
+/// optional: a trainer that needs only `grad` (and perhaps `keep`) passes only those and
+/// saves the memory traffic of the rest.
+///
+/// ```
+/// use cppo::{evaluate_into, Batch, Config, OutputsMut, Par};
+/// use cppo::ndarray::{array, Array2};
+/// let logp = array![[-0.7f32, -0.1]];
+/// let logp_old = array![[-0.9f32, -0.1]];
+/// let (adv, mask) = (array![1.0f32], array![[true, true]]);
+/// let batch = Batch::new(&logp, &logp_old, &adv, &mask).unwrap();
+/// let mut grad = Array2::<f32>::zeros((1, 2));
+/// let out = OutputsMut { grad: Some(grad.view_mut()), ..Default::default() };
+/// let s = evaluate_into(&Config::cppo(), &batch, out, Par::Seq).unwrap();
+/// assert!(s.loss < 0.0 && grad[[0, 0]] < 0.0);
+/// ```
 #[derive(Debug)]
 pub struct OutputsMut<'a, F> {
     /// D_t.
-    pub divergence: ArrayViewMut2<'a, F>,
+    pub divergence: Option<ArrayViewMut2<'a, F>>,
     /// w_t.
-    pub weight: ArrayViewMut2<'a, F>,
+    pub weight: Option<ArrayViewMut2<'a, F>>,
     /// c_t or δ, NaN where the rule has none.
-    pub threshold: ArrayViewMut2<'a, F>,
+    pub threshold: Option<ArrayViewMut2<'a, F>>,
     /// M_t.
-    pub keep: ArrayViewMut2<'a, bool>,
+    pub keep: Option<ArrayViewMut2<'a, bool>>,
     /// Reason codes.
-    pub reason: ArrayViewMut2<'a, u8>,
-    /// Per-token loss, if wanted.
+    pub reason: Option<ArrayViewMut2<'a, u8>>,
+    /// The per-token loss before aggregation.
     pub token_loss: Option<ArrayViewMut2<'a, F>>,
-    /// dL/dlogp, if wanted.
+    /// dL/dlogp.
     pub grad: Option<ArrayViewMut2<'a, F>>,
+}
+
+impl<F> Default for OutputsMut<'_, F> {
+    /// No buffers: [`evaluate_into`] then computes only the loss and the diagnostics.
+    fn default() -> Self {
+        Self {
+            divergence: None,
+            weight: None,
+            threshold: None,
+            keep: None,
+            reason: None,
+            token_loss: None,
+            grad: None,
+        }
+    }
 }
 
 /// The mask outputs of [`trust_region`], each (B, L), with the diagnostics.
@@ -216,17 +245,21 @@ pub fn evaluate_into<F: Float>(
 ) -> Result<Summary> {
     cfg.validate()?;
     let shape = batch.shape();
-    check_out_shape("divergence", out.divergence.dim(), shape)?;
-    check_out_shape("weight", out.weight.dim(), shape)?;
-    check_out_shape("threshold", out.threshold.dim(), shape)?;
-    check_out_shape("keep", out.keep.dim(), shape)?;
-    check_out_shape("reason", out.reason.dim(), shape)?;
-    if let Some(v) = &out.token_loss {
-        check_out_shape("token_loss", v.dim(), shape)?;
-    }
-    if let Some(v) = &out.grad {
-        check_out_shape("grad", v.dim(), shape)?;
-    }
+    check_out_shape(
+        "divergence",
+        out.divergence.as_ref().map(|v| v.dim()),
+        shape,
+    )?;
+    check_out_shape("weight", out.weight.as_ref().map(|v| v.dim()), shape)?;
+    check_out_shape("threshold", out.threshold.as_ref().map(|v| v.dim()), shape)?;
+    check_out_shape("keep", out.keep.as_ref().map(|v| v.dim()), shape)?;
+    check_out_shape("reason", out.reason.as_ref().map(|v| v.dim()), shape)?;
+    check_out_shape(
+        "token_loss",
+        out.token_loss.as_ref().map(|v| v.dim()),
+        shape,
+    )?;
+    check_out_shape("grad", out.grad.as_ref().map(|v| v.dim()), shape)?;
     if cfg.divergence.needs_topk() && batch.topk.is_none() {
         return Err(Error::MissingArray {
             array: "topk_logp_old",
@@ -251,6 +284,7 @@ pub fn evaluate_into<F: Float>(
     };
     let plan = Plan { cfg, denominators };
     let block = Block {
+        rows: shape.0,
         row0: 0,
         divergence: out.divergence,
         weight: out.weight,
@@ -311,13 +345,12 @@ pub fn trust_region<F: Float>(
         &cfg,
         batch,
         OutputsMut {
-            divergence: divergence.view_mut(),
-            weight: weight.view_mut(),
-            threshold: threshold.view_mut(),
-            keep: keep.view_mut(),
-            reason: reason.view_mut(),
-            token_loss: None,
-            grad: None,
+            divergence: Some(divergence.view_mut()),
+            weight: Some(weight.view_mut()),
+            threshold: Some(threshold.view_mut()),
+            keep: Some(keep.view_mut()),
+            reason: Some(reason.view_mut()),
+            ..Default::default()
         },
         par,
     )?;
@@ -331,7 +364,12 @@ pub fn trust_region<F: Float>(
     })
 }
 
-fn check_out_shape(array: &'static str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
+fn check_out_shape(
+    array: &'static str,
+    got: Option<(usize, usize)>,
+    want: (usize, usize),
+) -> Result<()> {
+    let Some(got) = got else { return Ok(()) };
     if got == want {
         Ok(())
     } else {
@@ -394,31 +432,29 @@ fn local_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Result<Counts> {
 
 /// A block of consecutive rows of every output, starting at batch row `row0`.
 struct Block<'o, F> {
+    rows: usize,
     row0: usize,
-    divergence: ArrayViewMut2<'o, F>,
-    weight: ArrayViewMut2<'o, F>,
-    threshold: ArrayViewMut2<'o, F>,
-    keep: ArrayViewMut2<'o, bool>,
-    reason: ArrayViewMut2<'o, u8>,
+    divergence: Option<ArrayViewMut2<'o, F>>,
+    weight: Option<ArrayViewMut2<'o, F>>,
+    threshold: Option<ArrayViewMut2<'o, F>>,
+    keep: Option<ArrayViewMut2<'o, bool>>,
+    reason: Option<ArrayViewMut2<'o, u8>>,
     token_loss: Option<ArrayViewMut2<'o, F>>,
     grad: Option<ArrayViewMut2<'o, F>>,
 }
 
 impl<'o, F: Float> Block<'o, F> {
-    fn rows(&self) -> usize {
-        self.reason.nrows()
-    }
-
     fn split(self, mid: usize) -> (Self, Self) {
-        let (d0, d1) = self.divergence.split_at(Axis(0), mid);
-        let (w0, w1) = self.weight.split_at(Axis(0), mid);
-        let (t0, t1) = self.threshold.split_at(Axis(0), mid);
-        let (k0, k1) = self.keep.split_at(Axis(0), mid);
-        let (r0, r1) = self.reason.split_at(Axis(0), mid);
+        let (d0, d1) = split_opt(self.divergence, mid);
+        let (w0, w1) = split_opt(self.weight, mid);
+        let (t0, t1) = split_opt(self.threshold, mid);
+        let (k0, k1) = split_opt(self.keep, mid);
+        let (r0, r1) = split_opt(self.reason, mid);
         let (l0, l1) = split_opt(self.token_loss, mid);
         let (g0, g1) = split_opt(self.grad, mid);
         (
             Block {
+                rows: mid,
                 row0: self.row0,
                 divergence: d0,
                 weight: w0,
@@ -429,6 +465,7 @@ impl<'o, F: Float> Block<'o, F> {
                 grad: g0,
             },
             Block {
+                rows: self.rows - mid,
                 row0: self.row0 + mid,
                 divergence: d1,
                 weight: w1,
@@ -441,22 +478,23 @@ impl<'o, F: Float> Block<'o, F> {
         )
     }
 
-    fn row(&mut self, r: usize) -> RowOut<'_, F> {
-        RowOut::new(
-            self.divergence.row_mut(r),
-            self.weight.row_mut(r),
-            self.threshold.row_mut(r),
-            self.keep.row_mut(r),
-            self.reason.row_mut(r),
-            self.token_loss.as_mut().map(|v| v.row_mut(r)),
-            self.grad.as_mut().map(|v| v.row_mut(r)),
-        )
+    fn row(&mut self, r: usize) -> RowLanes<'_, F> {
+        RowOut {
+            divergence: self.divergence.as_mut().map(|v| v.row_mut(r)),
+            weight: self.weight.as_mut().map(|v| v.row_mut(r)),
+            threshold: self.threshold.as_mut().map(|v| v.row_mut(r)),
+            keep: self.keep.as_mut().map(|v| v.row_mut(r)),
+            reason: self.reason.as_mut().map(|v| v.row_mut(r)),
+            token_loss: self.token_loss.as_mut().map(|v| v.row_mut(r)),
+            grad: self.grad.as_mut().map(|v| v.row_mut(r)),
+        }
+        .into()
     }
 }
 
-type SplitOpt<'o, F> = (Option<ArrayViewMut2<'o, F>>, Option<ArrayViewMut2<'o, F>>);
+type SplitOpt<'o, T> = (Option<ArrayViewMut2<'o, T>>, Option<ArrayViewMut2<'o, T>>);
 
-fn split_opt<F>(v: Option<ArrayViewMut2<'_, F>>, mid: usize) -> SplitOpt<'_, F> {
+fn split_opt<T>(v: Option<ArrayViewMut2<'_, T>>, mid: usize) -> SplitOpt<'_, T> {
     match v {
         Some(v) => {
             let (a, b) = v.split_at(Axis(0), mid);
@@ -473,7 +511,7 @@ fn run_block<F: Float>(
     mut block: Block<'_, F>,
     par: Par,
 ) -> Result<Tally> {
-    let n = block.rows();
+    let n = block.rows;
     if n <= leaf_rows {
         let mut tally = Tally::default();
         for r in 0..n {

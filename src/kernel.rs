@@ -30,7 +30,7 @@ use crate::float::{Float, MaskElem};
 use crate::objective::LOG_RATIO_CLAMP;
 use crate::rule::{Reason, Rule};
 use crate::schedule::linear_weight;
-use crate::simd::exp_in_place;
+use crate::simd::{exp as simd_exp, exp_in_place};
 use crate::stats::{Tally, TokenRecord};
 
 /// Columns per block.
@@ -114,67 +114,75 @@ impl<'a, T: Copy> LaneMut<'a, T> {
     }
 }
 
-/// One row of every output.
+/// One row of every requested output, as views.
 pub(crate) struct RowOut<'r, F> {
-    divergence: LaneMut<'r, F>,
-    weight: LaneMut<'r, F>,
-    threshold: LaneMut<'r, F>,
-    keep: LaneMut<'r, bool>,
-    reason: LaneMut<'r, u8>,
+    pub divergence: Option<ArrayViewMut1<'r, F>>,
+    pub weight: Option<ArrayViewMut1<'r, F>>,
+    pub threshold: Option<ArrayViewMut1<'r, F>>,
+    pub keep: Option<ArrayViewMut1<'r, bool>>,
+    pub reason: Option<ArrayViewMut1<'r, u8>>,
+    pub token_loss: Option<ArrayViewMut1<'r, F>>,
+    pub grad: Option<ArrayViewMut1<'r, F>>,
+}
+
+/// One row of every requested output, as lanes.
+pub(crate) struct RowLanes<'r, F> {
+    divergence: Option<LaneMut<'r, F>>,
+    weight: Option<LaneMut<'r, F>>,
+    threshold: Option<LaneMut<'r, F>>,
+    keep: Option<LaneMut<'r, bool>>,
+    reason: Option<LaneMut<'r, u8>>,
     token_loss: Option<LaneMut<'r, F>>,
     grad: Option<LaneMut<'r, F>>,
 }
 
-impl<'r, F: Float> RowOut<'r, F> {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        divergence: ArrayViewMut1<'r, F>,
-        weight: ArrayViewMut1<'r, F>,
-        threshold: ArrayViewMut1<'r, F>,
-        keep: ArrayViewMut1<'r, bool>,
-        reason: ArrayViewMut1<'r, u8>,
-        token_loss: Option<ArrayViewMut1<'r, F>>,
-        grad: Option<ArrayViewMut1<'r, F>>,
-    ) -> Self {
+impl<'r, F: Float> From<RowOut<'r, F>> for RowLanes<'r, F> {
+    fn from(o: RowOut<'r, F>) -> Self {
         Self {
-            divergence: LaneMut::new(divergence),
-            weight: LaneMut::new(weight),
-            threshold: LaneMut::new(threshold),
-            keep: LaneMut::new(keep),
-            reason: LaneMut::new(reason),
-            token_loss: token_loss.map(LaneMut::new),
-            grad: grad.map(LaneMut::new),
+            divergence: o.divergence.map(LaneMut::new),
+            weight: o.weight.map(LaneMut::new),
+            threshold: o.threshold.map(LaneMut::new),
+            keep: o.keep.map(LaneMut::new),
+            reason: o.reason.map(LaneMut::new),
+            token_loss: o.token_loss.map(LaneMut::new),
+            grad: o.grad.map(LaneMut::new),
         }
     }
+}
 
+fn fill_opt<T: Copy>(lane: &mut Option<LaneMut<'_, T>>, x: T) {
+    if let Some(v) = lane {
+        v.fill(x);
+    }
+}
+
+fn store_opt<T: Copy>(lane: &mut Option<LaneMut<'_, T>>, j0: usize, src: &[T]) {
+    if let Some(v) = lane {
+        v.store(j0, src);
+    }
+}
+
+impl<F: Float> RowLanes<'_, F> {
     fn fill_zero(&mut self) {
         let z = F::default();
-        self.divergence.fill(z);
-        self.weight.fill(z);
-        self.threshold.fill(z);
-        self.keep.fill(false);
-        self.reason.fill(0);
-        if let Some(v) = &mut self.token_loss {
-            v.fill(z);
-        }
-        if let Some(v) = &mut self.grad {
-            v.fill(z);
-        }
+        fill_opt(&mut self.divergence, z);
+        fill_opt(&mut self.weight, z);
+        fill_opt(&mut self.threshold, z);
+        fill_opt(&mut self.keep, false);
+        fill_opt(&mut self.reason, 0);
+        fill_opt(&mut self.token_loss, z);
+        fill_opt(&mut self.grad, z);
     }
 
     /// Copies a finished block of staged outputs to columns `j0..j0 + n`.
     fn store(&mut self, j0: usize, n: usize, st: &OutStage<F>) {
-        self.divergence.store(j0, &st.divergence[..n]);
-        self.weight.store(j0, &st.weight[..n]);
-        self.threshold.store(j0, &st.threshold[..n]);
-        self.keep.store(j0, &st.keep[..n]);
-        self.reason.store(j0, &st.reason[..n]);
-        if let Some(v) = &mut self.token_loss {
-            v.store(j0, &st.token_loss[..n]);
-        }
-        if let Some(v) = &mut self.grad {
-            v.store(j0, &st.grad[..n]);
-        }
+        store_opt(&mut self.divergence, j0, &st.divergence[..n]);
+        store_opt(&mut self.weight, j0, &st.weight[..n]);
+        store_opt(&mut self.threshold, j0, &st.threshold[..n]);
+        store_opt(&mut self.keep, j0, &st.keep[..n]);
+        store_opt(&mut self.reason, j0, &st.reason[..n]);
+        store_opt(&mut self.token_loss, j0, &st.token_loss[..n]);
+        store_opt(&mut self.grad, j0, &st.grad[..n]);
     }
 }
 
@@ -294,13 +302,32 @@ impl InStage {
             self.lq[k] = self.lq_raw[k].min(0.0);
             self.log_ratio[k] = (self.lp[k] - self.lq[k]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
         }
-        self.rho[..n].copy_from_slice(&self.log_ratio[..n]);
-        exp_in_place(&mut self.rho[..n]);
         if binary {
             self.p[..n].copy_from_slice(&self.lp[..n]);
             self.q[..n].copy_from_slice(&self.lq[..n]);
             exp_in_place(&mut self.p[..n]);
             exp_in_place(&mut self.q[..n]);
+            // ρ = p/q saves an exponential where it equals e^r to rounding: the log-ratio
+            // inside the clamp and q a normal number. Elsewhere, e^r itself.
+            let mut all_direct = true;
+            for k in 0..n {
+                let direct = (self.lp[k] - self.lq[k]).abs() <= LOG_RATIO_CLAMP
+                    && self.q[k] >= f64::MIN_POSITIVE;
+                all_direct &= direct;
+                self.rho[k] = self.p[k] / self.q[k];
+            }
+            if !all_direct {
+                for k in 0..n {
+                    if !((self.lp[k] - self.lq[k]).abs() <= LOG_RATIO_CLAMP
+                        && self.q[k] >= f64::MIN_POSITIVE)
+                    {
+                        self.rho[k] = simd_exp(self.log_ratio[k]);
+                    }
+                }
+            }
+        } else {
+            self.rho[..n].copy_from_slice(&self.log_ratio[..n]);
+            exp_in_place(&mut self.rho[..n]);
         }
     }
 
@@ -568,7 +595,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     batch: &Batch<'a, F>,
     mask: ArrayView1<'a, M>,
     i: usize,
-    mut out: RowOut<'_, F>,
+    mut out: RowLanes<'_, F>,
 ) -> Result<Tally> {
     let cfg = plan.cfg;
     let mut tally = Tally::default();
@@ -599,7 +626,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     let mut decile = Decile::new(row_len);
     // The staged block of outputs: filled token by token, stored after each block.
     let mut state = (OutStage::<F>::new(), out);
-    let token = |(os, _): &mut (OutStage<F>, RowOut<'_, F>),
+    let token = |(os, _): &mut (OutStage<F>, RowLanes<'_, F>),
                  st: &InStage,
                  k: usize,
                  at: At|

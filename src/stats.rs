@@ -176,12 +176,19 @@ impl Tally {
         }
         self.clipped += u64::from(r.clipped);
         self.divergence_sum += r.divergence;
-        self.divergence_max = self.divergence_max.max(r.divergence);
+        // Plain comparisons: these values are never NaN.
+        if r.divergence > self.divergence_max {
+            self.divergence_max = r.divergence;
+        }
         self.k1_sum -= r.log_ratio;
         self.k3_sum += (r.ratio - 1.0) - r.log_ratio;
         self.ratio_sum += r.ratio;
-        self.ratio_min = self.ratio_min.min(r.ratio);
-        self.ratio_max = self.ratio_max.max(r.ratio);
+        if r.ratio < self.ratio_min {
+            self.ratio_min = r.ratio;
+        }
+        if r.ratio > self.ratio_max {
+            self.ratio_max = r.ratio;
+        }
         if r.threshold.is_finite() {
             self.threshold_sum += r.threshold;
             self.threshold_count += 1;
