@@ -41,9 +41,11 @@ use crate::config::Config;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::kernel::{Plan, RowLanes, RowOut, run_row};
+use crate::float::MaskElem;
+use crate::kernel::{Plan, Prefix, RowLanes, RowOut, run_row, whole_row_facts};
 use crate::rule::Rule;
 use crate::stats::{Diagnostics, Tally};
+use ndarray::ArrayView1;
 
 /// Sequential or parallel execution. Both give bit-identical results.
 ///
@@ -282,7 +284,11 @@ pub fn evaluate_into<F: Float>(
         tokens: override_count("num_tokens", cfg.num_tokens, counts.tokens)?,
         seqs: override_count("num_seqs", cfg.num_seqs, counts.seqs)?,
     };
-    let plan = Plan { cfg, denominators };
+    let plan = Plan {
+        cfg,
+        denominators,
+        width: shape.1,
+    };
     let block = Block {
         rows: shape.0,
         row0: 0,
@@ -518,10 +524,10 @@ fn run_block<F: Float>(
             let i = block.row0 + r;
             let out = block.row(r);
             let row_tally = match batch.mask {
-                Mask::Bool(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-                Mask::U8(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-                Mask::F32(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-                Mask::F64(m) => run_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::Bool(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::U8(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::F32(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
+                Mask::F64(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
             }?;
             tally = tally.merge(&row_tally);
         }
@@ -540,4 +546,16 @@ fn run_block<F: Float>(
     };
     // The left error first: the lowest row wins, whatever ran first.
     Ok(l?.merge(&r?))
+}
+
+/// Row `i` whole: its facts first (T, and TRM's decision), then the sweep.
+fn whole_row<'a, F: Float, M: MaskElem>(
+    plan: &Plan<'_>,
+    batch: &Batch<'a, F>,
+    mask: ArrayView1<'a, M>,
+    i: usize,
+    out: RowLanes<'_, F>,
+) -> Result<Tally> {
+    let facts = whole_row_facts(plan.cfg, batch, mask, i)?;
+    run_row(plan, batch, mask, i, facts, &mut Prefix::default(), out)
 }

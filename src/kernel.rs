@@ -44,6 +44,8 @@ pub(crate) struct Plan<'c> {
     pub cfg: &'c Config,
     /// N_tok and N_seq, after the overrides.
     pub denominators: Counts,
+    /// The rows' full padded width L (the default `norm_length`).
+    pub width: usize,
 }
 
 /// A row of an input: a slice when contiguous (the common case), else a strided view.
@@ -560,16 +562,18 @@ fn sweep<F: Float, M: MaskElem, S>(
     Ok(())
 }
 
-/// The row's max or mean divergence, for TRM's whole-row decision.
-fn trm_row_stat<F: Float, M: MaskElem>(
+/// The max and sum of D_t over the response tokens of row `i` of `batch` (a whole row or
+/// a chunk of one): TRM's mergeable row statistic.
+pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
     cfg: &Config,
-    batch: &Batch<'_, F>,
-    row: &RowIn<'_, F, M>,
-    row_len: usize,
-) -> Result<f64> {
+    batch: &Batch<'a, F>,
+    mask: ArrayView1<'a, M>,
+    i: usize,
+) -> Result<(f64, f64)> {
+    let row = RowIn::new(batch, mask, i);
     let (mut max, mut sum) = (0.0f64, 0.0f64);
     sweep(
-        row,
+        &row,
         !cfg.divergence.needs_topk(),
         &mut (),
         |(), st, k, at| {
@@ -582,46 +586,82 @@ fn trm_row_stat<F: Float, M: MaskElem>(
         },
         |(), _, _| {},
     )?;
-    Ok(if matches!(cfg.rule, Rule::TrmMax { .. }) {
-        max
-    } else {
-        sum / row_len as f64
-    })
+    Ok((max, sum))
 }
 
-/// Computes row `i` into `out` and returns its tally.
+/// TRM's whole-row decision from the row's max and sum of D_t over its T tokens; `true`
+/// for every other rule.
+pub(crate) fn trm_keeps_row(rule: &Rule, (max, sum): (f64, f64), row_len: usize) -> bool {
+    match *rule {
+        Rule::TrmMax { delta } => max <= delta,
+        Rule::TrmAvg { delta } => row_len == 0 || sum / row_len as f64 <= delta,
+        _ => true,
+    }
+}
+
+/// What a row's sweep needs to know about the whole row before it starts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowFacts {
+    /// T: the whole row's response tokens.
+    pub row_len: usize,
+    /// TRM's row decision (`true` under other rules).
+    pub row_ok: bool,
+}
+
+/// The facts of whole row `i` of `batch`: its T and, under TRM, its decision.
+pub(crate) fn whole_row_facts<'a, F: Float, M: MaskElem>(
+    cfg: &Config,
+    batch: &Batch<'a, F>,
+    mask: ArrayView1<'a, M>,
+    i: usize,
+) -> Result<RowFacts> {
+    // The mask was checked by the count before the pass.
+    let row_len = mask.iter().filter(|m| m.is_on()).count();
+    let row_ok = if cfg.rule.is_sequence_level() && row_len > 0 {
+        trm_keeps_row(&cfg.rule, divergence_max_sum(cfg, batch, mask, i)?, row_len)
+    } else {
+        true
+    };
+    Ok(RowFacts { row_len, row_ok })
+}
+
+/// The state a row's sweep carries from column to column (and from chunk to chunk):
+/// response tokens so far and the prefix sums S, W.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Prefix {
+    pub t: usize,
+    pub s: f64,
+    pub w: f64,
+}
+
+/// Computes row `i` of `batch` (a whole row, or a chunk of one starting from `prefix`)
+/// into `out`, advances `prefix`, and returns the row's tally.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
     batch: &Batch<'a, F>,
     mask: ArrayView1<'a, M>,
     i: usize,
+    facts: RowFacts,
+    prefix: &mut Prefix,
     mut out: RowLanes<'_, F>,
 ) -> Result<Tally> {
     let cfg = plan.cfg;
     let mut tally = Tally::default();
-    // The mask was checked by the count before the pass.
-    let row_len = mask.iter().filter(|m| m.is_on()).count();
+    let row_len = facts.row_len;
     if row_len == 0 {
         out.fill_zero();
         return Ok(tally);
     }
-    tally.seqs = 1;
     let row = RowIn::new(batch, mask, i);
-    let width = batch.shape().1;
     let agg_w = cfg
         .aggregation
-        .weight(plan.denominators, row_len, width, cfg.norm_length);
-
-    // TRM decides the whole row from its max or mean divergence.
-    let row_ok = match cfg.rule {
-        Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
-            trm_row_stat(cfg, batch, &row, row_len)? <= delta
-        }
-        _ => true,
-    };
+        .weight(plan.denominators, row_len, plan.width, cfg.norm_length);
+    let row_ok = facts.row_ok;
     let trm = cfg.rule.is_sequence_level();
     let binary = !cfg.divergence.needs_topk();
-    let (mut t, mut s_sum, mut w_sum) = (0usize, 0.0f64, 0.0f64);
+    let t0 = prefix.t;
+    let (mut t, mut s_sum, mut w_sum) = (prefix.t, prefix.s, prefix.w);
     let mut row_loss = 0.0f64;
     let mut decile = Decile::new(row_len);
     // The staged block of outputs: filled token by token, stored after each block.
@@ -714,6 +754,13 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
         out.store(j0, n, os)
     })?;
     tally.loss = row_loss * agg_w;
+    // The row counts as a sequence in the chunk that holds its first response token.
+    tally.seqs = u64::from(t0 == 0 && t > 0);
+    *prefix = Prefix {
+        t,
+        s: s_sum,
+        w: w_sum,
+    };
     Ok(tally)
 }
 
