@@ -36,16 +36,40 @@
 use ndarray::{Array2, ArrayViewMut2, Axis};
 
 use crate::aggregate::Counts;
-use crate::batch::{Batch, Mask};
+use crate::batch::Batch;
+use crate::chunk::Carry;
 use crate::config::Config;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::float::MaskElem;
 use crate::kernel::{Plan, Prefix, RowLanes, RowOut, run_row, whole_row_facts};
 use crate::rule::Rule;
 use crate::stats::{Diagnostics, Tally};
-use ndarray::ArrayView1;
+
+/// Runs `$body` with `$m` bound to row `$i` of the batch's mask, whatever its type.
+macro_rules! with_mask_row {
+    ($batch:expr, $i:expr, |$m:ident| $body:expr) => {
+        match $batch.mask {
+            $crate::batch::Mask::Bool(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+            $crate::batch::Mask::U8(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+            $crate::batch::Mask::F32(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+            $crate::batch::Mask::F64(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_mask_row;
 
 /// Sequential or parallel execution. Both give bit-identical results.
 ///
@@ -245,23 +269,50 @@ pub fn evaluate_into<F: Float>(
     out: OutputsMut<'_, F>,
     par: Par,
 ) -> Result<Summary> {
+    check_call(cfg, batch, &out)?;
+    let counts = batch_counts(batch, par)?;
+    let denominators = Counts {
+        tokens: override_count("num_tokens", cfg.num_tokens, counts.tokens)?,
+        seqs: override_count("num_seqs", cfg.num_seqs, counts.seqs)?,
+    };
+    let plan = Plan {
+        cfg,
+        denominators,
+        width: batch.shape().1,
+        col0: 0,
+    };
+    let row_fn = |i: usize, out: RowLanes<'_, F>, _: Option<&mut Carry>| {
+        with_mask_row!(batch, i, |mask| {
+            let facts = whole_row_facts(cfg, batch, mask, i)?;
+            run_row(&plan, batch, mask, i, facts, &mut Prefix::default(), out)
+        })
+    };
+    let tally = run_rows(batch.shape(), out, None, par, &row_fn)?;
+    Ok(Summary {
+        loss: tally.loss,
+        diagnostics: Diagnostics::new(&tally, cfg),
+        tally,
+        counts,
+    })
+}
+
+/// The checks every call makes before its pass: the config, the output shapes, and the
+/// arrays the config needs.
+pub(crate) fn check_call<F: Float>(
+    cfg: &Config,
+    batch: &Batch<'_, F>,
+    out: &OutputsMut<'_, F>,
+) -> Result<()> {
     cfg.validate()?;
     let shape = batch.shape();
-    check_out_shape(
-        "divergence",
-        out.divergence.as_ref().map(|v| v.dim()),
-        shape,
-    )?;
-    check_out_shape("weight", out.weight.as_ref().map(|v| v.dim()), shape)?;
-    check_out_shape("threshold", out.threshold.as_ref().map(|v| v.dim()), shape)?;
+    let dim = |v: &Option<ArrayViewMut2<'_, F>>| v.as_ref().map(|v| v.dim());
+    check_out_shape("divergence", dim(&out.divergence), shape)?;
+    check_out_shape("weight", dim(&out.weight), shape)?;
+    check_out_shape("threshold", dim(&out.threshold), shape)?;
     check_out_shape("keep", out.keep.as_ref().map(|v| v.dim()), shape)?;
     check_out_shape("reason", out.reason.as_ref().map(|v| v.dim()), shape)?;
-    check_out_shape(
-        "token_loss",
-        out.token_loss.as_ref().map(|v| v.dim()),
-        shape,
-    )?;
-    check_out_shape("grad", out.grad.as_ref().map(|v| v.dim()), shape)?;
+    check_out_shape("token_loss", dim(&out.token_loss), shape)?;
+    check_out_shape("grad", dim(&out.grad), shape)?;
     if cfg.divergence.needs_topk() && batch.topk.is_none() {
         return Err(Error::MissingArray {
             array: "topk_logp_old",
@@ -278,35 +329,7 @@ pub fn evaluate_into<F: Float>(
             needed_by: "the kl penalty",
         });
     }
-
-    let counts = local_counts(batch, par)?;
-    let denominators = Counts {
-        tokens: override_count("num_tokens", cfg.num_tokens, counts.tokens)?,
-        seqs: override_count("num_seqs", cfg.num_seqs, counts.seqs)?,
-    };
-    let plan = Plan {
-        cfg,
-        denominators,
-        width: shape.1,
-    };
-    let block = Block {
-        rows: shape.0,
-        row0: 0,
-        divergence: out.divergence,
-        weight: out.weight,
-        threshold: out.threshold,
-        keep: out.keep,
-        reason: out.reason,
-        token_loss: out.token_loss,
-        grad: out.grad,
-    };
-    let tally = run_block(&plan, leaf_rows(shape), batch, block, par)?;
-    Ok(Summary {
-        loss: tally.loss,
-        diagnostics: Diagnostics::new(&tally, cfg),
-        tally,
-        counts,
-    })
+    Ok(())
 }
 
 /// The trust-region mask alone: divergence, weight, threshold, keep and reason, with the
@@ -387,7 +410,7 @@ fn check_out_shape(
     }
 }
 
-fn override_count(field: &'static str, given: Option<u64>, local: u64) -> Result<u64> {
+pub(crate) fn override_count(field: &'static str, given: Option<u64>, local: u64) -> Result<u64> {
     match given {
         None => Ok(local),
         Some(g) if g >= local => Ok(g),
@@ -408,7 +431,7 @@ fn leaf_rows((_, l): (usize, usize)) -> usize {
 }
 
 /// This batch's response tokens and sequences; the first bad mask value in row order.
-fn local_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Result<Counts> {
+pub(crate) fn batch_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Result<Counts> {
     let b = batch.shape().0;
     let row = |i: usize| -> Result<Counts> {
         let t = batch.mask.row_len(i)? as u64;
@@ -510,52 +533,69 @@ fn split_opt<T>(v: Option<ArrayViewMut2<'_, T>>, mid: usize) -> SplitOpt<'_, T> 
     }
 }
 
-fn run_block<F: Float>(
-    plan: &Plan<'_>,
-    leaf_rows: usize,
-    batch: &Batch<'_, F>,
-    mut block: Block<'_, F>,
+/// One row's work: the row's index, its output lanes, and its carry (chunked calls).
+pub(crate) type RowFn<'f, F> =
+    dyn Fn(usize, RowLanes<'_, F>, Option<&mut Carry>) -> Result<Tally> + Sync + 'f;
+
+/// Runs `row_fn` on every row, writing into `out`, with one carry per row if given.
+pub(crate) fn run_rows<F: Float>(
+    shape: (usize, usize),
+    out: OutputsMut<'_, F>,
+    carries: Option<&mut [Carry]>,
     par: Par,
+    row_fn: &RowFn<'_, F>,
+) -> Result<Tally> {
+    let block = Block {
+        rows: shape.0,
+        row0: 0,
+        divergence: out.divergence,
+        weight: out.weight,
+        threshold: out.threshold,
+        keep: out.keep,
+        reason: out.reason,
+        token_loss: out.token_loss,
+        grad: out.grad,
+    };
+    run_block(leaf_rows(shape), block, carries, par, row_fn)
+}
+
+fn run_block<F: Float>(
+    leaf_rows: usize,
+    mut block: Block<'_, F>,
+    carries: Option<&mut [Carry]>,
+    par: Par,
+    row_fn: &RowFn<'_, F>,
 ) -> Result<Tally> {
     let n = block.rows;
     if n <= leaf_rows {
         let mut tally = Tally::default();
+        let mut carries = carries;
         for r in 0..n {
-            let i = block.row0 + r;
-            let out = block.row(r);
-            let row_tally = match batch.mask {
-                Mask::Bool(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-                Mask::U8(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-                Mask::F32(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-                Mask::F64(m) => whole_row(plan, batch, m.index_axis_move(Axis(0), i), i, out),
-            }?;
+            let carry = carries.as_deref_mut().map(|c| &mut c[r]);
+            let row_tally = row_fn(block.row0 + r, block.row(r), carry)?;
             tally = tally.merge(&row_tally);
         }
         return Ok(tally);
     }
-    let (left, right) = block.split(n / 2);
+    let mid = n / 2;
+    let (left, right) = block.split(mid);
+    let (c_left, c_right) = match carries {
+        Some(c) => {
+            let (a, b) = c.split_at_mut(mid);
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    };
     let (l, r) = match par {
         Par::Seq => (
-            run_block(plan, leaf_rows, batch, left, par),
-            run_block(plan, leaf_rows, batch, right, par),
+            run_block(leaf_rows, left, c_left, par, row_fn),
+            run_block(leaf_rows, right, c_right, par, row_fn),
         ),
         Par::Rayon => rayon::join(
-            || run_block(plan, leaf_rows, batch, left, par),
-            || run_block(plan, leaf_rows, batch, right, par),
+            || run_block(leaf_rows, left, c_left, par, row_fn),
+            || run_block(leaf_rows, right, c_right, par, row_fn),
         ),
     };
     // The left error first: the lowest row wins, whatever ran first.
     Ok(l?.merge(&r?))
-}
-
-/// Row `i` whole: its facts first (T, and TRM's decision), then the sweep.
-fn whole_row<'a, F: Float, M: MaskElem>(
-    plan: &Plan<'_>,
-    batch: &Batch<'a, F>,
-    mask: ArrayView1<'a, M>,
-    i: usize,
-    out: RowLanes<'_, F>,
-) -> Result<Tally> {
-    let facts = whole_row_facts(plan.cfg, batch, mask, i)?;
-    run_row(plan, batch, mask, i, facts, &mut Prefix::default(), out)
 }

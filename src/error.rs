@@ -113,6 +113,26 @@ pub enum Error {
         /// What is wrong with it, including the value given.
         reason: String,
     },
+    /// A column chunk arrived out of order for a row.
+    #[error(
+        "chunk for row {row} starts at column {got}, but the row's carry is at column {expected}"
+    )]
+    ChunkOutOfOrder {
+        /// The row.
+        row: usize,
+        /// Where the row's carry says the next chunk starts.
+        expected: usize,
+        /// Where the chunk starts.
+        got: usize,
+    },
+    /// A row's column chunks do not add up to the row.
+    #[error("row {row}: {reason}")]
+    ChunkMismatch {
+        /// The row.
+        row: usize,
+        /// What does not add up.
+        reason: String,
+    },
     /// A global count override (`num_tokens`, `num_seqs`) is smaller than what this batch
     /// alone contains, so it cannot be the count of a batch this one is a part of.
     #[error("config field {field} = {given} is smaller than this batch's own count {local}")]

@@ -46,6 +46,8 @@ pub(crate) struct Plan<'c> {
     pub denominators: Counts,
     /// The rows' full padded width L (the default `norm_length`).
     pub width: usize,
+    /// The whole-row column of the batch's first column (0 unless chunked).
+    pub col0: usize,
 }
 
 /// A row of an input: a slice when contiguous (the common case), else a strided view.
@@ -191,6 +193,9 @@ impl<F: Float> RowLanes<'_, F> {
 /// One row of every input.
 struct RowIn<'a, F, M> {
     i: usize,
+    /// The column of this row's first input column in the whole row (0 unless chunked):
+    /// errors name whole-row columns.
+    col0: usize,
     mask: Lane<'a, M>,
     logp: Lane<'a, F>,
     logp_old: Lane<'a, F>,
@@ -200,9 +205,10 @@ struct RowIn<'a, F, M> {
 }
 
 impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
-    fn new(batch: &Batch<'a, F>, mask: ArrayView1<'a, M>, i: usize) -> Self {
+    fn new(batch: &Batch<'a, F>, mask: ArrayView1<'a, M>, i: usize, col0: usize) -> Self {
         Self {
             i,
+            col0,
             mask: Lane::new(mask),
             logp: Lane::new(batch.logp.index_axis_move(Axis(0), i)),
             logp_old: Lane::new(batch.logp_old.index_axis_move(Axis(0), i)),
@@ -236,6 +242,14 @@ struct InStage {
     /// p = e^logp and q = e^logp_old (binary divergences only).
     p: [f64; BLK],
     q: [f64; BLK],
+}
+
+/// A token's place: `j` indexes the input arrays, `at` (whole-row column) names it in
+/// errors.
+#[derive(Clone, Copy)]
+struct Pos {
+    j: usize,
+    at: At,
 }
 
 /// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
@@ -351,38 +365,42 @@ impl InStage {
         }
     }
 
-    /// D_t of checked response token k of the block, at (i, j).
+    /// D_t of checked response token k of the block, at `pos`.
     #[inline(always)]
     fn divergence<F: Float>(
         &self,
         div: Divergence,
         batch: &Batch<'_, F>,
         k: usize,
-        at: At,
+        pos: Pos,
     ) -> Result<f64> {
         Ok(match div {
             Divergence::BinaryTv => (self.p[k] - self.q[k]).abs(),
             Divergence::BinaryKl => {
                 binary_kl_from_probs(self.lp[k], self.lq[k], self.p[k], self.q[k])
             }
-            Divergence::TopkTv | Divergence::TopkKl => topk_divergence(div, batch, at)?,
+            Divergence::TopkTv | Divergence::TopkKl => topk_divergence(div, batch, pos)?,
         })
     }
 }
 
 /// D_t under a top-K divergence at response token `at`, checking its K entries.
-fn topk_divergence<F: Float>(div: Divergence, batch: &Batch<'_, F>, at: At) -> Result<f64> {
+fn topk_divergence<F: Float>(
+    div: Divergence,
+    batch: &Batch<'_, F>,
+    Pos { j, at }: Pos,
+) -> Result<f64> {
     let Some(topk) = batch.topk.as_ref() else {
         unreachable!("top-K arrays are checked before the pass")
     };
-    let (i, j) = (at.row, at.col);
+    let i = at.row;
     let old = topk.logp_old.slice(s![i, j, ..]);
     let new = topk.logp.slice(s![i, j, ..]);
     let kk = old.len();
     let check = |k: usize, a: F, b: F| -> Result<(f64, f64)> {
         Ok((
-            read_logprob(a.to_f64(), "topk_logp_old", At::with_k(i, j, k))?,
-            read_logprob(b.to_f64(), "topk_logp", At::with_k(i, j, k))?,
+            read_logprob(a.to_f64(), "topk_logp_old", At::with_k(i, at.col, k))?,
+            read_logprob(b.to_f64(), "topk_logp", At::with_k(i, at.col, k))?,
         ))
     };
     if kk > TOPK_STACK {
@@ -523,10 +541,10 @@ impl Decile {
 
 /// The checked logp_ref of response token `at`.
 #[inline(always)]
-fn logp_ref_at<F: Float>(lane: &Lane<'_, F>, at: At) -> Result<f64> {
+fn logp_ref_at<F: Float>(lane: &Lane<'_, F>, Pos { j, at }: Pos) -> Result<f64> {
     let x = match lane {
-        Lane::Slice(s) => s[at.col],
-        Lane::View(v) => v[at.col],
+        Lane::Slice(s) => s[j],
+        Lane::View(v) => v[j],
     };
     read_logprob(x.to_f64(), "logp_ref", at)
 }
@@ -539,7 +557,7 @@ fn sweep<F: Float, M: MaskElem, S>(
     row: &RowIn<'_, F, M>,
     binary: bool,
     state: &mut S,
-    mut token: impl FnMut(&mut S, &InStage, usize, At) -> Result<()>,
+    mut token: impl FnMut(&mut S, &InStage, usize, Pos) -> Result<()>,
     mut end_block: impl FnMut(&mut S, usize, usize),
 ) -> Result<()> {
     let mut st = InStage::new();
@@ -551,11 +569,12 @@ fn sweep<F: Float, M: MaskElem, S>(
         let n = BLK.min(l - j0);
         st.load(row, j0, n, binary);
         for k in 0..n {
-            let at = At::new(row.i, j0 + k);
+            let j = j0 + k;
+            let at = At::new(row.i, row.col0 + j);
             if k == st.first_bad {
                 return Err(st.error(k, at));
             }
-            token(state, &st, k, at)?;
+            token(state, &st, k, Pos { j, at })?;
         }
         end_block(state, j0, n);
     }
@@ -569,16 +588,17 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
     batch: &Batch<'a, F>,
     mask: ArrayView1<'a, M>,
     i: usize,
+    col0: usize,
 ) -> Result<(f64, f64)> {
-    let row = RowIn::new(batch, mask, i);
+    let row = RowIn::new(batch, mask, i, col0);
     let (mut max, mut sum) = (0.0f64, 0.0f64);
     sweep(
         &row,
         !cfg.divergence.needs_topk(),
         &mut (),
-        |(), st, k, at| {
+        |(), st, k, pos| {
             if st.on[k] {
-                let d = st.divergence(cfg.divergence, batch, k, at)?;
+                let d = st.divergence(cfg.divergence, batch, k, pos)?;
                 max = max.max(d);
                 sum += d;
             }
@@ -618,7 +638,11 @@ pub(crate) fn whole_row_facts<'a, F: Float, M: MaskElem>(
     // The mask was checked by the count before the pass.
     let row_len = mask.iter().filter(|m| m.is_on()).count();
     let row_ok = if cfg.rule.is_sequence_level() && row_len > 0 {
-        trm_keeps_row(&cfg.rule, divergence_max_sum(cfg, batch, mask, i)?, row_len)
+        trm_keeps_row(
+            &cfg.rule,
+            divergence_max_sum(cfg, batch, mask, i, 0)?,
+            row_len,
+        )
     } else {
         true
     };
@@ -653,7 +677,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
         out.fill_zero();
         return Ok(tally);
     }
-    let row = RowIn::new(batch, mask, i);
+    let row = RowIn::new(batch, mask, i, plan.col0);
     let agg_w = cfg
         .aggregation
         .weight(plan.denominators, row_len, plan.width, cfg.norm_length);
@@ -669,7 +693,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     let token = |(os, _): &mut (OutStage<F>, RowLanes<'_, F>),
                  st: &InStage,
                  k: usize,
-                 at: At|
+                 pos: Pos|
      -> Result<()> {
         if !st.on[k] {
             os.set(k, 0.0, 0.0, 0.0, Reason::NotResponse, 0.0, 0.0);
@@ -677,7 +701,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
         }
         t += 1;
         let (lp, adv, rho) = (st.lp[k], st.adv[k], st.rho[k]);
-        let d = st.divergence(cfg.divergence, batch, k, at)?;
+        let d = st.divergence(cfg.divergence, batch, k, pos)?;
         let away = adv * (rho - 1.0) > 0.0;
         let (w, c, verdict) = match cfg.rule {
             Rule::None => (1.0, f64::NAN, Verdict::Pass),
@@ -731,7 +755,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
             (0.0, 0.0)
         };
         if let (Some(kl), Some(lane)) = (&cfg.kl, &row.logp_ref) {
-            let (lk, gk) = kl.eval(lp, logp_ref_at(lane, at)?);
+            let (lk, gk) = kl.eval(lp, logp_ref_at(lane, pos)?);
             tl += lk;
             g += gk;
         }

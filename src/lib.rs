@@ -32,6 +32,7 @@
 //! | [`stats`] | diagnostics |
 //! | [`config`] | the serde config of SPEC section 9, with presets |
 //! | [`engine`] | the fused per-row pass: [`evaluate`], [`evaluate_into`], [`trust_region`] |
+//! | [`chunk`] | column chunks (context parallelism): carries and mergeable row partials |
 //!
 //! ## Example
 //!
@@ -90,6 +91,7 @@ pub use ndarray;
 
 pub mod aggregate;
 pub mod batch;
+pub mod chunk;
 pub mod config;
 pub mod divergence;
 pub mod engine;
