@@ -1,1 +1,155 @@
-fn main() {}
+//! `cppo`: the command-line tool of SPEC section 9 (cargo feature `cli`).
+//!
+//! - `cppo eval` runs one batch from an `.npz` file through [`cppo::evaluate`] and
+//!   writes the per-token outputs, the loss and optionally the diagnostics;
+//! - `cppo bench` times the engine on a synthetic batch made in-process.
+//!
+//! Modules: [`eval`] and [`bench`] are the two commands, [`npz`] reads and writes the
+//! arrays, [`staged`] makes output files appear all at once or not at all, [`failure`]
+//! turns every error into one line on stderr and an exit code.
+//!
+//! Failure contract: exactly one line on stderr and exit code 2 for any bad input or
+//! argument, 1 when the system fails (an output cannot be written). No panic reaches
+//! the user: a panic hook prints one line for an unexpected one (a bug), and `main`
+//! catches it so that temporary files are still removed, then exits with 2.
+
+mod bench;
+mod eval;
+mod failure;
+mod npz;
+mod staged;
+
+use std::panic::{self, AssertUnwindSafe};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::error::ErrorKind;
+use clap::{Parser, Subcommand};
+
+use crate::failure::{Failure, print_error};
+
+/// CPPO token-level trust regions for LLM reinforcement learning: evaluate a batch
+/// stored in .npz files, or time the engine.
+#[derive(Parser, Debug)]
+#[command(name = "cppo", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Compute the trust-region mask, per-token loss, gradient and loss of one batch
+    ///
+    /// Input arrays (by name; float arrays all float32 or all float64):
+    ///   logp, logp_old        (B, L)      current and rollout log-probs
+    ///   advantages            (B, L) or (B,), broadcast along the row
+    ///   mask                  (B, L)      bool, uint8, any integer type, float32 or float64;
+    ///                                     nonzero = response token
+    ///   topk_logp_old, topk_logp  (B, L, K)  needed by topk_tv and topk_kl
+    ///   logp_ref              (B, L)      needed by a `kl` penalty
+    /// Values at non-response positions are never read. Arrays the config does not use
+    /// are ignored.
+    ///
+    /// Output arrays: divergence, weight, threshold, keep (0/1), token_loss, grad, all
+    /// (B, L) in the input's float type and 0 at non-response positions (threshold is NaN
+    /// where the rule has none); reason (B, L) uint8 (0 not a response token, 1 kept,
+    /// 2 kept by the corrective bypass, 3 masked by the token threshold, 4 masked by the
+    /// prefix budget); loss, a 0-d float64.
+    ///
+    /// On success, prints one summary line to stdout (output path, loss, response tokens,
+    /// sequences, masked fraction) and exits with 0. On failure, prints one line to
+    /// stderr naming the file and the array, row and column, or the config field; exits
+    /// with 2 for bad input (1 if an output cannot be written); and leaves no output
+    /// file behind: outputs are written to temporary files beside their destinations
+    /// and renamed into place only once all of them are complete.
+    #[command(verbatim_doc_comment)]
+    Eval(eval::EvalArgs),
+
+    /// Time the engine on a synthetic batch; print one JSON line
+    ///
+    /// The batch (cppo::synth: ragged GRPO-style rows, 90% of the B x L slots are
+    /// response tokens, hostile padding) and the outputs are allocated before timing.
+    /// Each run is one evaluate_into call on a rayon pool of --threads threads; the best
+    /// of --repeats runs is reported, after one untimed warm-up run.
+    ///
+    /// JSON fields: rows, len, threads, dtype, rule, divergence, objective, aggregation,
+    /// topk, logp_ref, repeats, ms (best run), tokens_per_s (B x L slots per second,
+    /// padding included), bytes_per_token, gb_per_s (bytes_per_token x tokens_per_s / 1e9).
+    ///
+    /// Byte model, per token slot, with s = 4 (f32) or 8 (f64):
+    ///   read:    logp, logp_old 2s; mask (bool) 1; top-K pair 2Ks if used; logp_ref s if used
+    ///   written: divergence, weight, threshold, token_loss, grad 5s; keep 1; reason 1
+    /// Per-row advantages are negligible and left out.
+    #[command(verbatim_doc_comment)]
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    install_panic_hook();
+    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli))) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(failure)) => {
+            print_error(&failure.to_string());
+            failure.exit_code()
+        }
+        // The hook has printed the one line.
+        Err(_) => ExitCode::from(2),
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// Help and version go to stdout as clap prints them. A usage error becomes one line
+/// (clap's first paragraph, joined) and exit code 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Nothing sensible is left to report if printing help fails.
+            let _ = e.print();
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+        }
+        _ => {
+            let text = e.render().to_string();
+            let first = text.split("\n\n").next().unwrap_or_default();
+            let first = first.trim_start().trim_start_matches("error:");
+            print_error(&format!("{} (see cppo --help)", first.trim()));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Replaces Rust's multi-line panic message with one line, printed once even if
+/// several threads panic.
+fn install_panic_hook() {
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    panic::set_hook(Box::new(|info| {
+        if REPORTED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown panic");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        print_error(&format!(
+            "internal error (a bug in cppo, please report it): {what}{at}"
+        ));
+    }));
+}
