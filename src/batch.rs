@@ -38,6 +38,7 @@
 
 use ndarray::{Array2, ArrayBase, ArrayRef2, ArrayView1, ArrayView2, ArrayView3, Data, Ix1, Ix2};
 
+use crate::aggregate::Counts;
 use crate::divergence::LOGP_TOLERANCE;
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
@@ -303,6 +304,35 @@ impl<'a, F: Float> Batch<'a, F> {
     /// A non-finite value in a float mask.
     pub fn row_lengths(&self) -> Result<Vec<usize>> {
         (0..self.shape().0).map(|i| self.mask.row_len(i)).collect()
+    }
+
+    /// This batch's response tokens N_tok and sequences N_seq (rows with at least one
+    /// response token): what each data-parallel rank or micro-batch contributes to the
+    /// global counts. Sum them over the shards ([`Counts::merge`], or an all-reduce of the
+    /// two integers) and set `num_tokens` / `num_seqs` to the totals: the shards' losses
+    /// and gradients then add up to the whole batch's.
+    ///
+    /// # Errors
+    ///
+    /// A non-finite value in a float mask.
+    ///
+    /// ```
+    /// use cppo::Batch;
+    /// use cppo::ndarray::{array, Array2};
+    /// let z = Array2::<f32>::zeros((3, 4));
+    /// let mask = array![[1u8, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]];
+    /// let adv = array![1.0f32, 0.0, -1.0];
+    /// let c = Batch::new(&z, &z, &adv, &mask).unwrap().counts().unwrap();
+    /// assert_eq!((c.tokens, c.seqs), (5, 2));
+    /// ```
+    pub fn counts(&self) -> Result<Counts> {
+        (0..self.shape().0).try_fold(Counts::default(), |c, i| {
+            let t = self.mask.row_len(i)? as u64;
+            Ok(c.merge(Counts {
+                tokens: t,
+                seqs: u64::from(t > 0),
+            }))
+        })
     }
 
     /// Runs every value check of SPEC section 2 on its own and reports the first bad
