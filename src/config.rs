@@ -40,8 +40,7 @@ use crate::objective::{KlPenalty, Objective};
 use crate::rule::{DEFAULT_DELTA, DEFAULT_EPS, Rule};
 
 /// Everything that decides what [`evaluate`](crate::evaluate) computes.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "ConfigRepr")]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Config {
     /// The per-token divergence D_t.
     pub divergence: Divergence,
@@ -63,7 +62,7 @@ pub struct Config {
 
 /// The wire form: same fields, no checks. `Config` converts from it and checks.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename = "Config", deny_unknown_fields)]
 struct ConfigRepr {
     #[serde(default)]
     divergence: Divergence,
@@ -98,6 +97,28 @@ impl TryFrom<ConfigRepr> for Config {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    /// Reads a JSON object (not an array: serde would otherwise read a struct from a
+    /// sequence of its fields), then checks every value.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = ConfigRepr;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a config object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<ConfigRepr, A::Error> {
+                ConfigRepr::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let repr = d.deserialize_map(Object)?;
+        Self::try_from(repr).map_err(serde::de::Error::custom)
     }
 }
 

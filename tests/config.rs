@@ -227,6 +227,14 @@ fn hand_built_configs_are_checked_too() {
 }
 
 #[test]
+fn only_an_object_is_a_config() {
+    for s in ["[]", "[\"binary_tv\"]", "0", "null", "\"cppo\""] {
+        let err = parse(s).expect_err(s).to_string();
+        assert!(err.contains("a config object"), "{s}: {err}");
+    }
+}
+
+#[test]
 fn presets_round_trip() {
     for cfg in [Config::cppo(), Config::dppo(), Config::grpo()] {
         cfg.validate().unwrap();
