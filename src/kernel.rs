@@ -16,15 +16,12 @@
 //! order logp, logp_old, advantages, top-K pair, logp_ref (the order of
 //! [`Batch::validate`](crate::Batch::validate)).
 
-use ndarray::{ArrayView1, ArrayViewMut1, Axis, s};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, Axis, s};
 
 use crate::aggregate::Counts;
-use crate::batch::{Advantages, Batch, read_logprob};
+use crate::batch::{Advantages, Batch, TopK, read_logprob};
 use crate::config::Config;
-use crate::divergence::{
-    Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_probs, topk_kl_pairs,
-    topk_tv_pairs,
-};
+use crate::divergence::{Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_probs};
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
 use crate::objective::LOG_RATIO_CLAMP;
@@ -202,6 +199,7 @@ struct RowIn<'a, F, M> {
     /// Per-token advantages, or the row's one advantage.
     adv: Result<Lane<'a, F>, f64>,
     logp_ref: Option<Lane<'a, F>>,
+    topk: Option<TopkRow<'a, F>>,
 }
 
 impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
@@ -219,6 +217,7 @@ impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
             logp_ref: batch
                 .logp_ref
                 .map(|r| Lane::new(r.index_axis_move(Axis(0), i))),
+            topk: batch.topk.as_ref().map(|t| TopkRow::new(t, i)),
         }
     }
 }
@@ -255,7 +254,29 @@ struct Pos {
 /// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
 #[inline(always)]
 fn logprob_ok(x: f64) -> bool {
-    x <= LOGP_TOLERANCE && x > f64::NEG_INFINITY
+    (x <= LOGP_TOLERANCE) & (x > f64::NEG_INFINITY)
+}
+
+/// Lanes of the fixed-order sums over top-K entries.
+const LANES: usize = 8;
+
+/// Σ f(k) for k < n, in LANES interleaved partial sums combined pairwise: a fixed order
+/// (so results do not depend on the CPU) that the compiler vectorizes, and without the
+/// long dependency chain of a left-to-right sum.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let full = n / LANES * LANES;
+    for k0 in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(k0 + l);
+        }
+    }
+    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
+        *a += f(full + l);
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
 }
 
 impl InStage {
@@ -367,87 +388,160 @@ impl InStage {
 
     /// D_t of checked response token k of the block, at `pos`.
     #[inline(always)]
-    fn divergence<F: Float>(
+    fn divergence<F: Float, M>(
         &self,
         div: Divergence,
-        batch: &Batch<'_, F>,
+        row: &RowIn<'_, F, M>,
         k: usize,
         pos: Pos,
+        scratch: &mut TopkScratch,
     ) -> Result<f64> {
         Ok(match div {
             Divergence::BinaryTv => (self.p[k] - self.q[k]).abs(),
             Divergence::BinaryKl => {
                 binary_kl_from_probs(self.lp[k], self.lq[k], self.p[k], self.q[k])
             }
-            Divergence::TopkTv | Divergence::TopkKl => topk_divergence(div, batch, pos)?,
+            Divergence::TopkTv | Divergence::TopkKl => {
+                let Some(topk) = &row.topk else {
+                    unreachable!("top-K arrays are checked before the pass")
+                };
+                topk_divergence(div, topk, pos, scratch)?
+            }
         })
     }
 }
 
-/// D_t under a top-K divergence at response token `at`, checking its K entries.
+/// A row's top-K pair: flat slices when contiguous, else (L, K) views.
+enum TopkRow<'a, F> {
+    Flat {
+        old: &'a [F],
+        new: &'a [F],
+        k: usize,
+    },
+    View {
+        old: ArrayView2<'a, F>,
+        new: ArrayView2<'a, F>,
+    },
+}
+
+impl<'a, F: Float> TopkRow<'a, F> {
+    fn new(topk: &TopK<'a, F>, i: usize) -> Self {
+        let old = topk.logp_old.index_axis_move(Axis(0), i);
+        let new = topk.logp.index_axis_move(Axis(0), i);
+        match (old.to_slice(), new.to_slice()) {
+            (Some(o), Some(n)) => Self::Flat {
+                old: o,
+                new: n,
+                k: old.ncols(),
+            },
+            _ => Self::View { old, new },
+        }
+    }
+
+    fn width(&self) -> usize {
+        match self {
+            Self::Flat { k, .. } => *k,
+            Self::View { old, .. } => old.ncols(),
+        }
+    }
+
+    /// Widens entries `k0..k0 + lo.len()` of token j into `lo` (rollout) and `ln` (current).
+    #[inline(always)]
+    fn load(&self, j: usize, k0: usize, lo: &mut [f64], ln: &mut [f64]) {
+        let n = lo.len();
+        match self {
+            Self::Flat { old, new, k } => {
+                let at = j * k + k0;
+                for (d, x) in lo.iter_mut().zip(&old[at..at + n]) {
+                    *d = x.to_f64();
+                }
+                for (d, x) in ln.iter_mut().zip(&new[at..at + n]) {
+                    *d = x.to_f64();
+                }
+            }
+            Self::View { old, new } => {
+                for (d, x) in lo.iter_mut().zip(old.slice(s![j, k0..k0 + n])) {
+                    *d = x.to_f64();
+                }
+                for (d, x) in ln.iter_mut().zip(new.slice(s![j, k0..k0 + n])) {
+                    *d = x.to_f64();
+                }
+            }
+        }
+    }
+}
+
+/// Scratch for one token's top-K pair, reused across a row's tokens: the log-probs
+/// `[rollout | current]` and their exponentials, side by side so one SIMD call covers both.
+pub(crate) struct TopkScratch {
+    logs: [f64; 2 * TOPK_STACK],
+    probs: [f64; 2 * TOPK_STACK],
+}
+
+impl TopkScratch {
+    pub(crate) const fn new() -> Self {
+        Self {
+            logs: [0.0; 2 * TOPK_STACK],
+            probs: [0.0; 2 * TOPK_STACK],
+        }
+    }
+}
+
+/// D_t under a top-K divergence at response token `pos`, checking its K entries. The K
+/// entries go through in pieces of up to [`TOPK_STACK`], staged for SIMD.
 fn topk_divergence<F: Float>(
     div: Divergence,
-    batch: &Batch<'_, F>,
+    topk: &TopkRow<'_, F>,
     Pos { j, at }: Pos,
+    scratch: &mut TopkScratch,
 ) -> Result<f64> {
-    let Some(topk) = batch.topk.as_ref() else {
-        unreachable!("top-K arrays are checked before the pass")
-    };
-    let i = at.row;
-    let old = topk.logp_old.slice(s![i, j, ..]);
-    let new = topk.logp.slice(s![i, j, ..]);
-    let kk = old.len();
-    let check = |k: usize, a: F, b: F| -> Result<(f64, f64)> {
-        Ok((
-            read_logprob(a.to_f64(), "topk_logp_old", At::with_k(i, at.col, k))?,
-            read_logprob(b.to_f64(), "topk_logp", At::with_k(i, at.col, k))?,
-        ))
-    };
-    if kk > TOPK_STACK {
-        for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
-            check(k, a, b)?;
+    let kk = topk.width();
+    let (mut sum_p, mut sum_q, mut acc) = (0.0f64, 0.0f64, 0.0f64);
+    for k0 in (0..kk).step_by(TOPK_STACK) {
+        let n = TOPK_STACK.min(kk - k0);
+        let (lo, ln) = scratch.logs[..2 * n].split_at_mut(n);
+        topk.load(j, k0, lo, ln);
+        let logs = &mut scratch.logs[..2 * n];
+        let mut ok = true;
+        for &x in logs.iter() {
+            ok &= logprob_ok(x);
+        }
+        if !ok {
+            let (lo, ln) = logs.split_at(n);
+            for k in 0..n {
+                let at = At::with_k(at.row, at.col, k0 + k);
+                read_logprob(lo[k], "topk_logp_old", at)?;
+                read_logprob(ln[k], "topk_logp", at)?;
+            }
         }
         // Checked: min(0) is exactly the (0, 1e-4] → 0 rule.
-        let pairs = old
-            .iter()
-            .zip(new.iter())
-            .map(|(&a, &b)| (a.to_f64().min(0.0), b.to_f64().min(0.0)));
-        return Ok(if div == Divergence::TopkTv {
-            topk_tv_pairs(pairs)
+        for x in logs.iter_mut() {
+            *x = x.min(0.0);
+        }
+        let probs = &mut scratch.probs[..2 * n];
+        probs.copy_from_slice(logs);
+        exp_in_place(probs);
+        let (po, pn) = probs.split_at(n);
+        let (lo, ln) = logs.split_at(n);
+        sum_p += lane_sum(n, |k| po[k]);
+        sum_q += lane_sum(n, |k| pn[k]);
+        acc += if div == Divergence::TopkTv {
+            lane_sum(n, |k| (po[k] - pn[k]).abs())
         } else {
-            topk_kl_pairs(pairs)
-        });
+            lane_sum(n, |k| po[k] * (lo[k] - ln[k]))
+        };
     }
-    let mut lo = [0.0f64; TOPK_STACK];
-    let mut ln = [0.0f64; TOPK_STACK];
-    for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
-        (lo[k], ln[k]) = check(k, a, b)?;
-    }
-    let (lo, ln) = (&lo[..kk], &ln[..kk]);
-    let mut po = [0.0f64; TOPK_STACK];
-    let mut pn = [0.0f64; TOPK_STACK];
-    let (po, pn) = (&mut po[..kk], &mut pn[..kk]);
-    po.copy_from_slice(lo);
-    pn.copy_from_slice(ln);
-    exp_in_place(po);
-    exp_in_place(pn);
-    let p_rest = (1.0 - po.iter().sum::<f64>()).max(0.0);
-    let q_rest = (1.0 - pn.iter().sum::<f64>()).max(0.0);
+    let p_rest = (1.0 - sum_p).max(0.0);
+    let q_rest = (1.0 - sum_q).max(0.0);
     Ok(if div == Divergence::TopkTv {
-        let l1: f64 = po.iter().zip(pn.iter()).map(|(a, b)| (a - b).abs()).sum();
-        (l1 + (p_rest - q_rest).abs()) / 2.0
+        (acc + (p_rest - q_rest).abs()) / 2.0
     } else {
-        let head: f64 = po
-            .iter()
-            .zip(lo.iter().zip(ln))
-            .map(|(pk, (a, b))| pk * (a - b))
-            .sum();
         let rest = if p_rest > 0.0 {
             p_rest * (p_rest.ln() - q_rest.max(TOPK_KL_REST_FLOOR).ln())
         } else {
             0.0
         };
-        (head + rest).max(0.0)
+        (acc + rest).max(0.0)
     })
 }
 
@@ -592,13 +686,14 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
 ) -> Result<(f64, f64)> {
     let row = RowIn::new(batch, mask, i, col0);
     let (mut max, mut sum) = (0.0f64, 0.0f64);
+    let mut scratch = TopkScratch::new();
     sweep(
         &row,
         !cfg.divergence.needs_topk(),
         &mut (),
         |(), st, k, pos| {
             if st.on[k] {
-                let d = st.divergence(cfg.divergence, batch, k, pos)?;
+                let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
                 max = max.max(d);
                 sum += d;
             }
@@ -684,6 +779,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     let row_ok = facts.row_ok;
     let trm = cfg.rule.is_sequence_level();
     let binary = !cfg.divergence.needs_topk();
+    let mut scratch = TopkScratch::new();
     let t0 = prefix.t;
     let (mut t, mut s_sum, mut w_sum) = (prefix.t, prefix.s, prefix.w);
     let mut row_loss = 0.0f64;
@@ -701,7 +797,7 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
         }
         t += 1;
         let (lp, adv, rho) = (st.lp[k], st.adv[k], st.rho[k]);
-        let d = st.divergence(cfg.divergence, batch, k, pos)?;
+        let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
         let away = adv * (rho - 1.0) > 0.0;
         let (w, c, verdict) = match cfg.rule {
             Rule::None => (1.0, f64::NAN, Verdict::Pass),
