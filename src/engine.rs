@@ -96,7 +96,7 @@ pub struct Outputs<F> {
     pub threshold: Array2<F>,
     /// M_t: whether the token keeps its gradient.
     pub keep: Array2<bool>,
-    /// The [`Reason`] code of each decision.
+    /// The [`Reason`](crate::Reason) code of each decision.
     pub reason: Array2<u8>,
     /// The per-token loss before aggregation: M_t l_t plus any KL term.
     pub token_loss: Array2<F>,

@@ -79,7 +79,8 @@
 //!
 //! - `synth`: [`synth`], realistic synthetic batches for demos, examples and benchmarks
 //!   (rand, rand_distr).
-//! - `cli`: the `cppo` command-line tool (clap, serde_json, ndarray-npy); implies `synth`.
+//! - `cli`: the `cppo` command-line tool (clap, serde_json, ndarray-npy, zip); implies
+//!   `synth`.
 //!
 //! Both are off by default: the library itself depends only on ndarray, rayon, serde
 //! and thiserror.
@@ -88,6 +89,11 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub use ndarray;
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub mod aggregate;
 pub mod batch;
