@@ -21,7 +21,10 @@ use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, Axis, s};
 use crate::aggregate::Counts;
 use crate::batch::{Advantages, Batch, TopK, read_logprob};
 use crate::config::Config;
-use crate::divergence::{Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_probs};
+use crate::divergence::{
+    Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_probs, topk_kl_pairs,
+    topk_tv_pairs,
+};
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
 use crate::objective::LOG_RATIO_CLAMP;
@@ -260,20 +263,21 @@ fn logprob_ok(x: f64) -> bool {
 /// Lanes of the fixed-order sums over top-K entries.
 const LANES: usize = 8;
 
-/// Σ f(k) for k < n, in LANES interleaved partial sums combined pairwise: a fixed order
-/// (so results do not depend on the CPU) that the compiler vectorizes, and without the
-/// long dependency chain of a left-to-right sum.
+/// Σ f(a_k, b_k) in LANES interleaved partial sums combined pairwise: a fixed order (so
+/// results do not depend on the CPU) that the compiler vectorizes, without the long
+/// dependency chain of a left-to-right sum.
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+fn lane_sum(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let full = n / LANES * LANES;
-    for k0 in (0..full).step_by(LANES) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(k0 + l);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(xa[l], xb[l]);
         }
     }
-    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
-        *a += f(full + l);
+    for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += f(x, y);
     }
     let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
     ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
@@ -445,37 +449,65 @@ impl<'a, F: Float> TopkRow<'a, F> {
         }
     }
 
-    /// Widens entries `k0..k0 + lo.len()` of token j into `lo` (rollout) and `ln` (current).
+    /// Token j's K entries widened into `lo` (rollout) and `ln` (current), with (0, 1e-4]
+    /// read as 0; `false` if any entry is not a valid log-prob (the caller then finds it).
     #[inline(always)]
-    fn load(&self, j: usize, k0: usize, lo: &mut [f64], ln: &mut [f64]) {
-        let n = lo.len();
+    fn load(&self, j: usize, lo: &mut [f64], ln: &mut [f64]) -> bool {
+        #[inline(always)]
+        fn widen<'x, F: Float + 'x>(dst: &mut [f64], src: impl Iterator<Item = &'x F>) -> bool {
+            let mut ok = true;
+            for (d, &x) in dst.iter_mut().zip(src) {
+                let v = x.to_f64();
+                ok &= logprob_ok(v);
+                *d = v.min(0.0);
+            }
+            ok
+        }
         match self {
             Self::Flat { old, new, k } => {
-                let at = j * k + k0;
-                for (d, x) in lo.iter_mut().zip(&old[at..at + n]) {
-                    *d = x.to_f64();
-                }
-                for (d, x) in ln.iter_mut().zip(&new[at..at + n]) {
-                    *d = x.to_f64();
-                }
+                let at = j * k;
+                widen(lo, old[at..at + k].iter()) & widen(ln, new[at..at + k].iter())
             }
-            Self::View { old, new } => {
-                for (d, x) in lo.iter_mut().zip(old.slice(s![j, k0..k0 + n])) {
-                    *d = x.to_f64();
-                }
-                for (d, x) in ln.iter_mut().zip(new.slice(s![j, k0..k0 + n])) {
-                    *d = x.to_f64();
-                }
+            Self::View { old, new } => widen(lo, old.row(j).iter()) & widen(ln, new.row(j).iter()),
+        }
+    }
+
+    /// Token j's K entries, rollout and current.
+    fn token(&self, j: usize) -> (ArrayView1<'_, F>, ArrayView1<'_, F>) {
+        match self {
+            Self::Flat { old, new, k } => (
+                ArrayView1::from(&old[j * k..(j + 1) * k]),
+                ArrayView1::from(&new[j * k..(j + 1) * k]),
+            ),
+            Self::View { old, new } => (old.row(j), new.row(j)),
+        }
+    }
+
+    /// The first invalid entry of token j, as an error.
+    #[cold]
+    fn error(&self, j: usize, at: At) -> Error {
+        let (old, new) = self.token(j);
+        for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
+            let at = At::with_k(at.row, at.col, k);
+            if let Err(e) = read_logprob(a.to_f64(), "topk_logp_old", at) {
+                return e;
+            }
+            if let Err(e) = read_logprob(b.to_f64(), "topk_logp", at) {
+                return e;
             }
         }
+        unreachable!("error() is called on a token with an invalid entry")
     }
 }
 
-/// Scratch for one token's top-K pair, reused across a row's tokens: the log-probs
-/// `[rollout | current]` and their exponentials, side by side so one SIMD call covers both.
+/// Scratch for one token's top-K pair, on the stack and reused across a row's tokens.
 pub(crate) struct TopkScratch {
+    /// `[log P | log Q]`.
     logs: [f64; 2 * TOPK_STACK],
+    /// `[P | Q]`.
     probs: [f64; 2 * TOPK_STACK],
+    /// log P_k − log Q_k.
+    diff: [f64; TOPK_STACK],
 }
 
 impl TopkScratch {
@@ -483,65 +515,78 @@ impl TopkScratch {
         Self {
             logs: [0.0; 2 * TOPK_STACK],
             probs: [0.0; 2 * TOPK_STACK],
+            diff: [0.0; TOPK_STACK],
         }
     }
 }
 
-/// D_t under a top-K divergence at response token `pos`, checking its K entries. The K
-/// entries go through in pieces of up to [`TOPK_STACK`], staged for SIMD.
+/// D_t for a top-K width above [`TOPK_STACK`]: a scalar pass, still allocation-free.
+#[cold]
+fn topk_divergence_wide<F: Float>(
+    div: Divergence,
+    topk: &TopkRow<'_, F>,
+    Pos { j, at }: Pos,
+) -> Result<f64> {
+    let (old, new) = topk.token(j);
+    for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
+        let at = At::with_k(at.row, at.col, k);
+        read_logprob(a.to_f64(), "topk_logp_old", at)?;
+        read_logprob(b.to_f64(), "topk_logp", at)?;
+    }
+    // Checked: min(0) is exactly the (0, 1e-4] → 0 rule.
+    let pairs = old
+        .iter()
+        .zip(new.iter())
+        .map(|(&a, &b)| (a.to_f64().min(0.0), b.to_f64().min(0.0)));
+    Ok(if div == Divergence::TopkTv {
+        topk_tv_pairs(pairs)
+    } else {
+        topk_kl_pairs(pairs)
+    })
+}
+
+/// D_t under a top-K divergence at response token `pos`, checking its K entries.
+#[inline(always)]
 fn topk_divergence<F: Float>(
     div: Divergence,
     topk: &TopkRow<'_, F>,
     Pos { j, at }: Pos,
-    scratch: &mut TopkScratch,
+    buf: &mut TopkScratch,
 ) -> Result<f64> {
     let kk = topk.width();
-    let (mut sum_p, mut sum_q, mut acc) = (0.0f64, 0.0f64, 0.0f64);
-    for k0 in (0..kk).step_by(TOPK_STACK) {
-        let n = TOPK_STACK.min(kk - k0);
-        let (lo, ln) = scratch.logs[..2 * n].split_at_mut(n);
-        topk.load(j, k0, lo, ln);
-        let logs = &mut scratch.logs[..2 * n];
-        let mut ok = true;
-        for &x in logs.iter() {
-            ok &= logprob_ok(x);
-        }
-        if !ok {
-            let (lo, ln) = logs.split_at(n);
-            for k in 0..n {
-                let at = At::with_k(at.row, at.col, k0 + k);
-                read_logprob(lo[k], "topk_logp_old", at)?;
-                read_logprob(ln[k], "topk_logp", at)?;
-            }
-        }
-        // Checked: min(0) is exactly the (0, 1e-4] → 0 rule.
-        for x in logs.iter_mut() {
-            *x = x.min(0.0);
-        }
-        let probs = &mut scratch.probs[..2 * n];
-        probs.copy_from_slice(logs);
-        exp_in_place(probs);
-        let (po, pn) = probs.split_at(n);
-        let (lo, ln) = logs.split_at(n);
-        sum_p += lane_sum(n, |k| po[k]);
-        sum_q += lane_sum(n, |k| pn[k]);
-        acc += if div == Divergence::TopkTv {
-            lane_sum(n, |k| (po[k] - pn[k]).abs())
-        } else {
-            lane_sum(n, |k| po[k] * (lo[k] - ln[k]))
-        };
+    if kk > TOPK_STACK {
+        return topk_divergence_wide(div, topk, Pos { j, at });
     }
+    let (logs, probs) = (&mut buf.logs[..2 * kk], &mut buf.probs[..2 * kk]);
+    {
+        let (lo, ln) = logs.split_at_mut(kk);
+        if !topk.load(j, lo, ln) {
+            return Err(topk.error(j, at));
+        }
+    }
+    probs.copy_from_slice(logs);
+    exp_in_place(probs);
+    let (po, pn) = probs.split_at(kk);
+    let sum_p = lane_sum(po, po, |a, _| a);
+    let sum_q = lane_sum(pn, pn, |a, _| a);
     let p_rest = (1.0 - sum_p).max(0.0);
     let q_rest = (1.0 - sum_q).max(0.0);
     Ok(if div == Divergence::TopkTv {
-        (acc + (p_rest - q_rest).abs()) / 2.0
+        let l1 = lane_sum(po, pn, |a, b| (a - b).abs());
+        (l1 + (p_rest - q_rest).abs()) / 2.0
     } else {
+        let (lo, ln) = logs.split_at(kk);
+        let diff = &mut buf.diff[..kk];
+        for ((d, a), b) in diff.iter_mut().zip(lo).zip(ln) {
+            *d = a - b;
+        }
+        let head = lane_sum(po, diff, |p, d| p * d);
         let rest = if p_rest > 0.0 {
             p_rest * (p_rest.ln() - q_rest.max(TOPK_KL_REST_FLOOR).ln())
         } else {
             0.0
         };
-        (acc + rest).max(0.0)
+        (head + rest).max(0.0)
     })
 }
 
