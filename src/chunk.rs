@@ -73,6 +73,7 @@ use crate::engine::{
 };
 use crate::error::{Error, Result};
 use crate::float::{Float, MaskElem};
+pub use crate::kernel::FixedSum;
 use crate::kernel::{Plan, Prefix, RowFacts, RowLanes, divergence_max_sum, run_row, trm_keeps_row};
 use crate::stats::{Diagnostics, Tally};
 
@@ -134,8 +135,9 @@ pub struct RowPartial {
     pub tokens: u64,
     /// max D_t (0 when empty, or when the rule is not TRM).
     pub divergence_max: f64,
-    /// Σ D_t (0 when the rule is not TRM).
-    pub divergence_sum: f64,
+    /// Σ D_t in exact fixed point (0 when the rule is not TRM), so that merging is
+    /// associative and a chunked row's TRM-avg decision is the whole row's.
+    pub divergence_sum: FixedSum,
 }
 
 impl RowPartial {
@@ -145,7 +147,7 @@ impl RowPartial {
         Self {
             tokens: self.tokens + other.tokens,
             divergence_max: self.divergence_max.max(other.divergence_max),
-            divergence_sum: self.divergence_sum + other.divergence_sum,
+            divergence_sum: self.divergence_sum.merge(other.divergence_sum),
         }
     }
 }
@@ -189,7 +191,7 @@ pub fn row_partials_into<F: Float>(
                 cfg, chunk, mask, i, pos.col0
             ))?
         } else {
-            (0.0, 0.0)
+            (0.0, FixedSum::default())
         };
         Ok(RowPartial {
             tokens: tokens as u64,
@@ -244,12 +246,7 @@ pub fn evaluate_chunk_into<F: Float>(
     check_len("rows", rows.len(), b)?;
     check_len("carries", carries.len(), b)?;
     let counts = batch_counts(chunk, par)?;
-    let whole = rows.iter().fold(Counts::default(), |c, r| {
-        c.merge(Counts {
-            tokens: r.tokens,
-            seqs: u64::from(r.tokens > 0),
-        })
-    });
+    let whole = row_counts(rows);
     let plan = Plan {
         cfg,
         denominators: Counts {
@@ -343,6 +340,25 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
         w: prefix.w,
     };
     Ok(tally)
+}
+
+/// N_tok and N_seq of whole rows, from their merged partials: what a context-parallel
+/// rank contributes to the global counts. (A chunk's own [`Batch::counts`] would count a
+/// row split across chunks once per chunk.)
+///
+/// ```
+/// use cppo::chunk::{row_counts, RowPartial};
+/// let rows = [RowPartial { tokens: 3, ..Default::default() }, RowPartial::default()];
+/// let c = row_counts(&rows);
+/// assert_eq!((c.tokens, c.seqs), (3, 1));
+/// ```
+pub fn row_counts(rows: &[RowPartial]) -> Counts {
+    rows.iter().fold(Counts::default(), |c, r| {
+        c.merge(Counts {
+            tokens: r.tokens,
+            seqs: u64::from(r.tokens > 0),
+        })
+    })
 }
 
 fn check_len(array: &'static str, got: usize, rows: usize) -> Result<()> {

@@ -720,17 +720,46 @@ fn sweep<F: Float, M: MaskElem, S>(
     Ok(())
 }
 
-/// The max and sum of D_t over the response tokens of row `i` of `batch` (a whole row or
-/// a chunk of one): TRM's mergeable row statistic.
+/// 2^64: the unit of [`FixedSum`].
+const FIXED_ONE: f64 = 18_446_744_073_709_551_616.0;
+
+/// A sum of nonnegative values in fixed point, units of 2^−64: integer addition is exact
+/// and associative, so a row's sum is the same however its columns are chunked, and
+/// TRM-avg decides a chunked row exactly as the whole row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FixedSum(pub u128);
+
+impl FixedSum {
+    /// Adds `x` ≥ 0, rounded to the nearest multiple of 2^−64 (an absolute error of at
+    /// most 2.7e−20 per term).
+    #[inline(always)]
+    pub(crate) fn add(&mut self, x: f64) {
+        self.0 += (x * FIXED_ONE).round() as u128;
+    }
+
+    /// The sum of two parts.
+    #[must_use]
+    pub const fn merge(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+
+    /// The sum as a float.
+    pub fn to_f64(self) -> f64 {
+        self.0 as f64 / FIXED_ONE
+    }
+}
+
+/// The max and (fixed-point) sum of D_t over the response tokens of row `i` of `batch`
+/// (a whole row or a chunk of one): TRM's mergeable row statistic.
 pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
     cfg: &Config,
     batch: &Batch<'a, F>,
     mask: ArrayView1<'a, M>,
     i: usize,
     col0: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, FixedSum)> {
     let row = RowIn::new(batch, mask, i, col0);
-    let (mut max, mut sum) = (0.0f64, 0.0f64);
+    let (mut max, mut sum) = (0.0f64, FixedSum::default());
     let mut scratch = TopkScratch::new();
     sweep(
         &row,
@@ -740,7 +769,7 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
             if st.on[k] {
                 let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
                 max = max.max(d);
-                sum += d;
+                sum.add(d);
             }
             Ok(())
         },
@@ -751,10 +780,10 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
 
 /// TRM's whole-row decision from the row's max and sum of D_t over its T tokens; `true`
 /// for every other rule.
-pub(crate) fn trm_keeps_row(rule: &Rule, (max, sum): (f64, f64), row_len: usize) -> bool {
+pub(crate) fn trm_keeps_row(rule: &Rule, (max, sum): (f64, FixedSum), row_len: usize) -> bool {
     match *rule {
         Rule::TrmMax { delta } => max <= delta,
-        Rule::TrmAvg { delta } => row_len == 0 || sum / row_len as f64 <= delta,
+        Rule::TrmAvg { delta } => row_len == 0 || sum.to_f64() / row_len as f64 <= delta,
         _ => true,
     }
 }
