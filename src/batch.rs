@@ -126,6 +126,19 @@ impl Mask<'_> {
         }
     }
 
+    /// Number of nonzero values in row `i` (a NaN counts: it is not zero), without checks.
+    pub(crate) fn row_len_unchecked(&self, i: usize) -> usize {
+        fn count<M: MaskElem>(row: ArrayView1<'_, M>) -> usize {
+            row.iter().filter(|m| m.is_on()).count()
+        }
+        match self {
+            Self::Bool(m) => count(m.row(i)),
+            Self::U8(m) => count(m.row(i)),
+            Self::F32(m) => count(m.row(i)),
+            Self::F64(m) => count(m.row(i)),
+        }
+    }
+
     /// Number of response tokens in row `i`, or the first invalid (non-finite) mask
     /// value in it.
     pub(crate) fn row_len(&self, i: usize) -> Result<usize> {

@@ -69,7 +69,8 @@ use crate::aggregate::Counts;
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::engine::{
-    OutputsMut, Par, Summary, batch_counts, check_call, override_count, run_rows, with_mask_row,
+    OutputsMut, Par, Summary, batch_counts, check_call, check_overrides, denominators, run_rows,
+    with_mask_row,
 };
 use crate::error::{Error, Result};
 use crate::float::{Float, MaskElem};
@@ -245,14 +246,11 @@ pub fn evaluate_chunk_into<F: Float>(
     let (b, lc) = chunk.shape();
     check_len("rows", rows.len(), b)?;
     check_len("carries", carries.len(), b)?;
-    let counts = batch_counts(chunk, par)?;
+    let counts = batch_counts(chunk, par);
     let whole = row_counts(rows);
     let plan = Plan {
         cfg,
-        denominators: Counts {
-            tokens: override_count("num_tokens", cfg.num_tokens, whole.tokens)?,
-            seqs: override_count("num_seqs", cfg.num_seqs, whole.seqs)?,
-        },
+        denominators: denominators(cfg, whole),
         width: pos.width,
         col0: pos.col0,
     };
@@ -271,6 +269,7 @@ pub fn evaluate_chunk_into<F: Float>(
         ))
     };
     let tally = run_rows((b, lc), out, Some(carries), par, &row_fn)?;
+    check_overrides(cfg, whole)?;
     Ok(Summary {
         loss: tally.loss,
         diagnostics: Diagnostics::new(&tally, cfg),

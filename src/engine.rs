@@ -270,14 +270,10 @@ pub fn evaluate_into<F: Float>(
     par: Par,
 ) -> Result<Summary> {
     check_call(cfg, batch, &out)?;
-    let counts = batch_counts(batch, par)?;
-    let denominators = Counts {
-        tokens: override_count("num_tokens", cfg.num_tokens, counts.tokens)?,
-        seqs: override_count("num_seqs", cfg.num_seqs, counts.seqs)?,
-    };
+    let counts = batch_counts(batch, par);
     let plan = Plan {
         cfg,
-        denominators,
+        denominators: denominators(cfg, counts),
         width: batch.shape().1,
         col0: 0,
     };
@@ -288,6 +284,7 @@ pub fn evaluate_into<F: Float>(
         })
     };
     let tally = run_rows(batch.shape(), out, None, par, &row_fn)?;
+    check_overrides(cfg, counts)?;
     Ok(Summary {
         loss: tally.loss,
         diagnostics: Diagnostics::new(&tally, cfg),
@@ -410,16 +407,30 @@ fn check_out_shape(
     }
 }
 
-pub(crate) fn override_count(field: &'static str, given: Option<u64>, local: u64) -> Result<u64> {
-    match given {
-        None => Ok(local),
-        Some(g) if g >= local => Ok(g),
-        Some(g) => Err(Error::CountTooSmall {
-            field,
-            given: g,
-            local,
-        }),
+/// N_tok and N_seq for the aggregation: the config's overrides, else `local`.
+pub(crate) fn denominators(cfg: &Config, local: Counts) -> Counts {
+    Counts {
+        tokens: cfg.num_tokens.unwrap_or(local.tokens),
+        seqs: cfg.num_seqs.unwrap_or(local.seqs),
     }
+}
+
+/// An override below the batch's own count cannot count a batch this one is part of.
+/// Checked after the pass, so that bad values in the batch are reported first.
+pub(crate) fn check_overrides(cfg: &Config, local: Counts) -> Result<()> {
+    for (field, given, local) in [
+        ("num_tokens", cfg.num_tokens, local.tokens),
+        ("num_seqs", cfg.num_seqs, local.seqs),
+    ] {
+        if let Some(given) = given.filter(|&g| g < local) {
+            return Err(Error::CountTooSmall {
+                field,
+                given,
+                local,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rows per leaf block: about `LEAF_TOKENS` tokens, from the shape alone, so the merge
@@ -430,31 +441,27 @@ fn leaf_rows((_, l): (usize, usize)) -> usize {
     (LEAF_TOKENS / l.max(1)).max(1)
 }
 
-/// This batch's response tokens and sequences; the first bad mask value in row order.
-pub(crate) fn batch_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Result<Counts> {
-    let b = batch.shape().0;
-    let row = |i: usize| -> Result<Counts> {
-        let t = batch.mask.row_len(i)? as u64;
-        Ok(Counts {
+/// This batch's response tokens and sequences, for the aggregation's denominators. A
+/// non-finite float mask value counts as a response token here; the pass reports it in
+/// its place among the other errors (row-major order).
+pub(crate) fn batch_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Counts {
+    let row = |i: usize| {
+        let t = batch.mask.row_len_unchecked(i) as u64;
+        Counts {
             tokens: t,
             seqs: u64::from(t > 0),
-        })
+        }
     };
-    let seq = || {
-        (0..b)
-            .map(row)
-            .try_fold(Counts::default(), |a, c| c.map(|c| a.merge(c)))
-    };
+    let b = batch.shape().0;
     match par {
-        Par::Seq => seq(),
+        Par::Seq => (0..b).map(row).fold(Counts::default(), Counts::merge),
         Par::Rayon => {
             use rayon::prelude::*;
-            let r = (0..b)
+            // Integer sums: the same in any order.
+            (0..b)
                 .into_par_iter()
                 .map(row)
-                .try_reduce(Counts::default, |a, c| Ok(a.merge(c)));
-            // On error, find the first bad value deterministically.
-            r.or_else(|_| seq())
+                .reduce(Counts::default, Counts::merge)
         }
     }
 }

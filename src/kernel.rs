@@ -64,6 +64,15 @@ impl<'a, T: Copy> Lane<'a, T> {
         }
     }
 
+    /// The element at `j`.
+    #[cold]
+    fn get(&self, j: usize) -> T {
+        match self {
+            Self::Slice(s) => s[j],
+            Self::View(v) => v[j],
+        }
+    }
+
     /// `dst[k] = f(self[j0 + k])` for k < dst.len().
     #[inline(always)]
     fn load<U>(&self, j0: usize, dst: &mut [U], f: impl Fn(T) -> U) {
@@ -229,6 +238,8 @@ impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
 struct InStage {
     n: usize,
     on: [bool; BLK],
+    /// Whether each mask value is allowed (finite, for float masks).
+    mask_ok: [bool; BLK],
     /// Raw log-probs and advantages, for the checks.
     lp_raw: [f64; BLK],
     lq_raw: [f64; BLK],
@@ -288,6 +299,7 @@ impl InStage {
         Self {
             n: 0,
             on: [false; BLK],
+            mask_ok: [true; BLK],
             lp_raw: [0.0; BLK],
             lq_raw: [0.0; BLK],
             adv: [0.0; BLK],
@@ -311,6 +323,7 @@ impl InStage {
     ) {
         self.n = n;
         row.mask.load(j0, &mut self.on[..n], M::is_on);
+        row.mask.load(j0, &mut self.mask_ok[..n], M::is_valid);
         row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
         row.logp_old.load(j0, &mut self.lq_raw[..n], F::to_f64);
         match &row.adv {
@@ -323,15 +336,16 @@ impl InStage {
         for k in 0..n {
             let ok =
                 logprob_ok(self.lp_raw[k]) & logprob_ok(self.lq_raw[k]) & self.adv[k].is_finite();
-            any_bad |= self.on[k] & !ok;
+            any_bad |= !self.mask_ok[k] | (self.on[k] & !ok);
         }
         self.first_bad = if any_bad {
             (0..n)
                 .find(|&k| {
-                    self.on[k]
-                        && !(logprob_ok(self.lp_raw[k])
-                            && logprob_ok(self.lq_raw[k])
-                            && self.adv[k].is_finite())
+                    !self.mask_ok[k]
+                        || self.on[k]
+                            && !(logprob_ok(self.lp_raw[k])
+                                && logprob_ok(self.lq_raw[k])
+                                && self.adv[k].is_finite())
                 })
                 .unwrap_or(n)
         } else {
@@ -374,7 +388,20 @@ impl InStage {
 
     /// The error of token k = `first_bad`, in the order logp, logp_old, advantages.
     #[cold]
-    fn error(&self, k: usize, at: At) -> Error {
+    fn error<F: Float, M: MaskElem>(
+        &self,
+        row: &RowIn<'_, F, M>,
+        k: usize,
+        j: usize,
+        at: At,
+    ) -> Error {
+        if !self.mask_ok[k] {
+            return Error::NonFinite {
+                array: "mask",
+                at,
+                value: row.mask.get(j).to_f64(),
+            };
+        }
         let check = || -> Result<()> {
             read_logprob(self.lp_raw[k], "logp", at)?;
             read_logprob(self.lq_raw[k], "logp_old", at)?;
@@ -711,7 +738,7 @@ fn sweep<F: Float, M: MaskElem, S>(
             let j = j0 + k;
             let at = At::new(row.i, row.col0 + j);
             if k == st.first_bad {
-                return Err(st.error(k, at));
+                return Err(st.error(row, k, j, at));
             }
             token(state, &st, k, Pos { j, at })?;
         }
@@ -726,7 +753,9 @@ const FIXED_ONE: f64 = 18_446_744_073_709_551_616.0;
 /// A sum of nonnegative values in fixed point, units of 2^−64: integer addition is exact
 /// and associative, so a row's sum is the same however its columns are chunked, and
 /// TRM-avg decides a chunked row exactly as the whole row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct FixedSum(pub u128);
 
 impl FixedSum {
@@ -770,6 +799,10 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
                 let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
                 max = max.max(d);
                 sum.add(d);
+                // Checked here too, so errors come in column order (see the module docs).
+                if let (Some(_), Some(lane)) = (&cfg.kl, &row.logp_ref) {
+                    logp_ref_at(lane, pos)?;
+                }
             }
             Ok(())
         },
@@ -804,7 +837,7 @@ pub(crate) fn whole_row_facts<'a, F: Float, M: MaskElem>(
     mask: ArrayView1<'a, M>,
     i: usize,
 ) -> Result<RowFacts> {
-    // The mask was checked by the count before the pass.
+    // An invalid mask value counts here; the sweep reports it in its place.
     let row_len = mask.iter().filter(|m| m.is_on()).count();
     let row_ok = if cfg.rule.is_sequence_level() && row_len > 0 {
         trm_keeps_row(
