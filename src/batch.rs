@@ -354,9 +354,8 @@ impl<'a, F: Float> Batch<'a, F> {
     pub fn validate(&self) -> Result<()> {
         let (b, l) = self.shape();
         for i in 0..b {
-            self.mask.row_len(i)?;
             for j in 0..l {
-                if self.is_response(i, j) {
+                if self.mask_at(i, j)? {
                     self.read_logp(i, j)?;
                     self.read_logp_old(i, j)?;
                     self.read_adv(i, j)?;
@@ -379,13 +378,25 @@ impl<'a, F: Float> Batch<'a, F> {
         Ok(())
     }
 
-    #[inline(always)]
-    pub(crate) fn is_response(&self, i: usize, j: usize) -> bool {
+    /// Whether (i, j) is a response token; an error for a non-finite float mask value.
+    fn mask_at(&self, i: usize, j: usize) -> Result<bool> {
+        fn at<M: MaskElem>(m: &ArrayView2<'_, M>, i: usize, j: usize) -> Result<bool> {
+            let v = m[[i, j]];
+            if v.is_valid() {
+                Ok(v.is_on())
+            } else {
+                Err(Error::NonFinite {
+                    array: "mask",
+                    at: At::new(i, j),
+                    value: v.to_f64(),
+                })
+            }
+        }
         match &self.mask {
-            Mask::Bool(m) => m[[i, j]],
-            Mask::U8(m) => m[[i, j]] != 0,
-            Mask::F32(m) => m[[i, j]] != 0.0,
-            Mask::F64(m) => m[[i, j]] != 0.0,
+            Mask::Bool(m) => at(m, i, j),
+            Mask::U8(m) => at(m, i, j),
+            Mask::F32(m) => at(m, i, j),
+            Mask::F64(m) => at(m, i, j),
         }
     }
 

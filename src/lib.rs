@@ -33,6 +33,7 @@
 //! | [`config`] | the serde config of SPEC section 9, with presets |
 //! | [`engine`] | the fused per-row pass: [`evaluate`], [`evaluate_into`], [`trust_region`] |
 //! | [`chunk`] | column chunks (context parallelism): carries and mergeable row partials |
+//! | [`distributed`] | guide: data-parallel ranks, gradient accumulation, context-parallel chunks |
 //!
 //! ## Example
 //!
@@ -64,17 +65,28 @@
 //!
 //! ## Decisions where the spec is silent
 //!
-//! - Values are checked where they are read, inside the single pass; the first bad value
-//!   in row-major order is reported, whatever the thread count ([`Batch::validate`] runs
-//!   the same checks alone).
+//! - Values are checked where they are read, inside the single pass, and the first bad
+//!   value in row-major order is reported whatever the thread count; within a token the
+//!   order is mask, logp, logp_old, advantages, top-K pair, logp_ref. [`Batch::validate`]
+//!   runs the same checks alone.
+//! - Arrays the config does not use are not read by [`evaluate`]: a NaN in `logp_ref`
+//!   without a KL penalty is no error there. [`Batch::validate`], which knows no config,
+//!   checks every array the batch holds.
 //! - Per-row advantages that are NaN are reported at the row's first response column.
 //! - A float mask must be finite everywhere, padding included: a NaN mask value is an
 //!   error, not a guess.
 //! - Every log-prob array (`logp`, `logp_old`, the top-K pair, `logp_ref`) follows the
 //!   same rule: NaN/inf at a response position is an error, (0, 1e-4] reads as 0.
+//! - A count override (`num_tokens`, `num_seqs`) below the batch's own count is an error
+//!   ([`Error::CountTooSmall`]), reported after any bad value in the batch.
+//! - The gradient is SPEC section 5's closed form everywhere, also where the log-ratio
+//!   clamp at ±20 is active (the clamped loss is flat there, and autograd would give 0);
+//!   such tokens are far outside every trust region.
 //! - The KL penalty is not masked by the trust region and its x is not clamped.
+//! - TRM-avg sums D_t in exact fixed point (units of 2^−64), so its decision does not
+//!   depend on how a row is chunked.
 //! - Fractions and means in [`Diagnostics`] are 0 when their denominator is 0.
-//!
+
 //! ## Feature flags
 //!
 //! - `synth`: [`synth`], realistic synthetic batches for demos, examples and benchmarks
@@ -89,6 +101,9 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub use ndarray;
+
+#[doc = include_str!("../docs/distributed.md")]
+pub mod distributed {}
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[cfg(doctest)]
