@@ -9,10 +9,14 @@
 //!   probabilities of 1, float32 input, every mask dtype, (B,) advantages, Fortran-order
 //!   arrays, unused arrays, the stats JSON.
 //! - The golden fixtures of `tests/data/` through the binary.
-//! - A `cppo bench` smoke test.
+//! - The `.npz` reader: compressed archives, big-endian data, `.npy` format versions,
+//!   and corrupt entries (a huge declared shape, bad headers, bad `descr`, data of the
+//!   wrong size, a bad checksum), built byte by byte.
+//! - `cppo bench` smoke tests.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -390,13 +394,14 @@ fn unhex(hex: &str) -> Vec<u8> {
         .collect()
 }
 
+/// numpy's compressed archive is read: logp is fine, then logp_old is missing.
 #[test]
-fn compressed_npz_is_refused_with_a_hint() {
+fn numpy_compressed_npz_is_read() {
     let s = Scratch::new();
     let path = s.input("batch.npz");
     fs::write(&path, unhex(COMPRESSED_NPZ)).unwrap();
     let run = s.eval(&s.config("{}"), &path);
-    s.assert_bad_input(&run, &["batch.npz", "numpy.savez_compressed"]);
+    s.assert_bad_input(&run, &["batch.npz", "array logp_old is missing"]);
 }
 
 #[test]
@@ -998,6 +1003,292 @@ fn topk_and_kl_inputs() {
 }
 
 // ---------------------------------------------------------------------------------------
+// The .npz reader, byte by byte
+// ---------------------------------------------------------------------------------------
+
+/// An `.npy` file: format `version` (1, 2 or 3), the header dict `dict` padded as numpy
+/// pads it, then `data`.
+fn npy(version: u8, dict: &str, data: &[u8]) -> Vec<u8> {
+    let prefix = if version == 1 { 10 } else { 12 };
+    let mut header = dict.to_string();
+    let total = (prefix + header.len() + 1).div_ceil(64) * 64;
+    header.push_str(&" ".repeat(total - prefix - header.len() - 1));
+    header.push('\n');
+    let mut out = b"\x93NUMPY".to_vec();
+    out.extend([version, 0]);
+    if version == 1 {
+        out.extend(u16::try_from(header.len()).unwrap().to_le_bytes());
+    } else {
+        out.extend(u32::try_from(header.len()).unwrap().to_le_bytes());
+    }
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+/// A C-order header dict; `descr` is the Python literal (quotes included).
+fn dict(descr: &str, shape: &str) -> String {
+    format!("{{'descr': {descr}, 'fortran_order': False, 'shape': {shape}, }}")
+}
+
+/// f64 values as `.npy` data, little- or big-endian.
+fn f64_data<'a>(values: impl IntoIterator<Item = &'a f64>, big_endian: bool) -> Vec<u8> {
+    values
+        .into_iter()
+        .flat_map(|x| {
+            if big_endian {
+                x.to_be_bytes()
+            } else {
+                x.to_le_bytes()
+            }
+        })
+        .collect()
+}
+
+/// The example's arrays as `.npy` entries: C order, little-endian, format 1.0.
+fn example_entries() -> Vec<(&'static str, Vec<u8>)> {
+    let ex = example();
+    let bl = dict("'<f8'", "(2, 6)");
+    let mask: Vec<u8> = ex.mask.iter().map(|&b| u8::from(b)).collect();
+    vec![
+        ("logp", npy(1, &bl, &f64_data(&ex.logp, false))),
+        ("logp_old", npy(1, &bl, &f64_data(&ex.logp_old, false))),
+        (
+            "advantages",
+            npy(1, &dict("'<f8'", "(2,)"), &f64_data(&ex.advantages, false)),
+        ),
+        ("mask", npy(1, &dict("'|b1'", "(2, 6)"), &mask)),
+    ]
+}
+
+/// An archive of the example's entries with some replaced, each entry stored or
+/// deflated as `method` says, written with the zip crate.
+fn raw_npz(
+    s: &Scratch,
+    replace: Vec<(&'static str, Vec<u8>)>,
+    method: zip::CompressionMethod,
+) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let mut entries = example_entries();
+    for (name, bytes) in replace {
+        entries.iter_mut().find(|(n, _)| *n == name).unwrap().1 = bytes;
+    }
+    let path = s.input(&format!("raw{}.npz", N.fetch_add(1, Ordering::Relaxed)));
+    let mut z = zip::ZipWriter::new(File::create(&path).unwrap());
+    let options = zip::write::SimpleFileOptions::default().compression_method(method);
+    for (name, bytes) in entries {
+        z.start_file(format!("{name}.npy"), options).unwrap();
+        z.write_all(&bytes).unwrap();
+    }
+    z.finish().unwrap();
+    path
+}
+
+fn stored(s: &Scratch, replace: Vec<(&'static str, Vec<u8>)>) -> PathBuf {
+    raw_npz(s, replace, zip::CompressionMethod::Stored)
+}
+
+#[test]
+fn compressed_npz_evaluates_like_uncompressed() {
+    let ex = example();
+    let s = Scratch::new();
+    let want = example_outputs(&s);
+    let path = s.input("compressed.npz");
+    let mut npz = NpzWriter::new_compressed(File::create(&path).unwrap());
+    npz.add_array("logp", &ex.logp).unwrap();
+    npz.add_array("logp_old", &ex.logp_old).unwrap();
+    npz.add_array("advantages", &ex.advantages).unwrap();
+    npz.add_array("mask", &ex.mask).unwrap();
+    npz.finish().unwrap();
+    assert_eq!(s.eval_ok(&s.config(SPEC_CONFIG), &path), want);
+
+    let cfg = s.config(SPEC_CONFIG);
+    for method in [
+        zip::CompressionMethod::Stored,
+        zip::CompressionMethod::Deflated,
+    ] {
+        let path = raw_npz(&s, vec![], method);
+        assert_eq!(s.eval_ok(&cfg, &path), want, "{method:?}");
+    }
+}
+
+/// A corrupt header declaring a huge array in a tiny file is refused before anything is
+/// allocated (it used to abort the process).
+#[test]
+fn huge_declared_shape_in_a_tiny_file() {
+    let s = Scratch::new();
+    let cfg = s.config("{}");
+    let data = f64_data(&example().logp, false);
+    let cases = [
+        (
+            "logp",
+            npy(1, &dict("'<f8'", "(100000000000, 100000)"), &data),
+            "80000000000000000 bytes",
+        ),
+        (
+            "logp",
+            npy(1, &dict("'<f8'", "(1099511627776, 1099511627776)"), &data),
+            "more than 2^64 bytes",
+        ),
+        (
+            "mask",
+            npy(1, &dict("'|b1'", "(1099511627776, 1048576)"), &[1u8; 12]),
+            "only 12 bytes",
+        ),
+    ];
+    for method in [
+        zip::CompressionMethod::Stored,
+        zip::CompressionMethod::Deflated,
+    ] {
+        for (name, bytes, what) in &cases {
+            let path = raw_npz(&s, vec![(*name, bytes.clone())], method);
+            let run = s.eval(&cfg, &path);
+            assert!(run.stdout.is_empty(), "{run:?}");
+            s.assert_bad_input(&run, &[&format!("array {name} declares shape"), what]);
+        }
+    }
+}
+
+#[test]
+fn bad_descr() {
+    let s = Scratch::new();
+    let cfg = s.config("{}");
+    let data = f64_data(&example().logp, false);
+    for descr in [
+        "'<f2'",
+        "'<c16'",
+        "'|f8'",
+        "'float64'",
+        "'>U8'",
+        "'O'",
+        "''",
+        "[('a', '<f8')]",
+        "42",
+        "None",
+    ] {
+        let path = stored(&s, vec![("logp", npy(1, &dict(descr, "(2, 6)"), &data))]);
+        let run = s.eval(&cfg, &path);
+        let message = format!("array logp has dtype {descr}, expected float32 or float64");
+        s.assert_bad_input(&run, &[&message]);
+    }
+    let path = stored(
+        &s,
+        vec![("mask", npy(1, &dict("'<f2'", "(2, 6)"), &[0; 24]))],
+    );
+    let run = s.eval(&cfg, &path);
+    s.assert_bad_input(
+        &run,
+        &["array mask has dtype '<f2'", "bool, an integer type"],
+    );
+}
+
+#[test]
+fn big_endian_arrays() {
+    let ex = example();
+    let s = Scratch::new();
+    let want = example_outputs(&s);
+    let be_mask: Vec<u8> = ex
+        .mask
+        .iter()
+        .flat_map(|&b| (i32::from(b) * 3).to_be_bytes())
+        .collect();
+    let fortran = "{'descr': '>f8', 'fortran_order': True, 'shape': (2, 6), }";
+    let path = stored(
+        &s,
+        vec![
+            (
+                "logp",
+                npy(1, &dict("'>f8'", "(2, 6)"), &f64_data(&ex.logp, true)),
+            ),
+            // Fortran order: column by column.
+            (
+                "logp_old",
+                npy(1, fortran, &f64_data(ex.logp_old.t(), true)),
+            ),
+            ("mask", npy(1, &dict("'>i4'", "(2, 6)"), &be_mask)),
+        ],
+    );
+    assert_eq!(s.eval_ok(&s.config(SPEC_CONFIG), &path), want);
+}
+
+#[test]
+fn npy_format_versions() {
+    let s = Scratch::new();
+    let want = example_outputs(&s);
+    let cfg = s.config(SPEC_CONFIG);
+    let data = f64_data(&example().logp, false);
+    for version in [2, 3] {
+        let path = stored(
+            &s,
+            vec![("logp", npy(version, &dict("'<f8'", "(2, 6)"), &data))],
+        );
+        assert_eq!(s.eval_ok(&cfg, &path), want, "version {version}");
+    }
+}
+
+#[test]
+fn corrupt_npy_entries() {
+    let s = Scratch::new();
+    let cfg = s.config("{}");
+    let data = f64_data(&example().logp, false);
+    let good = npy(1, &dict("'<f8'", "(2, 6)"), &data);
+    let mut bad_magic = good.clone();
+    bad_magic[5] = b'Z';
+    let mut long_header = good.clone();
+    long_header[8..10].copy_from_slice(&60000u16.to_le_bytes());
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (bad_magic, "magic"),
+        (good[..5].to_vec(), "too short"),
+        (npy(4, &dict("'<f8'", "(2, 6)"), &data), "version 4.0"),
+        (long_header, "length of 60000 bytes"),
+        (npy(1, "['<f8']", &data), "not a dict"),
+        (
+            npy(1, "{'descr': '<f8', 'fortran_order': False}", &data),
+            "no 'shape' key",
+        ),
+        (
+            npy(
+                1,
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 6), 'x': 1}",
+                &data,
+            ),
+            "unexpected key 'x'",
+        ),
+        (npy(1, &dict("'<f8'", "(2, -6)"), &data), "non-negative"),
+        (npy(1, &dict("'<f8", "(2, 6)"), &data), "bad .npy header"),
+        (
+            npy(
+                1,
+                &dict(&format!("{}{}", "[".repeat(200), "]".repeat(200)), "(2, 6)"),
+                &data,
+            ),
+            "nested",
+        ),
+        (
+            npy(1, &dict("'<f8'", "(2, 7)"), &data),
+            "declares shape [2, 7] of dtype '<f8', 112 bytes, but its entry holds only 96",
+        ),
+        (
+            npy(1, &dict("'<f8'", "(2, 5)"), &data),
+            "holds 96 bytes of data, more than the 80",
+        ),
+    ];
+    for (bytes, needle) in cases {
+        let run = s.eval(&cfg, &stored(&s, vec![("logp", bytes)]));
+        s.assert_bad_input(&run, &["logp", needle]);
+    }
+
+    // A flipped data byte: the entry's CRC-32 catches it.
+    let path = stored(&s, vec![]);
+    let mut bytes = fs::read(&path).unwrap();
+    let at = bytes.windows(6).position(|w| w == b"\x93NUMPY").unwrap() + 128 + 3;
+    bytes[at] ^= 0x10;
+    fs::write(&path, bytes).unwrap();
+    let run = s.eval(&cfg, &path);
+    s.assert_bad_input(&run, &["cannot read array logp", "checksum"]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Golden fixtures
 // ---------------------------------------------------------------------------------------
 
@@ -1044,6 +1335,36 @@ fn bench_prints_one_json_line() {
     assert_eq!(v["rule"], "cppo");
     assert_eq!(v["divergence"], "binary_tv");
     assert_eq!(v["bytes_per_token"], 2 * 4 + 1 + 5 * 4 + 2);
+    assert_eq!(v["outputs"], "all");
+    assert_eq!(v["inputs_bytes"], 4 * 64 * (4 + 4 + 1) + 4 * 4);
+    assert_eq!(v["outputs_bytes"], 4 * 64 * (5 * 4 + 2));
+    if cfg!(target_os = "linux") {
+        for key in ["peak_rss_bytes", "timed_peak_rss_bytes"] {
+            assert!(v[key].as_u64().is_some_and(|x| x > 5632), "{key}: {v}");
+        }
+    }
+}
+
+#[test]
+fn bench_grad_outputs_only() {
+    let run = cppo(&[
+        "bench",
+        "--rows",
+        "4",
+        "--len",
+        "64",
+        "--repeats",
+        "1",
+        "--outputs",
+        "grad",
+    ]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["outputs"], "grad");
+    assert_eq!(v["bytes_per_token"], 2 * 4 + 1 + 4 + 1);
+    assert_eq!(v["outputs_bytes"], 4 * 64 * (4 + 1));
+    let run = cppo(&["bench", "--rows", "4", "--len", "64", "--outputs", "loss"]);
+    Scratch::new().assert_bad_input(&run, &["--outputs"]);
 }
 
 #[test]
@@ -1092,4 +1413,5 @@ fn help_describes_the_contract() {
     let run = cppo(&["bench", "--help"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(run.stdout.contains("Byte model"), "{run:?}");
+    assert!(run.stdout.contains("--outputs grad"), "{run:?}");
 }

@@ -24,9 +24,9 @@ pub struct EvalArgs {
     #[arg(long, value_name = "CFG.json")]
     config: PathBuf,
 
-    /// The batch: an uncompressed .npz (numpy.savez) holding logp, logp_old, advantages
-    /// and mask, plus topk_logp_old and topk_logp for top-K divergences and logp_ref for
-    /// the KL penalty. Other arrays are ignored.
+    /// The batch: an .npz (numpy.savez or numpy.savez_compressed) holding logp, logp_old,
+    /// advantages and mask, plus topk_logp_old and topk_logp for top-K divergences and
+    /// logp_ref for the KL penalty. Other arrays are ignored.
     #[arg(long, value_name = "BATCH.npz")]
     input: PathBuf,
 

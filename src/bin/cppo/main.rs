@@ -49,7 +49,8 @@ enum Command {
     ///   topk_logp_old, topk_logp  (B, L, K)  needed by topk_tv and topk_kl
     ///   logp_ref              (B, L)      needed by a `kl` penalty
     /// Values at non-response positions are never read. Arrays the config does not use
-    /// are ignored.
+    /// are ignored. The archive may be compressed (numpy.savez_compressed); arrays may be
+    /// little- or big-endian, C or Fortran order.
     ///
     /// Output arrays: divergence, weight, threshold, keep (0/1), token_loss, grad, all
     /// (B, L) in the input's float type and 0 at non-response positions (threshold is NaN
@@ -69,17 +70,24 @@ enum Command {
     /// Time the engine on a synthetic batch; print one JSON line
     ///
     /// The batch (cppo::synth: ragged GRPO-style rows, 90% of the B x L slots are
-    /// response tokens, hostile padding) and the outputs are allocated before timing.
-    /// Each run is one evaluate_into call on a rayon pool of --threads threads; the best
-    /// of --repeats runs is reported, after one untimed warm-up run.
+    /// response tokens, hostile padding) and the output buffers (--outputs) are allocated
+    /// before timing. Each run is one evaluate_into call on a rayon pool of --threads
+    /// threads; the best of --repeats runs is reported, after one untimed warm-up run.
     ///
     /// JSON fields: rows, len, threads, dtype, rule, divergence, objective, aggregation,
-    /// topk, logp_ref, repeats, ms (best run), tokens_per_s (B x L slots per second,
-    /// padding included), bytes_per_token, gb_per_s (bytes_per_token x tokens_per_s / 1e9).
+    /// topk, logp_ref, outputs, repeats, ms (best run), tokens_per_s (B x L slots per
+    /// second, padding included), bytes_per_token, gb_per_s (bytes_per_token x
+    /// tokens_per_s / 1e9), inputs_bytes (the batch's arrays), outputs_bytes (the output
+    /// buffers), peak_rss_bytes (the process's peak resident set size, VmHWM; Linux only,
+    /// else null), timed_peak_rss_bytes (the same peak counted from the end of batch
+    /// generation, i.e. without the generator's temporaries; null where it cannot be
+    /// reset).
     ///
     /// Byte model, per token slot, with s = 4 (f32) or 8 (f64):
     ///   read:    logp, logp_old 2s; mask (bool) 1; top-K pair 2Ks if used; logp_ref s if used
-    ///   written: divergence, weight, threshold, token_loss, grad 5s; keep 1; reason 1
+    ///   written: --outputs all: divergence, weight, threshold, token_loss, grad 5s;
+    ///              keep 1; reason 1
+    ///            --outputs grad: grad s; keep 1
     /// Per-row advantages are negligible and left out.
     #[command(verbatim_doc_comment)]
     Bench(bench::BenchArgs),

@@ -1,50 +1,186 @@
 //! Reading the input `.npz` and writing the output `.npz` of `cppo eval`.
 //!
-//! ndarray-npy reads an array only as the exact element type its header declares. The
-//! reader therefore tries the accepted types in turn, and moves to the next type only
-//! when the error is a dtype mismatch; any other error (a truncated entry, a bad header)
-//! is reported at once. A dtype no accepted type matches is reported with the dtype the
-//! file declares.
+//! # Reading
 //!
-//! Accepted dtypes:
+//! The archive is opened with the `zip` crate: stored entries (`numpy.savez`) and
+//! deflated ones (`numpy.savez_compressed`) are both read. Each array the config uses is
+//! read in one pass over its entry:
+//! 1. its `.npy` header is parsed here: the magic string, format version 1.0, 2.0 or 3.0,
+//!    the header length, and the header dict with exactly the keys `descr`,
+//!    `fortran_order` and `shape` (a small parser of the Python literals numpy writes,
+//!    with a nesting limit);
+//! 2. the dtype is decided once, from `descr`; the caller accepts it or reports it
+//!    with the dtype as the file spells it (e.g. `'<i4'`);
+//! 3. the byte size the shape and dtype declare must equal the entry's data size (its
+//!    uncompressed size minus the header), and that size must be possible for the
+//!    entry's compressed size within the file: all checked before anything is
+//!    allocated, so a corrupt header declaring a huge shape is a one-line error, not an
+//!    allocation;
+//! 4. the data is decoded chunk by chunk straight into the array's buffer, in C or
+//!    Fortran order, and the entry's CRC-32 is checked at its end.
+//!
+//! Accepted dtypes, little-endian (`<`) or big-endian (`>`; `|` for one-byte types, `=`
+//! or no byte-order character for the machine's order):
 //! - float arrays: float32 or float64, one type for all of them (that of `logp`);
-//! - `mask`: bool, uint8, any other integer type, float32 or float64. Integer masks are
-//!   read as "nonzero = response token" and handed to the library as `u8`.
+//! - `mask`: bool, uint8, int8 to int64, uint16 to uint64, float32 or float64. Masks of
+//!   the other integer types are read as "nonzero = response token" and handed to the
+//!   library as `u8`; bool bytes other than 0 read as true.
 //!
-//! Shapes are checked here only for the number of dimensions; [`cppo::Batch`] checks
-//! the rest.
+//! Other dtypes (float16, complex, strings, objects, structured dtypes, ...) are refused
+//! with the dtype the file declares. Shapes are checked here only for the number of
+//! dimensions, before the data is read; [`cppo::Batch`] checks the rest.
+//!
+//! # Writing
+//!
+//! The outputs are written with ndarray-npy, uncompressed.
 
+use std::collections::HashMap;
+use std::convert::identity;
+use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, Seek, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
+use std::iter::Peekable;
 use std::path::{Path, PathBuf};
+use std::str::Chars;
 
-use cppo::ndarray::{Array, Array1, Array2, ArrayD, Dimension, arr0};
-use cppo::{Advantages, Evaluation, Mask};
-use ndarray_npy::{
-    NpzReader, NpzWriter, ReadNpyError, ReadNpzError, ReadableElement, WritableElement,
-    WriteNpzError,
+use cppo::ndarray::{
+    Array, Array1, Array2, ArrayD, Dimension, Ix1, Ix2, IxDyn, ShapeBuilder, arr0,
 };
+use cppo::{Advantages, Evaluation, Mask};
+use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
+use zip::read::ZipFile;
+use zip::{CompressionMethod, ZipArchive};
 
 use crate::failure::{Failure, chain};
 
 /// A float element type the tool reads and writes: `f32` or `f64`.
-pub trait NpyFloat: cppo::Float + ReadableElement + WritableElement {}
-impl NpyFloat for f32 {}
-impl NpyFloat for f64 {}
+pub trait NpyFloat: cppo::Float + Element + WritableElement {
+    /// The matching `.npy` dtype.
+    const NPY: Dtype;
+}
+impl NpyFloat for f32 {
+    const NPY: Dtype = Dtype::F32;
+}
+impl NpyFloat for f64 {
+    const NPY: Dtype = Dtype::F64;
+}
+
+/// What needs the required arrays.
+pub const ALWAYS: &str = "every config";
+
+/// The largest header dict read, in bytes (numpy's own reader refuses more than
+/// 10 000 by default).
+const MAX_HEADER_LEN: usize = 1 << 20;
+
+/// The deepest nesting of brackets read in a header (structured dtypes nest a little).
+const MAX_DEPTH: usize = 32;
+
+/// Deflate's largest possible expansion: at most about 1032 output bytes per input byte.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// Bytes decoded per read.
+const CHUNK: usize = 1 << 16;
+
+/// The `.npy` dtypes the tool reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    Bool,
+    U8,
+    U16,
+    U32,
+    U64,
+    I8,
+    I16,
+    I32,
+    I64,
+    F32,
+    F64,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    const fn size(self) -> usize {
+        match self {
+            Self::Bool | Self::U8 | Self::I8 => 1,
+            Self::U16 | Self::I16 => 2,
+            Self::U32 | Self::I32 | Self::F32 => 4,
+            Self::U64 | Self::I64 | Self::F64 => 8,
+        }
+    }
+
+    /// The dtype and whether it is big-endian, from a `descr` string such as `'<f8'`;
+    /// `None` for a dtype the tool does not read.
+    fn parse(descr: &str) -> Option<(Self, bool)> {
+        let (order, code) = match descr.chars().next()? {
+            c @ ('<' | '>' | '|' | '=') => (c, &descr[1..]),
+            _ => ('=', descr),
+        };
+        let dtype = match code {
+            "b1" => Self::Bool,
+            "u1" => Self::U8,
+            "u2" => Self::U16,
+            "u4" => Self::U32,
+            "u8" => Self::U64,
+            "i1" => Self::I8,
+            "i2" => Self::I16,
+            "i4" => Self::I32,
+            "i8" => Self::I64,
+            "f4" => Self::F32,
+            "f8" => Self::F64,
+            _ => return None,
+        };
+        let big_endian = match order {
+            '>' => true,
+            '<' => false,
+            // numpy writes `|` ("not applicable") only for one-byte types.
+            '|' if dtype.size() == 1 => false,
+            '|' => return None,
+            _ => cfg!(target_endian = "big"),
+        };
+        Some((dtype, big_endian))
+    }
+}
+
+/// An element type as `.npy` data stores it.
+pub trait Element: Copy {
+    /// Bytes per element.
+    const SIZE: usize;
+    /// Decodes one element from exactly [`Self::SIZE`] bytes.
+    fn decode(bytes: &[u8], big_endian: bool) -> Self;
+}
+
+macro_rules! numeric_element {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            const SIZE: usize = size_of::<$t>();
+            #[inline]
+            fn decode(bytes: &[u8], big_endian: bool) -> Self {
+                let mut b = [0u8; size_of::<$t>()];
+                b.copy_from_slice(bytes);
+                if big_endian { <$t>::from_be_bytes(b) } else { <$t>::from_le_bytes(b) }
+            }
+        }
+    )*};
+}
+numeric_element!(u8, u16, u32, u64, i8, i16, i32, i64, f32, f64);
+
+impl Element for bool {
+    const SIZE: usize = 1;
+    #[inline]
+    fn decode(bytes: &[u8], _: bool) -> Self {
+        bytes[0] != 0
+    }
+}
 
 /// An open input archive.
 pub struct Input {
-    npz: NpzReader<BufReader<File>>,
+    archive: ZipArchive<BufReader<File>>,
     path: PathBuf,
-    names: Vec<String>,
-}
-
-/// The outcome of reading an array as one element type.
-enum Typed<T> {
-    /// The array, of that type.
-    Array(ArrayD<T>),
-    /// The array exists but has another dtype, as the file spells it (e.g. `'<i4'`).
-    OtherDtype(String),
+    /// The archive's size in bytes.
+    file_len: u64,
+    /// Array name (entry name without `.npy`) → entry index; the first entry of a name
+    /// wins.
+    names: HashMap<String, usize>,
 }
 
 /// `logp`, in whichever float type the file holds.
@@ -87,55 +223,50 @@ impl OwnedMask {
     }
 }
 
-/// What needs the required arrays.
-pub const ALWAYS: &str = "every config";
-
 impl Input {
     /// Opens an archive and lists its arrays.
     pub fn open(path: &Path) -> Result<Self, Failure> {
         let cannot_open = |e| Failure::input(format!("cannot open input {}", path.display()), &e);
         let file = File::open(path).map_err(cannot_open)?;
-        if file.metadata().map_err(cannot_open)?.is_dir() {
+        let meta = file.metadata().map_err(cannot_open)?;
+        if meta.is_dir() {
             return Err(Failure::Input(format!(
                 "input {} is a directory",
                 path.display()
             )));
         }
-        let not_npz = |e: ReadNpzError| {
+        let archive = ZipArchive::new(BufReader::new(file)).map_err(|e| {
             Failure::Input(format!(
                 "input {} is not a readable npz archive: {}",
                 path.display(),
-                npz_error(&e)
+                chain(&e)
             ))
-        };
-        let mut npz = NpzReader::new(BufReader::new(file)).map_err(not_npz)?;
-        let names = npz.names().map_err(not_npz)?;
+        })?;
+        let mut names = HashMap::new();
+        for (i, name) in archive.file_names().enumerate() {
+            let name = name.strip_suffix(".npy").unwrap_or(name);
+            names.entry(name.to_string()).or_insert(i);
+        }
         Ok(Self {
-            npz,
+            archive,
             path: path.to_path_buf(),
+            file_len: meta.len(),
             names,
         })
     }
 
-    /// Whether the archive holds an array of this name.
-    pub fn has(&self, name: &str) -> bool {
-        self.names.iter().any(|n| n == name)
-    }
-
     /// Prefixes a message with the input's path.
-    pub fn context(&self, msg: impl std::fmt::Display) -> String {
+    pub fn context(&self, msg: impl fmt::Display) -> String {
         format!("{}: {msg}", self.path.display())
     }
 
     /// `logp`, float32 or float64: its type is the type of every float array.
     pub fn logp(&mut self) -> Result<FloatArray, Failure> {
-        const NAME: &str = "logp";
-        if let Typed::Array(a) = self.read::<f64>(NAME, ALWAYS)? {
-            return Ok(FloatArray::F64(self.dims(NAME, a, "(B, L)")?));
-        }
-        match self.read::<f32>(NAME, ALWAYS)? {
-            Typed::Array(a) => Ok(FloatArray::F32(self.dims(NAME, a, "(B, L)")?)),
-            Typed::OtherDtype(d) => Err(self.dtype_error(NAME, &d, "float32 or float64")),
+        let npy = self.array("logp", ALWAYS)?;
+        match npy.dtype() {
+            Some(Dtype::F32) => Ok(FloatArray::F32(npy.read(identity, "(B, L)")?)),
+            Some(Dtype::F64) => Ok(FloatArray::F64(npy.read(identity, "(B, L)")?)),
+            _ => Err(npy.dtype_error("float32 or float64")),
         }
     }
 
@@ -147,17 +278,14 @@ impl Input {
         needed_by: &str,
         expected: &str,
     ) -> Result<Array<F, D>, Failure> {
-        match self.read::<F>(name, needed_by)? {
-            Typed::Array(a) => self.dims(name, a, expected),
-            Typed::OtherDtype(d) => Err(self.dtype_error(
-                name,
-                &d,
-                &format!(
-                    "{}, the type of logp (all float arrays must have one type)",
-                    F::DTYPE
-                ),
-            )),
+        let npy = self.array(name, needed_by)?;
+        if npy.dtype() != Some(F::NPY) {
+            return Err(npy.dtype_error(&format!(
+                "{}, the type of logp (all float arrays must have one type)",
+                F::DTYPE
+            )));
         }
+        npy.read(identity, expected)
     }
 
     /// `advantages`, (B,) or (B, L).
@@ -165,101 +293,561 @@ impl Input {
         const NAME: &str = "advantages";
         const SHAPES: &str = "(B,) or (B, L)";
         let a: ArrayD<F> = self.float(NAME, ALWAYS, SHAPES)?;
+        let context = |a: &ArrayD<F>| shape_error(&self.path, NAME, a.shape(), SHAPES);
         if a.ndim() == 1 {
-            Ok(OwnedAdvantages::PerRow(self.dims(NAME, a, SHAPES)?))
+            let e = context(&a);
+            a.into_dimensionality::<Ix1>()
+                .map(OwnedAdvantages::PerRow)
+                .map_err(|_| e)
         } else {
-            Ok(OwnedAdvantages::PerToken(self.dims(NAME, a, SHAPES)?))
+            let e = context(&a);
+            a.into_dimensionality::<Ix2>()
+                .map(OwnedAdvantages::PerToken)
+                .map_err(|_| e)
         }
     }
 
-    /// `mask`, in any accepted dtype; integer masks become `u8` (nonzero = 1).
+    /// `mask`, in any accepted dtype; masks of the other integer types become `u8`
+    /// (nonzero = 1).
     pub fn mask(&mut self) -> Result<OwnedMask, Failure> {
-        const NAME: &str = "mask";
-        // Returns the mask if it has dtype `$t`, else evaluates to the file's dtype.
-        macro_rules! try_as {
-            ($t:ty => $wrap:expr) => {
-                match self.read::<$t>(NAME, ALWAYS)? {
-                    Typed::Array(m) => return Ok($wrap(self.dims(NAME, m, "(B, L)")?)),
-                    Typed::OtherDtype(d) => d,
-                }
-            };
-        }
-        try_as!(bool => OwnedMask::Bool);
-        try_as!(u8 => OwnedMask::U8);
-        try_as!(f32 => OwnedMask::F32);
-        try_as!(f64 => OwnedMask::F64);
-        try_as!(i8 => nonzero::<i8>);
-        try_as!(i16 => nonzero::<i16>);
-        try_as!(i32 => nonzero::<i32>);
-        try_as!(i64 => nonzero::<i64>);
-        try_as!(u16 => nonzero::<u16>);
-        try_as!(u32 => nonzero::<u32>);
-        let dtype = try_as!(u64 => nonzero::<u64>);
-        Err(self.dtype_error(NAME, &dtype, "bool, an integer type, float32 or float64"))
-    }
-
-    /// Reads an array as `T`, any number of dimensions.
-    fn read<T: ReadableElement>(
-        &mut self,
-        name: &str,
-        needed_by: &str,
-    ) -> Result<Typed<T>, Failure> {
-        if !self.has(name) {
-            return Err(Failure::Input(self.context(format_args!(
-                "array {name} is missing; it is required by {needed_by}"
-            ))));
-        }
-        match self.npz.by_name(name) {
-            Ok(a) => Ok(Typed::Array(a)),
-            Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(d))) => {
-                Ok(Typed::OtherDtype(d.to_string()))
-            }
-            Err(e) => Err(Failure::Input(
-                self.context(format_args!("cannot read array {name}: {}", npz_error(&e))),
-            )),
-        }
-    }
-
-    /// Converts to `D`'s number of dimensions, or reports the shape.
-    fn dims<T, D: Dimension>(
-        &self,
-        name: &'static str,
-        a: ArrayD<T>,
-        expected: &str,
-    ) -> Result<Array<T, D>, Failure> {
-        let shape = a.shape().to_vec();
-        a.into_dimensionality::<D>().map_err(|_| {
-            let err = cppo::Error::ShapeMismatch {
-                array: name,
-                expected: expected.to_string(),
-                got: shape,
-            };
-            Failure::Input(self.context(err))
+        const BL: &str = "(B, L)";
+        let npy = self.array("mask", ALWAYS)?;
+        let Some(dtype) = npy.dtype() else {
+            return Err(npy.dtype_error("bool, an integer type, float32 or float64"));
+        };
+        Ok(match dtype {
+            Dtype::Bool => OwnedMask::Bool(npy.read(identity, BL)?),
+            Dtype::U8 => OwnedMask::U8(npy.read(identity, BL)?),
+            Dtype::F32 => OwnedMask::F32(npy.read(identity, BL)?),
+            Dtype::F64 => OwnedMask::F64(npy.read(identity, BL)?),
+            Dtype::I8 => OwnedMask::U8(npy.read(nonzero::<i8>, BL)?),
+            Dtype::I16 => OwnedMask::U8(npy.read(nonzero::<i16>, BL)?),
+            Dtype::I32 => OwnedMask::U8(npy.read(nonzero::<i32>, BL)?),
+            Dtype::I64 => OwnedMask::U8(npy.read(nonzero::<i64>, BL)?),
+            Dtype::U16 => OwnedMask::U8(npy.read(nonzero::<u16>, BL)?),
+            Dtype::U32 => OwnedMask::U8(npy.read(nonzero::<u32>, BL)?),
+            Dtype::U64 => OwnedMask::U8(npy.read(nonzero::<u64>, BL)?),
         })
     }
 
-    fn dtype_error(&self, name: &str, got: &str, expected: &str) -> Failure {
-        Failure::Input(self.context(format_args!(
-            "array {name} has dtype {got}, expected {expected}"
-        )))
+    /// Opens an array's entry and reads its header.
+    fn array<'a>(&'a mut self, name: &'static str, needed_by: &str) -> Result<Npy<'a>, Failure> {
+        let Some(&index) = self.names.get(name) else {
+            return Err(Failure::Input(self.context(format_args!(
+                "array {name} is missing; it is required by {needed_by}"
+            ))));
+        };
+        let Self {
+            archive,
+            path,
+            file_len,
+            ..
+        } = self;
+        let cannot = |msg: &dyn fmt::Display| {
+            Failure::Input(format!(
+                "{}: cannot read array {name}: {msg}",
+                path.display()
+            ))
+        };
+        let mut file = archive.by_index(index).map_err(|e| cannot(&chain(&e)))?;
+        let (size, packed) = (file.size(), file.compressed_size());
+        let possible = match file.compression() {
+            CompressionMethod::Stored => packed,
+            _ => packed
+                .saturating_mul(MAX_DEFLATE_RATIO)
+                .saturating_add(1024),
+        };
+        if packed > *file_len || size > possible {
+            return Err(cannot(&format_args!(
+                "the archive is corrupt: the entry declares {size} bytes from {packed} \
+                 compressed bytes in a {file_len}-byte file"
+            )));
+        }
+        let (header, header_len) = read_header(&mut file, size).map_err(|m| cannot(&m))?;
+        Ok(Npy {
+            file,
+            path,
+            name,
+            header,
+            data_len: size - header_len,
+        })
     }
 }
 
-/// An archive error as one line, with a hint for the one common cause the message does
-/// not make obvious.
-fn npz_error(e: &ReadNpzError) -> String {
-    let msg = chain(e);
-    if msg.contains("Compression method not supported") {
-        format!("{msg} (archives from numpy.savez_compressed are not supported: use numpy.savez)")
+/// An array's entry, its header read, positioned at its data.
+struct Npy<'a> {
+    file: ZipFile<'a, BufReader<File>>,
+    path: &'a Path,
+    name: &'static str,
+    header: Header,
+    /// The entry's bytes after the header, as the archive declares them.
+    data_len: u64,
+}
+
+impl Npy<'_> {
+    /// The dtype, if the tool reads it.
+    fn dtype(&self) -> Option<Dtype> {
+        self.header.dtype.map(|(d, _)| d)
+    }
+
+    /// The array's dtype (as the file spells it) is not the `expected` one.
+    fn dtype_error(&self, expected: &str) -> Failure {
+        self.fail(format_args!(
+            "array {} has dtype {}, expected {expected}",
+            self.name, self.header.descr
+        ))
+    }
+
+    fn fail(&self, msg: impl fmt::Display) -> Failure {
+        Failure::Input(format!("{}: {msg}", self.path.display()))
+    }
+
+    fn cannot_read(&self, msg: impl fmt::Display) -> Failure {
+        self.fail(format_args!("cannot read array {}: {msg}", self.name))
+    }
+
+    /// Reads the data as elements `S` (whose size the caller has matched to the dtype),
+    /// mapped to `T`, with `D`'s number of dimensions (`expected` spells the shape for
+    /// messages).
+    fn read<S: Element, T, D: Dimension>(
+        mut self,
+        map: impl Fn(S) -> T,
+        expected: &str,
+    ) -> Result<Array<T, D>, Failure> {
+        let shape = &self.header.shape;
+        if D::NDIM.is_some_and(|n| n != shape.len()) {
+            return Err(shape_error(self.path, self.name, shape, expected));
+        }
+        // The declared size, checked against the entry before anything is allocated.
+        let count = if shape.contains(&0) {
+            Some(0)
+        } else {
+            shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+        };
+        let bytes = count.and_then(|n| n.checked_mul(S::SIZE));
+        let (count, bytes) = match (count, bytes) {
+            (Some(count), Some(bytes)) if bytes as u64 == self.data_len => (count, bytes),
+            (_, Some(bytes)) if (bytes as u64) < self.data_len => {
+                return Err(self.fail(format_args!(
+                    "array {} holds {} bytes of data, more than the {bytes} its shape {:?} \
+                     and dtype {} declare",
+                    self.name, self.data_len, shape, self.header.descr
+                )));
+            }
+            (_, bytes) => {
+                let bytes = bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string());
+                return Err(self.fail(format_args!(
+                    "array {} declares shape {:?} of dtype {}, {bytes} bytes, but its entry \
+                     holds only {} bytes of data",
+                    self.name, shape, self.header.descr, self.data_len
+                )));
+            }
+        };
+        let mut data = Vec::new();
+        if data.try_reserve_exact(count).is_err() {
+            return Err(self.cannot_read(format_args!("cannot allocate {bytes} bytes")));
+        }
+        let big_endian = self.header.dtype.is_some_and(|(_, big)| big);
+        let mut buf = vec![0u8; CHUNK.min(bytes)];
+        let per_chunk = (CHUNK / S::SIZE).max(1);
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(per_chunk);
+            let chunk = &mut buf[..n * S::SIZE];
+            if let Err(e) = self.file.read_exact(chunk) {
+                return Err(self.read_error(&e, bytes));
+            }
+            data.extend(
+                chunk
+                    .chunks_exact(S::SIZE)
+                    .map(|b| map(S::decode(b, big_endian))),
+            );
+            left -= n;
+        }
+        // The entry must end here; reading its end also checks its CRC-32.
+        match at_end(&mut self.file) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(self.cannot_read(format_args!(
+                    "its entry holds more data than the {bytes} bytes its header declares"
+                )));
+            }
+            Err(e) => return Err(self.read_error(&e, bytes)),
+        }
+        let shape = IxDyn(&self.header.shape);
+        let array = if self.header.fortran_order {
+            ArrayD::from_shape_vec(shape.f(), data)
+        } else {
+            ArrayD::from_shape_vec(shape, data)
+        };
+        array
+            .and_then(ArrayD::into_dimensionality)
+            .map_err(|e| self.cannot_read(e))
+    }
+
+    fn read_error(&self, e: &io::Error, bytes: usize) -> Failure {
+        let msg = chain(e);
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            self.cannot_read(format_args!(
+                "its data ends before the {bytes} bytes its header declares"
+            ))
+        } else if msg.contains("Invalid checksum") {
+            self.cannot_read("its data does not match the archive's checksum (a corrupt file)")
+        } else {
+            self.cannot_read(msg)
+        }
+    }
+}
+
+/// Whether a reader is at its end.
+fn at_end(r: &mut impl Read) -> io::Result<bool> {
+    let mut probe = [0u8; 1];
+    loop {
+        match r.read(&mut probe) {
+            Ok(n) => return Ok(n == 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An array without the expected number of dimensions.
+fn shape_error(path: &Path, name: &'static str, shape: &[usize], expected: &str) -> Failure {
+    let err = cppo::Error::ShapeMismatch {
+        array: name,
+        expected: expected.to_string(),
+        got: shape.to_vec(),
+    };
+    Failure::Input(format!("{}: {err}", path.display()))
+}
+
+/// Nonzero = response token.
+fn nonzero<T: Copy + PartialEq + Default>(x: T) -> u8 {
+    u8::from(x != T::default())
+}
+
+// ---------------------------------------------------------------------------------------
+// The .npy header
+// ---------------------------------------------------------------------------------------
+
+/// What an `.npy` header declares.
+#[derive(Debug)]
+struct Header {
+    /// `descr` as the file has it.
+    descr: Py,
+    /// The dtype and whether it is big-endian, if the tool reads it.
+    dtype: Option<(Dtype, bool)>,
+    fortran_order: bool,
+    shape: Vec<usize>,
+}
+
+/// Reads the header of an `.npy` entry of `entry_size` bytes; returns it and its length
+/// (magic and length fields included). Errors are messages.
+fn read_header(r: &mut impl Read, entry_size: u64) -> Result<(Header, u64), String> {
+    let eof = |e: io::Error| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            "its entry is too short to hold an .npy header".to_string()
+        } else {
+            chain(&e)
+        }
+    };
+    let mut prefix = [0u8; 8];
+    r.read_exact(&mut prefix).map_err(eof)?;
+    if &prefix[..6] != b"\x93NUMPY" {
+        return Err("its entry is not an .npy file (no \\x93NUMPY magic string)".into());
+    }
+    let (major, minor) = (prefix[6], prefix[7]);
+    let header_len = match (major, minor) {
+        (1, 0) => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b).map_err(eof)?;
+            usize::from(u16::from_le_bytes(b))
+        }
+        (2 | 3, 0) => {
+            let mut b = [0u8; 4];
+            r.read_exact(&mut b).map_err(eof)?;
+            usize::try_from(u32::from_le_bytes(b)).unwrap_or(usize::MAX)
+        }
+        _ => return Err(format!("unsupported .npy format version {major}.{minor}")),
+    };
+    let total = if major == 1 { 10 } else { 12 } + header_len as u64;
+    if total > entry_size {
+        return Err(format!(
+            "its .npy header declares a length of {header_len} bytes, more than its \
+             {entry_size}-byte entry holds"
+        ));
+    }
+    if header_len > MAX_HEADER_LEN {
+        return Err(format!(
+            "its .npy header declares a length of {header_len} bytes, more than the \
+             {MAX_HEADER_LEN} read"
+        ));
+    }
+    let mut raw = vec![0u8; header_len];
+    r.read_exact(&mut raw).map_err(eof)?;
+    let text = if major == 3 {
+        String::from_utf8(raw).map_err(|_| "its .npy header is not UTF-8".to_string())?
     } else {
-        msg
+        raw.iter().map(|&b| char::from(b)).collect()
+    };
+    let header = parse_header(&text).map_err(|m| format!("bad .npy header: {m}"))?;
+    Ok((header, total))
+}
+
+/// The header dict: exactly `descr`, `fortran_order` and `shape`.
+fn parse_header(text: &str) -> Result<Header, String> {
+    let Py::Dict(items) = Parser::parse(text)? else {
+        return Err("not a dict".into());
+    };
+    let (mut descr, mut fortran_order, mut shape) = (None, None, None);
+    for (key, value) in items {
+        let slot = match &key {
+            Py::Str(k) if k == "descr" => &mut descr,
+            Py::Str(k) if k == "fortran_order" => &mut fortran_order,
+            Py::Str(k) if k == "shape" => &mut shape,
+            _ => return Err(format!("unexpected key {key}")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("key {key} appears twice"));
+        }
+    }
+    let missing = |key: &str| format!("no '{key}' key");
+    let descr = descr.ok_or_else(|| missing("descr"))?;
+    let fortran_order = match fortran_order.ok_or_else(|| missing("fortran_order"))? {
+        Py::Bool(b) => b,
+        v => return Err(format!("'fortran_order' is {v}, expected True or False")),
+    };
+    let shape = shape.ok_or_else(|| missing("shape"))?;
+    let dims = match &shape {
+        Py::Tuple(items) => items
+            .iter()
+            .map(|d| match d {
+                Py::Int(digits) => digits.parse::<usize>().ok(),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>(),
+        _ => None,
+    };
+    let Some(shape) = dims else {
+        return Err(format!(
+            "'shape' is {shape}, expected a tuple of non-negative integers"
+        ));
+    };
+    let dtype = match &descr {
+        Py::Str(s) => Dtype::parse(s),
+        _ => None,
+    };
+    Ok(Header {
+        descr,
+        dtype,
+        fortran_order,
+        shape,
+    })
+}
+
+/// A Python literal, as far as `.npy` headers use them.
+#[derive(Debug, PartialEq)]
+enum Py {
+    Str(String),
+    /// The digits, with any sign.
+    Int(String),
+    Bool(bool),
+    None,
+    Tuple(Vec<Py>),
+    List(Vec<Py>),
+    Dict(Vec<(Py, Py)>),
+}
+
+impl fmt::Display for Py {
+    /// Python's spelling (strings in single quotes).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn items<T>(
+            f: &mut fmt::Formatter<'_>,
+            items: &[T],
+            one: impl Fn(&mut fmt::Formatter<'_>, &T) -> fmt::Result,
+        ) -> fmt::Result {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                one(f, item)?;
+            }
+            Ok(())
+        }
+        match self {
+            Self::Str(s) => write!(f, "'{s}'"),
+            Self::Int(s) => f.write_str(s),
+            Self::Bool(true) => f.write_str("True"),
+            Self::Bool(false) => f.write_str("False"),
+            Self::None => f.write_str("None"),
+            Self::Tuple(v) => {
+                f.write_str("(")?;
+                items(f, v, |f, x| write!(f, "{x}"))?;
+                f.write_str(if v.len() == 1 { ",)" } else { ")" })
+            }
+            Self::List(v) => {
+                f.write_str("[")?;
+                items(f, v, |f, x| write!(f, "{x}"))?;
+                f.write_str("]")
+            }
+            Self::Dict(v) => {
+                f.write_str("{")?;
+                items(f, v, |f, (k, x)| write!(f, "{k}: {x}"))?;
+                f.write_str("}")
+            }
+        }
     }
 }
 
-/// An integer mask as `u8`: nonzero = response token.
-fn nonzero<T: Copy + PartialEq + Default>(m: Array2<T>) -> OwnedMask {
-    OwnedMask::U8(m.mapv(|x| u8::from(x != T::default())))
+/// A parser of the Python literals of `.npy` headers: strings, integers, `True`,
+/// `False`, `None`, tuples, lists and dicts, nested at most [`MAX_DEPTH`] deep.
+struct Parser<'a> {
+    chars: Peekable<Chars<'a>>,
+    depth: usize,
 }
+
+impl Parser<'_> {
+    /// One literal, then only whitespace.
+    fn parse(text: &str) -> Result<Py, String> {
+        let mut p = Parser {
+            chars: text.chars().peekable(),
+            depth: 0,
+        };
+        let value = p.value()?;
+        p.skip_ws();
+        match p.chars.next() {
+            None => Ok(value),
+            Some(c) => Err(format!("unexpected {c:?} after the header dict")),
+        }
+    }
+
+    fn skip_ws(&mut self) {
+        while self.chars.next_if(|c| c.is_whitespace()).is_some() {}
+    }
+
+    fn value(&mut self) -> Result<Py, String> {
+        self.skip_ws();
+        match self.chars.peek().copied() {
+            None => Err("unexpected end".into()),
+            Some(q @ ('\'' | '"')) => {
+                self.chars.next();
+                self.string(q)
+            }
+            Some('(') => self.seq(')').map(Py::Tuple),
+            Some('[') => self.seq(']').map(Py::List),
+            Some('{') => self.dict(),
+            Some(c) if c.is_ascii_digit() || c == '-' || c == '+' => self.int(),
+            Some(c) if c.is_alphabetic() || c == '_' => self.word(),
+            Some(c) => Err(format!("unexpected {c:?}")),
+        }
+    }
+
+    fn string(&mut self, quote: char) -> Result<Py, String> {
+        let mut s = String::new();
+        loop {
+            match self.chars.next() {
+                None => return Err("unterminated string".into()),
+                Some(c) if c == quote => return Ok(Py::Str(s)),
+                // An escape: the next character as it is (enough for dtype names).
+                Some('\\') => s.push(self.chars.next().ok_or("unterminated string")?),
+                Some(c) => s.push(c),
+            }
+        }
+    }
+
+    fn int(&mut self) -> Result<Py, String> {
+        let mut s = String::new();
+        if let Some(sign) = self.chars.next_if(|&c| c == '-' || c == '+') {
+            s.push(sign);
+        }
+        while let Some(d) = self.chars.next_if(char::is_ascii_digit) {
+            s.push(d);
+        }
+        if !s.ends_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!("bad number {s:?}"));
+        }
+        // Python 2's long integers, as old files spell shapes.
+        self.chars.next_if(|&c| c == 'L' || c == 'l');
+        Ok(Py::Int(s))
+    }
+
+    fn word(&mut self) -> Result<Py, String> {
+        let mut s = String::new();
+        while let Some(c) = self.chars.next_if(|&c| c.is_alphanumeric() || c == '_') {
+            s.push(c);
+        }
+        match s.as_str() {
+            "True" => Ok(Py::Bool(true)),
+            "False" => Ok(Py::Bool(false)),
+            "None" => Ok(Py::None),
+            _ => Err(format!("unexpected name {s}")),
+        }
+    }
+
+    /// Runs `f` one nesting level deeper.
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
+        if self.depth >= MAX_DEPTH {
+            return Err(format!("nested more than {MAX_DEPTH} deep"));
+        }
+        self.chars.next(); // the opening bracket
+        self.depth += 1;
+        let result = f(self);
+        self.depth -= 1;
+        result
+    }
+
+    /// After an item: a comma (`Ok(false)`) or the closing bracket (`Ok(true)`).
+    fn separator(&mut self, close: char) -> Result<bool, String> {
+        self.skip_ws();
+        match self.chars.next() {
+            Some(',') => Ok(false),
+            Some(c) if c == close => Ok(true),
+            Some(c) => Err(format!("expected ',' or {close:?}, found {c:?}")),
+            None => Err(format!("expected ',' or {close:?}, found the end")),
+        }
+    }
+
+    fn seq(&mut self, close: char) -> Result<Vec<Py>, String> {
+        self.nested(|p| {
+            let mut items = Vec::new();
+            loop {
+                p.skip_ws();
+                if p.chars.next_if_eq(&close).is_some() {
+                    return Ok(items);
+                }
+                items.push(p.value()?);
+                if p.separator(close)? {
+                    return Ok(items);
+                }
+            }
+        })
+    }
+
+    fn dict(&mut self) -> Result<Py, String> {
+        self.nested(|p| {
+            let mut items = Vec::new();
+            loop {
+                p.skip_ws();
+                if p.chars.next_if_eq(&'}').is_some() {
+                    return Ok(Py::Dict(items));
+                }
+                let key = p.value()?;
+                p.skip_ws();
+                if p.chars.next_if_eq(&':').is_none() {
+                    return Err(format!("expected ':' after {key}"));
+                }
+                items.push((key, p.value()?));
+                if p.separator('}')? {
+                    return Ok(Py::Dict(items));
+                }
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------------------
 
 /// Writes SPEC section 9's output arrays: the six (B, L) float arrays in the input's
 /// type (`keep` as 0/1), `reason` as uint8 and `loss` as a 0-d float64.
@@ -279,4 +867,92 @@ pub fn write_outputs<F: NpyFloat, W: Write + Seek>(
     npz.add_array("reason", &o.reason)?;
     npz.add_array("loss", &arr0(eval.loss))?;
     npz.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_numpy_writes() {
+        let h = parse_header("{'descr': '<f8', 'fortran_order': False, 'shape': (2, 6), }  \n")
+            .unwrap();
+        assert_eq!(h.dtype, Some((Dtype::F64, false)));
+        assert_eq!(h.shape, [2, 6]);
+        assert!(!h.fortran_order);
+        let h = parse_header("{'descr': '|b1', 'fortran_order': True, 'shape': (3,)}").unwrap();
+        assert_eq!(
+            (h.dtype, h.shape, h.fortran_order),
+            (Some((Dtype::Bool, false)), vec![3], true)
+        );
+        let h =
+            parse_header("{\"shape\": (), \"fortran_order\": False, \"descr\": \">i4\"}").unwrap();
+        assert_eq!((h.dtype, h.shape), (Some((Dtype::I32, true)), vec![]));
+        let h = parse_header("{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (2L,)}")
+            .unwrap();
+        assert_eq!(h.dtype, None);
+        assert_eq!(h.descr.to_string(), "[('a', '<f8')]");
+        assert_eq!(h.shape, [2]);
+    }
+
+    #[test]
+    fn bad_headers() {
+        for (text, needle) in [
+            ("", "end"),
+            ("[]", "not a dict"),
+            ("{'descr': '<f8', 'fortran_order': False}", "'shape'"),
+            (
+                "{'descr': '<f8', 'fortran_order': 0, 'shape': ()}",
+                "fortran_order",
+            ),
+            (
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (-1,)}",
+                "non-negative",
+            ),
+            (
+                "{'descr': '<f8', 'fortran_order': False, 'shape': [2]}",
+                "tuple",
+            ),
+            (
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (99999999999999999999999,)}",
+                "non-negative",
+            ),
+            (
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), 'x': 1}",
+                "'x'",
+            ),
+            (
+                "{'descr': '<f8', 'descr': '<f8', 'fortran_order': False, 'shape': ()}",
+                "twice",
+            ),
+            (
+                "{'descr': '<f8, 'fortran_order': False, 'shape': ()}",
+                "expected",
+            ),
+            ("{'descr': '<f8'", "found the end"),
+            ("{'descr': '<f8'} x", "after"),
+            ("{'descr': nan}", "nan"),
+            ("{'descr': (,)}", "','"),
+        ] {
+            let err = parse_header(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+        let deep = format!("{{'descr': {}{}}}", "[".repeat(100), "]".repeat(100));
+        assert!(parse_header(&deep).unwrap_err().contains("nested"));
+    }
+
+    #[test]
+    fn dtypes() {
+        assert_eq!(Dtype::parse("<f4"), Some((Dtype::F32, false)));
+        assert_eq!(Dtype::parse(">f8"), Some((Dtype::F64, true)));
+        assert_eq!(Dtype::parse("|u1"), Some((Dtype::U8, false)));
+        assert_eq!(Dtype::parse("<u8"), Some((Dtype::U64, false)));
+        for bad in [
+            "", "<", "<f2", "<c16", "|f8", "float64", "<U8", "O", "<M8[ns]", "<f8 ",
+        ] {
+            assert_eq!(Dtype::parse(bad), None, "{bad}");
+        }
+        assert_eq!(f64::decode(&1.5f64.to_be_bytes(), true), 1.5);
+        assert_eq!(i16::decode(&(-3i16).to_le_bytes(), false), -3);
+    }
 }
