@@ -198,12 +198,14 @@ impl<F: Float> SyntheticBatch<F> {
             .collect();
 
         let k = spec.topk.unwrap_or(0);
-        let mut logp = vec![0.0f64; b * l];
-        let mut logp_old = vec![0.0f64; b * l];
+        // Written straight in F: no f64 copies of the batch-sized arrays.
+        let f = F::from_f64;
+        let mut logp = vec![F::default(); b * l];
+        let mut logp_old = vec![F::default(); b * l];
         let mut mask = vec![false; b * l];
-        let mut tk_old = vec![f64::NAN; b * l * k];
-        let mut tk_new = vec![f64::NAN; b * l * k];
-        let mut lref = spec.with_ref.then(|| vec![0.0f64; b * l]);
+        let mut tk_old = vec![f(f64::NAN); b * l * k];
+        let mut tk_new = vec![f(f64::NAN); b * l * k];
+        let mut lref = spec.with_ref.then(|| vec![F::default(); b * l]);
 
         let unc_share = Beta::new(2.0, 6.0).expect("valid Beta");
         let staleness = LogNormal::new(0.0, 0.5).expect("valid LogNormal");
@@ -228,18 +230,18 @@ impl<F: Float> SyntheticBatch<F> {
                 let at = i * l + j;
                 match slot {
                     Slot::Pad => {
-                        logp[at] = GARBAGE[pad_rng.random_range(0..GARBAGE.len())];
-                        logp_old[at] = GARBAGE[pad_rng.random_range(0..GARBAGE.len())];
+                        logp[at] = f(GARBAGE[pad_rng.random_range(0..GARBAGE.len())]);
+                        logp_old[at] = f(GARBAGE[pad_rng.random_range(0..GARBAGE.len())]);
                         if let Some(r) = lref.as_mut() {
-                            r[at] = GARBAGE[ref_rng.random_range(0..GARBAGE.len())];
+                            r[at] = f(GARBAGE[ref_rng.random_range(0..GARBAGE.len())]);
                         }
                     }
                     Slot::Hole => {
                         // A tool output: scored by the model, but not trained on.
-                        logp_old[at] = -hole_nll.sample(&mut tok_rng);
-                        logp[at] = -hole_nll.sample(&mut tok_rng);
+                        logp_old[at] = f(-hole_nll.sample(&mut tok_rng));
+                        logp[at] = f(-hole_nll.sample(&mut tok_rng));
                         if let Some(r) = lref.as_mut() {
-                            r[at] = -hole_nll.sample(&mut ref_rng);
+                            r[at] = f(-hole_nll.sample(&mut ref_rng));
                         }
                     }
                     Slot::Response => {
@@ -269,30 +271,32 @@ impl<F: Float> SyntheticBatch<F> {
                                 3.0e-5
                             };
                         }
-                        logp_old[at] = lq_stored;
-                        logp[at] = lp;
+                        logp_old[at] = f(lq_stored);
+                        logp[at] = f(lp);
                         if let Some(r) = lref.as_mut() {
                             let zr: f64 = ref_rng.sample(StandardNormal);
-                            r[at] = log_sigmoid(logit_q + REF_SIGMA * zr);
+                            r[at] = f(log_sigmoid(logit_q + REF_SIGMA * zr));
                         }
                         if k > 0 {
                             topk_row.draw(lq.exp(), sigma, &mut topk_rng);
-                            tk_old[at * k..(at + 1) * k].copy_from_slice(&topk_row.old);
-                            tk_new[at * k..(at + 1) * k].copy_from_slice(&topk_row.new);
+                            for (d, &x) in
+                                tk_old[at * k..(at + 1) * k].iter_mut().zip(&topk_row.old)
+                            {
+                                *d = f(x);
+                            }
+                            for (d, &x) in
+                                tk_new[at * k..(at + 1) * k].iter_mut().zip(&topk_row.new)
+                            {
+                                *d = f(x);
+                            }
                         }
                     }
                 }
             }
         }
 
-        let to2 = |v: Vec<f64>| {
-            Array2::from_shape_vec((b, l), v.into_iter().map(F::from_f64).collect())
-                .expect("B·L values")
-        };
-        let to3 = |v: Vec<f64>| {
-            Array3::from_shape_vec((b, l, k), v.into_iter().map(F::from_f64).collect())
-                .expect("B·L·K values")
-        };
+        let to2 = |v: Vec<F>| Array2::from_shape_vec((b, l), v).expect("B·L values");
+        let to3 = |v: Vec<F>| Array3::from_shape_vec((b, l, k), v).expect("B·L·K values");
         Self {
             logp: to2(logp),
             logp_old: to2(logp_old),
