@@ -63,6 +63,8 @@ impl Float for f64 {
 /// A position is a response token when its mask value is nonzero. A float mask must be
 /// finite everywhere (a NaN mask value is an error, not a guess).
 pub trait MaskElem: sealed::Sealed + Copy + Send + Sync + 'static {
+    /// Whether some values of this type are invalid (NaN or infinite floats).
+    const CAN_BE_INVALID: bool;
     /// The value widened to `f64`, for error messages and the finiteness check.
     fn to_f64(self) -> f64;
     /// Whether the position is a response token.
@@ -72,6 +74,7 @@ pub trait MaskElem: sealed::Sealed + Copy + Send + Sync + 'static {
 }
 
 impl MaskElem for bool {
+    const CAN_BE_INVALID: bool = false;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(u8::from(self))
@@ -87,6 +90,7 @@ impl MaskElem for bool {
 }
 
 impl MaskElem for u8 {
+    const CAN_BE_INVALID: bool = false;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self)
@@ -102,6 +106,7 @@ impl MaskElem for u8 {
 }
 
 impl MaskElem for f32 {
+    const CAN_BE_INVALID: bool = true;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self)
@@ -117,6 +122,7 @@ impl MaskElem for f32 {
 }
 
 impl MaskElem for f64 {
+    const CAN_BE_INVALID: bool = true;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self

@@ -214,6 +214,18 @@ struct RowIn<'a, F, M> {
     topk: Option<TopkRow<'a, F>>,
 }
 
+impl<F, M> RowIn<'_, F, M> {
+    /// Column `j`'s place.
+    #[inline(always)]
+    fn pos(&self, j: usize) -> Pos {
+        Pos {
+            i: self.i,
+            j,
+            col0: self.col0,
+        }
+    }
+}
+
 impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
     fn new(batch: &Batch<'a, F>, mask: ArrayView1<'a, M>, i: usize, col0: usize) -> Self {
         Self {
@@ -244,8 +256,6 @@ struct InStage {
     lp_raw: [f64; BLK],
     lq_raw: [f64; BLK],
     adv: [f64; BLK],
-    /// The first response token with a bad logp, logp_old or advantage (n if none).
-    first_bad: usize,
     /// Checked log-probs ((0, 1e-4] read as 0).
     lp: [f64; BLK],
     lq: [f64; BLK],
@@ -257,12 +267,25 @@ struct InStage {
     q: [f64; BLK],
 }
 
-/// A token's place: `j` indexes the input arrays, `at` (whole-row column) names it in
-/// errors.
+/// A token's place: row `i`, column `j` of the input arrays, which is whole-row column
+/// `col0 + j` (the one errors name). Plain integers: an [`At`] is built only on error.
 #[derive(Clone, Copy)]
 struct Pos {
+    i: usize,
     j: usize,
-    at: At,
+    col0: usize,
+}
+
+impl Pos {
+    #[cold]
+    fn at(self) -> At {
+        At::new(self.i, self.col0 + self.j)
+    }
+
+    #[cold]
+    fn at_k(self, k: usize) -> At {
+        At::with_k(self.i, self.col0 + self.j, k)
+    }
 }
 
 /// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
@@ -303,7 +326,6 @@ impl InStage {
             lp_raw: [0.0; BLK],
             lq_raw: [0.0; BLK],
             adv: [0.0; BLK],
-            first_bad: 0,
             lp: [0.0; BLK],
             lq: [0.0; BLK],
             log_ratio: [0.0; BLK],
@@ -323,34 +345,15 @@ impl InStage {
     ) {
         self.n = n;
         row.mask.load(j0, &mut self.on[..n], M::is_on);
-        row.mask.load(j0, &mut self.mask_ok[..n], M::is_valid);
+        if M::CAN_BE_INVALID {
+            row.mask.load(j0, &mut self.mask_ok[..n], M::is_valid);
+        }
         row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
         row.logp_old.load(j0, &mut self.lq_raw[..n], F::to_f64);
         match &row.adv {
             Ok(lane) => lane.load(j0, &mut self.adv[..n], F::to_f64),
             Err(a) => self.adv[..n].fill(*a),
         }
-
-        // One vectorizable test for the whole block; the scan reports the exact error.
-        let mut any_bad = false;
-        for k in 0..n {
-            let ok =
-                logprob_ok(self.lp_raw[k]) & logprob_ok(self.lq_raw[k]) & self.adv[k].is_finite();
-            any_bad |= !self.mask_ok[k] | (self.on[k] & !ok);
-        }
-        self.first_bad = if any_bad {
-            (0..n)
-                .find(|&k| {
-                    !self.mask_ok[k]
-                        || self.on[k]
-                            && !(logprob_ok(self.lp_raw[k])
-                                && logprob_ok(self.lq_raw[k])
-                                && self.adv[k].is_finite())
-                })
-                .unwrap_or(n)
-        } else {
-            n
-        };
 
         for k in 0..n {
             self.lp[k] = self.lp_raw[k].min(0.0);
@@ -386,20 +389,28 @@ impl InStage {
         }
     }
 
-    /// The error of token k = `first_bad`, in the order logp, logp_old, advantages.
+    /// Whether token k passes the checks made before its scan: a valid mask value and, for
+    /// a response token, valid logp, logp_old and advantage. Almost always true, so the
+    /// branch on it is predicted and the checks cost a few comparisons.
+    #[inline(always)]
+    fn token_ok(&self, k: usize) -> bool {
+        self.mask_ok[k]
+            & (!self.on[k]
+                | (logprob_ok(self.lp_raw[k])
+                    & logprob_ok(self.lq_raw[k])
+                    & self.adv[k].is_finite()))
+    }
+
+    /// The error of token k, which failed [`InStage::token_ok`], in the order mask, logp,
+    /// logp_old, advantages.
     #[cold]
-    fn error<F: Float, M: MaskElem>(
-        &self,
-        row: &RowIn<'_, F, M>,
-        k: usize,
-        j: usize,
-        at: At,
-    ) -> Error {
+    fn error<F: Float, M: MaskElem>(&self, row: &RowIn<'_, F, M>, k: usize, pos: Pos) -> Error {
+        let at = pos.at();
         if !self.mask_ok[k] {
             return Error::NonFinite {
                 array: "mask",
                 at,
-                value: row.mask.get(j).to_f64(),
+                value: row.mask.get(pos.j).to_f64(),
             };
         }
         let check = || -> Result<()> {
@@ -510,12 +521,12 @@ impl<'a, F: Float> TopkRow<'a, F> {
         }
     }
 
-    /// The first invalid entry of token j, as an error.
+    /// The first invalid entry of token `pos`, as an error.
     #[cold]
-    fn error(&self, j: usize, at: At) -> Error {
-        let (old, new) = self.token(j);
+    fn error(&self, pos: Pos) -> Error {
+        let (old, new) = self.token(pos.j);
         for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
-            let at = At::with_k(at.row, at.col, k);
+            let at = pos.at_k(k);
             if let Err(e) = read_logprob(a.to_f64(), "topk_logp_old", at) {
                 return e;
             }
@@ -549,14 +560,10 @@ impl TopkScratch {
 
 /// D_t for a top-K width above [`TOPK_STACK`]: a scalar pass, still allocation-free.
 #[cold]
-fn topk_divergence_wide<F: Float>(
-    div: Divergence,
-    topk: &TopkRow<'_, F>,
-    Pos { j, at }: Pos,
-) -> Result<f64> {
-    let (old, new) = topk.token(j);
+fn topk_divergence_wide<F: Float>(div: Divergence, topk: &TopkRow<'_, F>, pos: Pos) -> Result<f64> {
+    let (old, new) = topk.token(pos.j);
     for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
-        let at = At::with_k(at.row, at.col, k);
+        let at = pos.at_k(k);
         read_logprob(a.to_f64(), "topk_logp_old", at)?;
         read_logprob(b.to_f64(), "topk_logp", at)?;
     }
@@ -577,18 +584,18 @@ fn topk_divergence_wide<F: Float>(
 fn topk_divergence<F: Float>(
     div: Divergence,
     topk: &TopkRow<'_, F>,
-    Pos { j, at }: Pos,
+    pos: Pos,
     buf: &mut TopkScratch,
 ) -> Result<f64> {
     let kk = topk.width();
     if kk > TOPK_STACK {
-        return topk_divergence_wide(div, topk, Pos { j, at });
+        return topk_divergence_wide(div, topk, pos);
     }
     let (logs, probs) = (&mut buf.logs[..2 * kk], &mut buf.probs[..2 * kk]);
     {
         let (lo, ln) = logs.split_at_mut(kk);
-        if !topk.load(j, lo, ln) {
-            return Err(topk.error(j, at));
+        if !topk.load(pos.j, lo, ln) {
+            return Err(topk.error(pos));
         }
     }
     probs.copy_from_slice(logs);
@@ -644,31 +651,27 @@ impl<F: Float> OutStage<F> {
 
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn set(&mut self, k: usize, d: f64, w: f64, c: f64, reason: Reason, l: f64, g: f64) {
+    fn set(&mut self, k: usize, d: f64, w: f64, c: f64, code: u8, l: f64, g: f64) {
         self.divergence[k] = F::from_f64(d);
         self.weight[k] = F::from_f64(w);
         self.threshold[k] = F::from_f64(c);
-        self.keep[k] = reason.is_kept();
-        self.reason[k] = reason.code();
+        self.keep[k] = (code == FEASIBLE) | (code == CORRECTIVE);
+        self.reason[k] = code;
         self.token_loss[k] = F::from_f64(l);
         self.grad[k] = F::from_f64(g);
     }
 }
 
-/// The outcome of a rule's test on one token, before the corrective bypass.
-#[derive(Clone, Copy)]
-enum Verdict {
-    Pass,
-    Fail(Reason),
-}
+const FEASIBLE: u8 = Reason::Feasible as u8;
+const CORRECTIVE: u8 = Reason::Corrective as u8;
+const TOKEN: u8 = Reason::TokenThreshold as u8;
+const BUDGET: u8 = Reason::PrefixBudget as u8;
 
+/// `if c { a } else { b }` without a branch.
 #[inline(always)]
-fn pass_if(ok: bool, fail: Reason) -> Verdict {
-    if ok {
-        Verdict::Pass
-    } else {
-        Verdict::Fail(fail)
-    }
+fn pick(c: bool, a: u8, b: u8) -> u8 {
+    let m = 0u8.wrapping_sub(u8::from(c)); // all ones if c
+    (a & m) | (b & !m)
 }
 
 /// Tracks ⌊10 (t − 1)/T⌋ as t advances, without a division per token.
@@ -707,12 +710,17 @@ impl Decile {
 
 /// The checked logp_ref of response token `at`.
 #[inline(always)]
-fn logp_ref_at<F: Float>(lane: &Lane<'_, F>, Pos { j, at }: Pos) -> Result<f64> {
+fn logp_ref_at<F: Float>(lane: &Lane<'_, F>, pos: Pos) -> Result<f64> {
     let x = match lane {
-        Lane::Slice(s) => s[j],
-        Lane::View(v) => v[j],
-    };
-    read_logprob(x.to_f64(), "logp_ref", at)
+        Lane::Slice(s) => s[pos.j],
+        Lane::View(v) => v[pos.j],
+    }
+    .to_f64();
+    if logprob_ok(x) {
+        Ok(x.min(0.0))
+    } else {
+        read_logprob(x, "logp_ref", pos.at())
+    }
 }
 
 /// Sweeps a row in blocks: `token(state, stage, k, at)` on every column in order (its
@@ -723,7 +731,7 @@ fn sweep<F: Float, M: MaskElem, S>(
     row: &RowIn<'_, F, M>,
     binary: bool,
     state: &mut S,
-    mut token: impl FnMut(&mut S, &InStage, usize, Pos) -> Result<()>,
+    mut token: impl FnMut(&mut S, &InStage, usize, usize) -> Result<()>,
     mut end_block: impl FnMut(&mut S, usize, usize),
 ) -> Result<()> {
     let mut st = InStage::new();
@@ -736,11 +744,12 @@ fn sweep<F: Float, M: MaskElem, S>(
         st.load(row, j0, n, binary);
         for k in 0..n {
             let j = j0 + k;
-            let at = At::new(row.i, row.col0 + j);
-            if k == st.first_bad {
-                return Err(st.error(row, k, j, at));
+            if !st.token_ok(k) {
+                return Err(st.error(row, k, row.pos(j)));
             }
-            token(state, &st, k, Pos { j, at })?;
+            // The column alone crosses the call: a `Pos` passed by value was copied
+            // through the stack every token (a store-forwarding stall).
+            token(state, &st, k, j)?;
         }
         end_block(state, j0, n);
     }
@@ -794,8 +803,9 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
         &row,
         !cfg.divergence.needs_topk(),
         &mut (),
-        |(), st, k, pos| {
+        |(), st, k, j| {
             if st.on[k] {
+                let pos = row.pos(j);
                 let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
                 max = max.max(d);
                 sum.add(d);
@@ -896,23 +906,26 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     let token = |(os, _): &mut (OutStage<F>, RowLanes<'_, F>),
                  st: &InStage,
                  k: usize,
-                 pos: Pos|
+                 j: usize|
      -> Result<()> {
         if !st.on[k] {
-            os.set(k, 0.0, 0.0, 0.0, Reason::NotResponse, 0.0, 0.0);
+            os.set(k, 0.0, 0.0, 0.0, Reason::NotResponse as u8, 0.0, 0.0);
             return Ok(());
         }
         t += 1;
+        let pos = row.pos(j);
         let (lp, adv, rho) = (st.lp[k], st.adv[k], st.rho[k]);
         let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
         let away = adv * (rho - 1.0) > 0.0;
-        let (w, c, verdict) = match cfg.rule {
-            Rule::None => (1.0, f64::NAN, Verdict::Pass),
+        // The rule's test: feasible, and the reason code if not (3 token threshold, 4
+        // prefix budget alone).
+        let (w, c, feasible, fail) = match cfg.rule {
+            Rule::None => (1.0, f64::NAN, true, TOKEN),
             Rule::Ratio { eps_low, eps_high } => {
-                let ok = rho >= 1.0 - eps_low && rho <= 1.0 + eps_high;
-                (1.0, f64::NAN, pass_if(ok, Reason::TokenThreshold))
+                let ok = (rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high);
+                (1.0, f64::NAN, ok, TOKEN)
             }
-            Rule::Dppo { delta } => (1.0, delta, pass_if(d <= delta, Reason::TokenThreshold)),
+            Rule::Dppo { delta } => (1.0, delta, d <= delta, TOKEN),
             Rule::Cppo {
                 delta,
                 delta_b,
@@ -924,48 +937,38 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
                 let (s_prev, w_prev) = (s_sum, w_sum);
                 s_sum += wd;
                 w_sum += w;
+                let token_ok = wd <= delta;
                 match delta_b {
-                    None => (w, delta, pass_if(wd <= delta, Reason::TokenThreshold)),
+                    None => (w, delta, token_ok, TOKEN),
                     Some(db) => {
                         let room = delta + db * w_prev;
-                        let c = delta.min(room - s_prev);
-                        let v = if wd > delta {
-                            Verdict::Fail(Reason::TokenThreshold)
-                        } else if s_sum > room {
-                            Verdict::Fail(Reason::PrefixBudget)
-                        } else {
-                            Verdict::Pass
-                        };
-                        (w, c, v)
+                        let budget_ok = s_sum <= room;
+                        let fail = pick(token_ok, BUDGET, TOKEN);
+                        (w, delta.min(room - s_prev), token_ok & budget_ok, fail)
                     }
                 }
             }
-            Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
-                (1.0, delta, pass_if(row_ok, Reason::TokenThreshold))
-            }
+            Rule::TrmMax { delta } | Rule::TrmAvg { delta } => (1.0, delta, row_ok, TOKEN),
         };
-        let reason = match verdict {
-            Verdict::Pass => Reason::Feasible,
-            Verdict::Fail(_) if !away && !trm => Reason::Corrective,
-            Verdict::Fail(r) => r,
-        };
-        let keep = reason.is_kept();
+        // 1 feasible; else 2 kept by the corrective bypass (never under TRM); else the
+        // failed test. Selected arithmetically: `away` is data-dependent and would
+        // mispredict as a branch.
+        let bypass = !away & !trm;
+        let code = pick(feasible, FEASIBLE, pick(bypass, CORRECTIVE, fail));
+        let keep = code < TOKEN;
 
         let term = cfg.objective.eval(rho, adv, lp);
-        let (mut tl, mut g) = if keep {
-            (term.loss, term.grad)
-        } else {
-            (0.0, 0.0)
-        };
+        let mut tl = if keep { term.loss } else { 0.0 };
+        let mut g = if keep { term.grad } else { 0.0 };
         if let (Some(kl), Some(lane)) = (&cfg.kl, &row.logp_ref) {
             let (lk, gk) = kl.eval(lp, logp_ref_at(lane, pos)?);
             tl += lk;
             g += gk;
         }
         row_loss += tl;
-        os.set(k, d, w, c, reason, tl, g * agg_w);
+        os.set(k, d, w, c, code, tl, g * agg_w);
         tally.record(&TokenRecord {
-            reason,
+            reason: code,
             adv,
             divergence: d,
             log_ratio: st.log_ratio[k],

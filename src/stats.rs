@@ -110,7 +110,8 @@ impl Default for Tally {
 /// One response token's contribution to a [`Tally`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TokenRecord {
-    pub reason: Reason,
+    /// The reason code, 1 to 4.
+    pub reason: u8,
     pub adv: f64,
     pub divergence: f64,
     pub log_ratio: f64,
@@ -164,9 +165,9 @@ impl Tally {
 
     #[inline(always)]
     pub(crate) fn record(&mut self, r: &TokenRecord) {
-        let masked = !r.reason.is_kept();
+        let masked = r.reason >= Reason::TokenThreshold as u8;
         self.tokens += 1;
-        self.by_reason[r.reason as usize] += 1;
+        self.by_reason[usize::from(r.reason)] += 1;
         if r.adv > 0.0 {
             self.pos_adv += 1;
             self.pos_adv_masked += u64::from(masked);
