@@ -16,6 +16,10 @@
 //! order logp, logp_old, advantages, top-K pair, logp_ref (the order of
 //! [`Batch::validate`](crate::Batch::validate)).
 
+// The passes index several staged arrays in lockstep over one block (`k < n <= BLK`);
+// iterator chains over five arrays would say less.
+#![allow(clippy::needless_range_loop)]
+
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, Axis, s};
 
 use crate::aggregate::Counts;
@@ -27,11 +31,11 @@ use crate::divergence::{
 };
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
-use crate::objective::LOG_RATIO_CLAMP;
+use crate::objective::{LOG_RATIO_CLAMP, Objective};
 use crate::rule::{Reason, Rule};
 use crate::schedule::linear_weight;
 use crate::simd::{exp as simd_exp, exp_in_place};
-use crate::stats::{Tally, TokenRecord};
+use crate::stats::Tally;
 
 /// Columns per block.
 pub(crate) const BLK: usize = 64;
@@ -366,18 +370,19 @@ impl InStage {
             exp_in_place(&mut self.p[..n]);
             exp_in_place(&mut self.q[..n]);
             // ρ = p/q saves an exponential where it equals e^r to rounding: the log-ratio
-            // inside the clamp and q a normal number. Elsewhere, e^r itself.
+            // inside the clamp, and p and q normal numbers (the SIMD exp flushes results
+            // below e^−708 to 0). Elsewhere, e^r itself.
             let mut all_direct = true;
             for k in 0..n {
                 let direct = (self.lp[k] - self.lq[k]).abs() <= LOG_RATIO_CLAMP
-                    && self.q[k] >= f64::MIN_POSITIVE;
+                    && (self.p[k] >= f64::MIN_POSITIVE) & (self.q[k] >= f64::MIN_POSITIVE);
                 all_direct &= direct;
                 self.rho[k] = self.p[k] / self.q[k];
             }
             if !all_direct {
                 for k in 0..n {
                     if !((self.lp[k] - self.lq[k]).abs() <= LOG_RATIO_CLAMP
-                        && self.q[k] >= f64::MIN_POSITIVE)
+                        && (self.p[k] >= f64::MIN_POSITIVE) & (self.q[k] >= f64::MIN_POSITIVE))
                     {
                         self.rho[k] = simd_exp(self.log_ratio[k]);
                     }
@@ -648,18 +653,6 @@ impl<F: Float> OutStage<F> {
             grad: z,
         }
     }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn set(&mut self, k: usize, d: f64, w: f64, c: f64, code: u8, l: f64, g: f64) {
-        self.divergence[k] = F::from_f64(d);
-        self.weight[k] = F::from_f64(w);
-        self.threshold[k] = F::from_f64(c);
-        self.keep[k] = (code == FEASIBLE) | (code == CORRECTIVE);
-        self.reason[k] = code;
-        self.token_loss[k] = F::from_f64(l);
-        self.grad[k] = F::from_f64(g);
-    }
 }
 
 const FEASIBLE: u8 = Reason::Feasible as u8;
@@ -870,8 +863,49 @@ pub(crate) struct Prefix {
     pub w: f64,
 }
 
+/// A block's per-token intermediate results, between the vectorized passes.
+struct Work {
+    /// t of each response token (0 elsewhere).
+    t: [usize; BLK],
+    d: [f64; BLK],
+    w: [f64; BLK],
+    c: [f64; BLK],
+    feasible: [bool; BLK],
+    fail: [u8; BLK],
+    code: [u8; BLK],
+    loss: [f64; BLK],
+    grad: [f64; BLK],
+    clipped: [bool; BLK],
+    /// Checked logp_ref (KL penalty only).
+    lref: [f64; BLK],
+}
+
+impl Work {
+    const fn new() -> Self {
+        Self {
+            t: [0; BLK],
+            d: [0.0; BLK],
+            w: [0.0; BLK],
+            c: [0.0; BLK],
+            feasible: [false; BLK],
+            fail: [TOKEN; BLK],
+            code: [0; BLK],
+            loss: [0.0; BLK],
+            grad: [0.0; BLK],
+            clipped: [false; BLK],
+            lref: [0.0; BLK],
+        }
+    }
+}
+
 /// Computes row `i` of `batch` (a whole row, or a chunk of one starting from `prefix`)
 /// into `out`, advances `prefix`, and returns the row's tally.
+///
+/// Each block of columns goes through short passes over its staged arrays: checks and
+/// divergences in column order; positions and weights; the rule's test (CPPO's prefix
+/// scan is the only sequential part); reasons; the objective and KL terms; outputs and
+/// tally. Every pass but the scan and the checks is a plain loop over the block, which
+/// the compiler vectorizes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
@@ -893,96 +927,88 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     let agg_w = cfg
         .aggregation
         .weight(plan.denominators, row_len, plan.width, cfg.norm_length);
-    let row_ok = facts.row_ok;
-    let trm = cfg.rule.is_sequence_level();
+    let bypass_allowed = !cfg.rule.is_sequence_level();
     let binary = !cfg.divergence.needs_topk();
+    let kl = cfg.kl.as_ref().zip(row.logp_ref.as_ref());
     let mut scratch = TopkScratch::new();
     let t0 = prefix.t;
     let (mut t, mut s_sum, mut w_sum) = (prefix.t, prefix.s, prefix.w);
     let mut row_loss = 0.0f64;
     let mut decile = Decile::new(row_len);
-    // The staged block of outputs: filled token by token, stored after each block.
-    let mut state = (OutStage::<F>::new(), out);
-    let token = |(os, _): &mut (OutStage<F>, RowLanes<'_, F>),
-                 st: &InStage,
-                 k: usize,
-                 j: usize|
-     -> Result<()> {
-        if !st.on[k] {
-            os.set(k, 0.0, 0.0, 0.0, Reason::NotResponse as u8, 0.0, 0.0);
-            return Ok(());
-        }
-        t += 1;
-        let pos = row.pos(j);
-        let (lp, adv, rho) = (st.lp[k], st.adv[k], st.rho[k]);
-        let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
-        let away = adv * (rho - 1.0) > 0.0;
-        // The rule's test: feasible, and the reason code if not (3 token threshold, 4
-        // prefix budget alone).
-        let (w, c, feasible, fail) = match cfg.rule {
-            Rule::None => (1.0, f64::NAN, true, TOKEN),
-            Rule::Ratio { eps_low, eps_high } => {
-                let ok = (rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high);
-                (1.0, f64::NAN, ok, TOKEN)
+    let mut st = InStage::new();
+    let mut wk = Work::new();
+    let mut os = OutStage::<F>::new();
+    let l = plan_width(&row);
+
+    for j0 in (0..l).step_by(BLK) {
+        let n = BLK.min(l - j0);
+        st.load(&row, j0, n, binary);
+
+        // Checks and divergences, in column order (errors come in that order).
+        for k in 0..n {
+            let j = j0 + k;
+            if !st.token_ok(k) {
+                return Err(st.error(&row, k, row.pos(j)));
             }
-            Rule::Dppo { delta } => (1.0, delta, d <= delta, TOKEN),
-            Rule::Cppo {
-                delta,
-                delta_b,
-                w_min,
-                horizon,
-            } => {
-                let w = linear_weight(w_min, t, horizon.unwrap_or(row_len), horizon.is_some());
-                let wd = w * d;
-                let (s_prev, w_prev) = (s_sum, w_sum);
-                s_sum += wd;
-                w_sum += w;
-                let token_ok = wd <= delta;
-                match delta_b {
-                    None => (w, delta, token_ok, TOKEN),
-                    Some(db) => {
-                        let room = delta + db * w_prev;
-                        let budget_ok = s_sum <= room;
-                        let fail = pick(token_ok, BUDGET, TOKEN);
-                        (w, delta.min(room - s_prev), token_ok & budget_ok, fail)
-                    }
+            if st.on[k] {
+                let pos = row.pos(j);
+                wk.d[k] = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
+                if let Some((_, lane)) = kl {
+                    wk.lref[k] = logp_ref_at(lane, pos)?;
+                }
+            } else {
+                wk.d[k] = 0.0;
+            }
+        }
+
+        // Positions t (response tokens only) and the rule's test.
+        for k in 0..n {
+            t += usize::from(st.on[k]);
+            wk.t[k] = t;
+        }
+        rule_test(cfg, facts, &st, &mut wk, n, (&mut s_sum, &mut w_sum));
+
+        // Reasons: 1 feasible; else 2 kept by the corrective bypass (never under TRM);
+        // else the failed test; 0 off the mask. Selected without branches.
+        for k in 0..n {
+            let away = st.adv[k] * (st.rho[k] - 1.0) > 0.0;
+            let bypass = !away & bypass_allowed;
+            let code = pick(
+                wk.feasible[k],
+                FEASIBLE,
+                pick(bypass, CORRECTIVE, wk.fail[k]),
+            );
+            wk.code[k] = pick(st.on[k], code, 0);
+        }
+
+        objective_terms(cfg, &st, &mut wk, n);
+        if let Some((kl, _)) = kl {
+            for k in 0..n {
+                if st.on[k] {
+                    let (lk, gk) = kl.eval(st.lp[k], wk.lref[k]);
+                    wk.loss[k] += lk;
+                    wk.grad[k] += gk;
                 }
             }
-            Rule::TrmMax { delta } | Rule::TrmAvg { delta } => (1.0, delta, row_ok, TOKEN),
-        };
-        // 1 feasible; else 2 kept by the corrective bypass (never under TRM); else the
-        // failed test. Selected arithmetically: `away` is data-dependent and would
-        // mispredict as a branch.
-        let bypass = !away & !trm;
-        let code = pick(feasible, FEASIBLE, pick(bypass, CORRECTIVE, fail));
-        let keep = code < TOKEN;
-
-        let term = cfg.objective.eval(rho, adv, lp);
-        let mut tl = if keep { term.loss } else { 0.0 };
-        let mut g = if keep { term.grad } else { 0.0 };
-        if let (Some(kl), Some(lane)) = (&cfg.kl, &row.logp_ref) {
-            let (lk, gk) = kl.eval(lp, logp_ref_at(lane, pos)?);
-            tl += lk;
-            g += gk;
         }
-        row_loss += tl;
-        os.set(k, d, w, c, code, tl, g * agg_w);
-        tally.record(&TokenRecord {
-            reason: code,
-            adv,
-            divergence: d,
-            log_ratio: st.log_ratio[k],
-            ratio: rho,
-            threshold: c,
-            clipped: term.clipped,
-            decile: decile.at(t),
-        });
-        Ok(())
-    };
 
-    sweep(&row, binary, &mut state, token, |(os, out), j0, n| {
-        out.store(j0, n, os)
-    })?;
+        // Outputs, staged in the output type.
+        for k in 0..n {
+            let on = st.on[k];
+            let code = wk.code[k];
+            os.divergence[k] = F::from_f64(wk.d[k]);
+            os.weight[k] = F::from_f64(if on { wk.w[k] } else { 0.0 });
+            os.threshold[k] = F::from_f64(if on { wk.c[k] } else { 0.0 });
+            os.keep[k] = (code == FEASIBLE) | (code == CORRECTIVE);
+            os.reason[k] = code;
+            os.token_loss[k] = F::from_f64(wk.loss[k]);
+            os.grad[k] = F::from_f64(wk.grad[k] * agg_w);
+        }
+        out.store(j0, n, &os);
+
+        row_loss += lane_sum(&wk.loss[..n], &wk.loss[..n], |a, _| a);
+        tally_block(&mut tally, &st, &wk, n, &mut decile);
+    }
     tally.loss = row_loss * agg_w;
     // The row counts as a sequence in the chunk that holds its first response token.
     tally.seqs = u64::from(t0 == 0 && t > 0);
@@ -992,6 +1018,215 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
         w: w_sum,
     };
     Ok(tally)
+}
+
+/// Σ of `vals` where `on`, in LANES interleaved partial sums (see [`lane_sum`]).
+#[inline(always)]
+fn masked_sum(vals: &[f64], on: &[bool]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let (cv, co) = (vals.chunks_exact(LANES), on.chunks_exact(LANES));
+    let (rv, ro) = (cv.remainder(), co.remainder());
+    for (xv, xo) in cv.zip(co) {
+        for l in 0..LANES {
+            acc[l] += if xo[l] { xv[l] } else { 0.0 };
+        }
+    }
+    for (l, (&v, &o)) in rv.iter().zip(ro).enumerate() {
+        acc[l] += if o { v } else { 0.0 };
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+}
+
+/// Adds a block's response tokens to the tally: counts by comparisons, float sums in
+/// fixed-order lanes, the position deciles in a short scalar loop.
+fn tally_block(tally: &mut Tally, st: &InStage, wk: &Work, n: usize, decile: &mut Decile) {
+    let (on, code) = (&st.on[..n], &wk.code[..n]);
+    let mut count = [0u32; 5];
+    let (mut pos, mut pos_m, mut neg, mut neg_m, mut clipped) = (0u32, 0u32, 0u32, 0u32, 0u32);
+    for k in 0..n {
+        for (r, c) in count.iter_mut().enumerate() {
+            *c += u32::from(code[k] == r as u8);
+        }
+        let masked = code[k] >= TOKEN;
+        let (p, q) = (on[k] & (st.adv[k] > 0.0), on[k] & (st.adv[k] < 0.0));
+        pos += u32::from(p);
+        pos_m += u32::from(p & masked);
+        neg += u32::from(q);
+        neg_m += u32::from(q & masked);
+        clipped += u32::from(wk.clipped[k]);
+    }
+    let tokens = n as u32 - count[0];
+    tally.tokens += u64::from(tokens);
+    for (t, &c) in tally.by_reason.iter_mut().zip(&count).skip(1) {
+        *t += u64::from(c);
+    }
+    tally.pos_adv += u64::from(pos);
+    tally.pos_adv_masked += u64::from(pos_m);
+    tally.neg_adv += u64::from(neg);
+    tally.neg_adv_masked += u64::from(neg_m);
+    tally.clipped += u64::from(clipped);
+
+    let mut k1 = [0.0f64; BLK];
+    let mut k3 = [0.0f64; BLK];
+    let mut thr = [0.0f64; BLK];
+    let mut has_thr = [false; BLK];
+    let (mut d_max, mut r_min, mut r_max) =
+        (tally.divergence_max, tally.ratio_min, tally.ratio_max);
+    for k in 0..n {
+        let (r, rho) = (st.log_ratio[k], st.rho[k]);
+        k1[k] = -r;
+        k3[k] = (rho - 1.0) - r;
+        has_thr[k] = on[k] & wk.c[k].is_finite();
+        thr[k] = if has_thr[k] { wk.c[k] } else { 0.0 };
+        d_max = d_max.max(wk.d[k]);
+        r_min = r_min.min(if on[k] { rho } else { f64::INFINITY });
+        r_max = r_max.max(if on[k] { rho } else { 0.0 });
+    }
+    tally.divergence_max = d_max;
+    tally.ratio_min = r_min;
+    tally.ratio_max = r_max;
+    tally.divergence_sum += masked_sum(&wk.d[..n], on);
+    tally.k1_sum += masked_sum(&k1[..n], on);
+    tally.k3_sum += masked_sum(&k3[..n], on);
+    tally.ratio_sum += masked_sum(&st.rho[..n], on);
+    tally.threshold_sum += masked_sum(&thr[..n], &has_thr[..n]);
+    tally.threshold_count += has_thr[..n].iter().map(|&h| u64::from(h)).sum::<u64>();
+    for k in 0..n {
+        if on[k] {
+            let dec = decile.at(wk.t[k]);
+            tally.decile_tokens[dec] += 1;
+            tally.decile_masked[dec] += u64::from(code[k] >= TOKEN);
+        }
+    }
+}
+
+/// The row's width L (its input length).
+fn plan_width<F, M>(row: &RowIn<'_, F, M>) -> usize {
+    match &row.logp {
+        Lane::Slice(s) => s.len(),
+        Lane::View(v) => v.len(),
+    }
+}
+
+/// The rule's test on a block: weight w, threshold c, feasible, and the reason code if
+/// not (3 token threshold, 4 prefix budget alone). CPPO's prefix sums S, W advance here.
+fn rule_test(
+    cfg: &Config,
+    facts: RowFacts,
+    st: &InStage,
+    wk: &mut Work,
+    n: usize,
+    (s_sum, w_sum): (&mut f64, &mut f64),
+) {
+    let (w, c, feasible, fail) = (&mut wk.w, &mut wk.c, &mut wk.feasible, &mut wk.fail);
+    let d = &wk.d;
+    match cfg.rule {
+        Rule::None => {
+            w[..n].fill(1.0);
+            c[..n].fill(f64::NAN);
+            feasible[..n].fill(true);
+        }
+        Rule::Ratio { eps_low, eps_high } => {
+            w[..n].fill(1.0);
+            c[..n].fill(f64::NAN);
+            let (lo, hi) = (1.0 - eps_low, 1.0 + eps_high);
+            for k in 0..n {
+                feasible[k] = (st.rho[k] >= lo) & (st.rho[k] <= hi);
+            }
+        }
+        Rule::Dppo { delta } => {
+            w[..n].fill(1.0);
+            c[..n].fill(delta);
+            for k in 0..n {
+                feasible[k] = d[k] <= delta;
+            }
+        }
+        Rule::TrmMax { delta } | Rule::TrmAvg { delta } => {
+            w[..n].fill(1.0);
+            c[..n].fill(delta);
+            feasible[..n].fill(facts.row_ok);
+        }
+        Rule::Cppo {
+            delta,
+            delta_b,
+            w_min,
+            horizon,
+        } => {
+            let h = horizon.unwrap_or(facts.row_len);
+            for k in 0..n {
+                w[k] = linear_weight(w_min, wk.t[k].max(1), h, horizon.is_some());
+            }
+            // The prefix scan: the one sequential pass.
+            let (mut s, mut ws) = (*s_sum, *w_sum);
+            match delta_b {
+                None => {
+                    for k in 0..n {
+                        let wd = w[k] * d[k];
+                        let on = st.on[k];
+                        s += if on { wd } else { 0.0 };
+                        ws += if on { w[k] } else { 0.0 };
+                        c[k] = delta;
+                        feasible[k] = wd <= delta;
+                        fail[k] = TOKEN;
+                    }
+                }
+                Some(db) => {
+                    for k in 0..n {
+                        let wd = w[k] * d[k];
+                        let room = delta + db * ws;
+                        c[k] = delta.min(room - s);
+                        let on = st.on[k];
+                        let s_new = s + wd;
+                        let token_ok = wd <= delta;
+                        feasible[k] = token_ok & (s_new <= room);
+                        fail[k] = pick(token_ok, BUDGET, TOKEN);
+                        s = if on { s_new } else { s };
+                        ws += if on { w[k] } else { 0.0 };
+                    }
+                }
+            }
+            (*s_sum, *w_sum) = (s, ws);
+        }
+    }
+    if !matches!(cfg.rule, Rule::Cppo { .. }) {
+        fail[..n].fill(TOKEN);
+    }
+}
+
+/// The objective's loss and gradient of each token, 0 where it is not kept.
+fn objective_terms(cfg: &Config, st: &InStage, wk: &mut Work, n: usize) {
+    let (loss, grad, clipped) = (&mut wk.loss, &mut wk.grad, &mut wk.clipped);
+    let keep = |k: usize| (wk.code[k] == FEASIBLE) | (wk.code[k] == CORRECTIVE);
+    match cfg.objective {
+        Objective::Surrogate => {
+            for k in 0..n {
+                let g = -st.rho[k] * st.adv[k];
+                let m = keep(k);
+                loss[k] = if m { g } else { 0.0 };
+                grad[k] = if m { g } else { 0.0 };
+                clipped[k] = false;
+            }
+        }
+        Objective::DetachedIs { ratio_cap } => {
+            for k in 0..n {
+                let g = -st.rho[k].min(ratio_cap) * st.adv[k];
+                let m = keep(k);
+                loss[k] = if m { g * st.lp[k] } else { 0.0 };
+                grad[k] = if m { g } else { 0.0 };
+                clipped[k] = false;
+            }
+        }
+        Objective::Cispo { .. } | Objective::PpoClip { .. } => {
+            for k in 0..n {
+                let term = cfg.objective.eval(st.rho[k], st.adv[k], st.lp[k]);
+                let m = keep(k);
+                loss[k] = if m { term.loss } else { 0.0 };
+                grad[k] = if m { term.grad } else { 0.0 };
+                clipped[k] = term.clipped & st.on[k];
+            }
+        }
+    }
 }
 
 #[cfg(test)]

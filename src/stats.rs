@@ -107,20 +107,6 @@ impl Default for Tally {
     }
 }
 
-/// One response token's contribution to a [`Tally`].
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct TokenRecord {
-    /// The reason code, 1 to 4.
-    pub reason: u8,
-    pub adv: f64,
-    pub divergence: f64,
-    pub log_ratio: f64,
-    pub ratio: f64,
-    pub threshold: f64,
-    pub clipped: bool,
-    pub decile: usize,
-}
-
 impl Tally {
     /// Adds `other` (the part that comes after `self` in row order) to `self`.
     ///
@@ -161,41 +147,6 @@ impl Tally {
     pub fn masked(&self) -> u64 {
         self.by_reason[Reason::TokenThreshold as usize]
             + self.by_reason[Reason::PrefixBudget as usize]
-    }
-
-    #[inline(always)]
-    pub(crate) fn record(&mut self, r: &TokenRecord) {
-        let masked = r.reason >= Reason::TokenThreshold as u8;
-        self.tokens += 1;
-        self.by_reason[usize::from(r.reason)] += 1;
-        if r.adv > 0.0 {
-            self.pos_adv += 1;
-            self.pos_adv_masked += u64::from(masked);
-        } else if r.adv < 0.0 {
-            self.neg_adv += 1;
-            self.neg_adv_masked += u64::from(masked);
-        }
-        self.clipped += u64::from(r.clipped);
-        self.divergence_sum += r.divergence;
-        // Plain comparisons: these values are never NaN.
-        if r.divergence > self.divergence_max {
-            self.divergence_max = r.divergence;
-        }
-        self.k1_sum -= r.log_ratio;
-        self.k3_sum += (r.ratio - 1.0) - r.log_ratio;
-        self.ratio_sum += r.ratio;
-        if r.ratio < self.ratio_min {
-            self.ratio_min = r.ratio;
-        }
-        if r.ratio > self.ratio_max {
-            self.ratio_max = r.ratio;
-        }
-        if r.threshold.is_finite() {
-            self.threshold_sum += r.threshold;
-            self.threshold_count += 1;
-        }
-        self.decile_tokens[r.decile] += 1;
-        self.decile_masked[r.decile] += u64::from(masked);
     }
 }
 

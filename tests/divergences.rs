@@ -115,3 +115,20 @@ fn engine_reads_topk_and_tolerance() {
     assert_eq!(btv.divergence[[0, 1]], 0.0);
     assert_eq!(btv.divergence[[0, 2]], 0.0);
 }
+
+/// Probabilities below e^−708 (subnormal, flushed to 0 by the SIMD exp): the ratio
+/// must still be e^(logp − logp_old), not p/q = 0. A regression the property tests found.
+#[test]
+fn ratio_of_underflowing_probabilities() {
+    let logp = Array2::from_shape_vec((1, 2), vec![-709.1822569572407, -750.0]).unwrap();
+    let logp_old = Array2::from_shape_vec((1, 2), vec![-707.5999250322329, -745.0]).unwrap();
+    let mask = Array2::from_elem((1, 2), true);
+    let adv = Array1::from_elem(1, 1.0);
+    let batch = Batch::new(&logp, &logp_old, &adv, &mask).unwrap();
+    let e = cppo::evaluate(&cppo::Config::with_rule(Rule::None), &batch, Par::Seq).unwrap();
+    for j in 0..2 {
+        let rho = (logp[[0, j]] - logp_old[[0, j]]).exp();
+        // token-mean over 2 tokens: grad = −ρ A / 2.
+        assert_relative_eq!(e.outputs.grad[[0, j]], -rho / 2.0, max_relative = 1e-14);
+    }
+}
