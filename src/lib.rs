@@ -23,6 +23,7 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`advantage`] | advantage estimators: GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE |
 //! | [`batch`] | the validated, borrowed input view |
 //! | [`divergence`] | per-token D_t: binary TV/KL, top-K TV/KL |
 //! | [`schedule`] | position weights w_t |
@@ -110,6 +111,7 @@ pub mod distributed {}
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+pub mod advantage;
 pub mod aggregate;
 pub mod batch;
 pub mod chunk;
