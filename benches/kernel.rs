@@ -326,6 +326,7 @@ const CPPO: Rule = Rule::Cppo {
     delta_b: Some(0.05),
     w_min: 0.8,
     horizon: None,
+    shuffle_seed: None,
 };
 
 /// Each rule on binary TV, 64 × 8192 `f32`.

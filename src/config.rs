@@ -24,7 +24,7 @@
 //! let json = r#"{"divergence": "binary_tv", "rule": {"kind": "cppo", "delta_b": null}}"#;
 //! # let parse = |s: &str| serde_json::from_str::<Config>(s);
 //! let cfg: Config = parse(json).unwrap();
-//! assert_eq!(cfg.rule, cppo::Rule::Cppo { delta: 0.2, delta_b: None, w_min: 0.8, horizon: None });
+//! assert_eq!(cfg.rule, cppo::Rule::Cppo { delta: 0.2, delta_b: None, w_min: 0.8, horizon: None, shuffle_seed: None });
 //! // Unknown fields and bad values are refused at parse time:
 //! assert!(parse(r#"{"rule": {"kind": "dppo", "detla": 0.1}}"#).is_err());
 //! let err = parse(r#"{"rule": {"kind": "dppo", "delta": -1}}"#).unwrap_err();

@@ -9,6 +9,13 @@
 //! | `binary_kl` | max(0, q (log q − log p) + (1 − q) log((1 − q + 1e-8) / (1 − p + 1e-8))) |
 //! | `topk_tv` | (Σ_k \|P_k − Q_k\| + \|P_rest − Q_rest\|) / 2 |
 //! | `topk_kl` | max(0, Σ_k P_k (log P_k − log Q_k) + P_rest (log P_rest − log max(Q_rest, 1e-12))) |
+//! | `k2` | ½ r² |
+//! | `k3` | ρ − 1 − r |
+//!
+//! where, for `k2` and `k3`, r = clamp(logp − logp_old, −20, 20) is the log-ratio the
+//! crate uses everywhere and ρ = eʳ. These are the log-ratio estimators of KL(μ ‖ π_θ)
+//! that TRM (Trust Region Masking) thresholds: TRM-max on `k2` and TRM-avg on `k3` are
+//! verl's `seq_max_k2` and `seq_mean_k3` rules.
 //!
 //! where, for the top-K forms, P_k = exp(topk_logp_old) are the rollout policy's K
 //! largest probabilities, Q_k = exp(topk_logp) the current policy's probabilities of the
@@ -62,9 +69,18 @@ pub enum Divergence {
     TopkTv,
     /// KL(μ ‖ π) over the rollout policy's top-K tokens plus a rest bucket.
     TopkKl,
+    /// ½ (log ρ)²: the k2 estimator of KL on the sampled token (TRM's `seq_max_k2`).
+    K2,
+    /// ρ − 1 − log ρ: the k3 estimator of KL on the sampled token (TRM's `seq_mean_k3`).
+    K3,
 }
 
 impl Divergence {
+    /// Whether this divergence reads p = e^logp and q = e^logp_old (the binary forms).
+    pub const fn needs_probs(self) -> bool {
+        matches!(self, Self::BinaryTv | Self::BinaryKl)
+    }
+
     /// Whether this divergence needs the top-K pair `topk_logp_old`, `topk_logp`.
     pub const fn needs_topk(self) -> bool {
         matches!(self, Self::TopkTv | Self::TopkKl)
@@ -77,8 +93,35 @@ impl Divergence {
             Self::BinaryKl => "binary_kl",
             Self::TopkTv => "topk_tv",
             Self::TopkKl => "topk_kl",
+            Self::K2 => "k2",
+            Self::K3 => "k3",
         }
     }
+}
+
+/// The k2 estimator ½ r², r = clamp(logp − logp_old, −20, 20).
+///
+/// ```
+/// let r = 0.5f64.ln() - 0.4f64.ln();
+/// assert!((cppo::divergence::k2(0.5f64.ln(), 0.4f64.ln()) - r * r / 2.0).abs() < 1e-15);
+/// ```
+#[inline]
+pub fn k2(logp: f64, logp_old: f64) -> f64 {
+    let r = crate::objective::ratio(logp, logp_old).1;
+    0.5 * r * r
+}
+
+/// The k3 estimator ρ − 1 − r, r = clamp(logp − logp_old, −20, 20), ρ = eʳ.
+///
+/// ```
+/// let k = cppo::divergence::k3(0.5f64.ln(), 0.4f64.ln());
+/// let r = (0.5f64 / 0.4).ln();
+/// assert!((k - (1.25 - 1.0 - r)).abs() < 1e-15);
+/// ```
+#[inline]
+pub fn k3(logp: f64, logp_old: f64) -> f64 {
+    let (rho, r) = crate::objective::ratio(logp, logp_old);
+    (rho - 1.0) - r
 }
 
 /// Binary total variation |exp(logp) − exp(logp_old)|.

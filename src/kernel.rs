@@ -448,6 +448,8 @@ impl InStage {
             Divergence::BinaryKl => {
                 binary_kl_from_probs(self.lp[k], self.lq[k], self.p[k], self.q[k])
             }
+            Divergence::K2 => 0.5 * self.log_ratio[k] * self.log_ratio[k],
+            Divergence::K3 => (self.rho[k] - 1.0) - self.log_ratio[k],
             Divergence::TopkTv | Divergence::TopkKl => {
                 let Some(topk) = &row.topk else {
                     unreachable!("top-K arrays are checked before the pass")
@@ -794,7 +796,7 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
     let mut scratch = TopkScratch::new();
     sweep(
         &row,
-        !cfg.divergence.needs_topk(),
+        cfg.divergence.needs_probs(),
         &mut (),
         |(), st, k, j| {
             if st.on[k] {
@@ -876,6 +878,9 @@ struct Work {
     loss: [f64; BLK],
     grad: [f64; BLK],
     clipped: [bool; BLK],
+    /// The share of its objective term each token keeps: 1 or 0 under the hard rules,
+    /// the gate under `cppo_soft`.
+    m: [f64; BLK],
     /// Checked logp_ref (KL penalty only).
     lref: [f64; BLK],
 }
@@ -893,6 +898,7 @@ impl Work {
             loss: [0.0; BLK],
             grad: [0.0; BLK],
             clipped: [false; BLK],
+            m: [0.0; BLK],
             lref: [0.0; BLK],
         }
     }
@@ -965,7 +971,8 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
         .aggregation
         .weight(plan.denominators, row_len, plan.width, cfg.norm_length);
     let bypass_allowed = !cfg.rule.is_sequence_level();
-    let binary = !cfg.divergence.needs_topk();
+    let soft_tau = cfg.rule.cppo_params().and_then(|p| p.soft_tau);
+    let binary = cfg.divergence.needs_probs();
     let kl = cfg.kl.as_ref().zip(row.logp_ref.as_ref());
     let mut scratch = TopkScratch::new();
     let t0 = prefix.t;
@@ -1016,6 +1023,18 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
                 pick(bypass, CORRECTIVE, wk.fail[k]),
             );
             wk.code[k] = pick(st.on[k], code, 0);
+            let kept = (wk.code[k] == FEASIBLE) | (wk.code[k] == CORRECTIVE);
+            wk.m[k] = if kept { 1.0 } else { 0.0 };
+        }
+        if let Some(tau) = soft_tau {
+            // cppo_soft: an away-moving token keeps σ((c_t − w_t D_t)/τ) of its term.
+            for k in 0..n {
+                let away = st.adv[k] * (st.rho[k] - 1.0) > 0.0;
+                if st.on[k] && away {
+                    let z = (wk.c[k] - wk.w[k] * wk.d[k]) / tau;
+                    wk.m[k] = 1.0 / (1.0 + (-z).exp());
+                }
+            }
         }
 
         objective_terms(cfg, &st, &mut wk, n);
@@ -1197,21 +1216,31 @@ fn rule_test(
             c[..n].fill(delta);
             feasible[..n].fill(facts.row_ok);
         }
-        Rule::Cppo {
-            delta,
-            delta_b,
-            w_min,
-            horizon,
-        } => {
+        Rule::Cppo { .. } | Rule::CppoSoft { .. } => {
+            let Some(p) = cfg.rule.cppo_params() else {
+                unreachable!("a cppo rule")
+            };
+            let (delta, w_min, horizon) = (p.delta, p.w_min, p.horizon);
             // w_t = 1 − (1 − w_min)(t − 1)/(H − 1), as `linear_weight`, hoisted out of the
-            // loop so that it vectorizes.
+            // loop so that it vectorizes; with `shuffle_seed`, at position π(t) instead.
             let h = horizon.unwrap_or(facts.row_len);
+            let mut pos = [0usize; BLK];
+            match p.shuffle_seed {
+                None => pos[..n].copy_from_slice(&wk.t[..n]),
+                Some(seed) => {
+                    let key = seed ^ splitmix64(facts.row_len as u64);
+                    for k in 0..n {
+                        let t = wk.t[k].max(1) as u64;
+                        pos[k] = permute(t - 1, facts.row_len as u64, key) as usize + 1;
+                    }
+                }
+            }
             if h <= 1 {
                 w[..n].fill(1.0);
             } else {
                 let (slope, den) = (1.0 - w_min, (h - 1) as f64);
                 for k in 0..n {
-                    let t1 = wk.t[k].saturating_sub(1) as f64;
+                    let t1 = pos[k].saturating_sub(1) as f64;
                     let x = 1.0 - slope * t1 / den;
                     w[k] = if horizon.is_some() && x < w_min {
                         w_min
@@ -1222,7 +1251,7 @@ fn rule_test(
             }
             // The prefix scan: the one sequential pass.
             let (mut s, mut ws) = (*s_sum, *w_sum);
-            match delta_b {
+            match p.delta_b {
                 None => {
                     for k in 0..n {
                         let wd = w[k] * d[k];
@@ -1251,43 +1280,72 @@ fn rule_test(
                 }
             }
             (*s_sum, *w_sum) = (s, ws);
+            return;
         }
     }
-    if !matches!(cfg.rule, Rule::Cppo { .. }) {
-        fail[..n].fill(TOKEN);
+    fail[..n].fill(TOKEN);
+}
+
+/// SplitMix64's output function: a fast, well-mixed 64-bit hash.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A keyed permutation of 0..n, evaluated at `x < n` without memory: a 4-round Feistel
+/// network on the smallest even number of bits that covers n, with cycle walking (apply
+/// it again until the value lands below n; a bijection of the larger domain restricted
+/// this way is a bijection of 0..n).
+pub(crate) fn permute(mut x: u64, n: u64, key: u64) -> u64 {
+    if n <= 1 {
+        return x;
+    }
+    let bits = 64 - (n - 1).leading_zeros();
+    let half = bits.div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    loop {
+        let (mut l, mut r) = (x >> half, x & mask);
+        for round in 0..4u64 {
+            let f = splitmix64(r ^ key.rotate_left(16 * round as u32) ^ round) & mask;
+            (l, r) = (r, l ^ f);
+        }
+        x = (l << half) | r;
+        if x < n {
+            return x;
+        }
     }
 }
 
-/// The objective's loss and gradient of each token, 0 where it is not kept.
+/// The objective's loss and gradient of each token, times the share `m` it keeps (0
+/// where it is masked: exactly +0, not −0).
 #[inline(always)]
 fn objective_terms(cfg: &Config, st: &InStage, wk: &mut Work, n: usize) {
-    let (loss, grad, clipped) = (&mut wk.loss, &mut wk.grad, &mut wk.clipped);
-    let keep = |k: usize| (wk.code[k] == FEASIBLE) | (wk.code[k] == CORRECTIVE);
+    let (loss, grad, clipped, m) = (&mut wk.loss, &mut wk.grad, &mut wk.clipped, &wk.m);
+    let keep = |k: usize, x: f64| if m[k] > 0.0 { m[k] * x } else { 0.0 };
     match cfg.objective {
         Objective::Surrogate => {
             for k in 0..n {
                 let g = -st.rho[k] * st.adv[k];
-                let m = keep(k);
-                loss[k] = if m { g } else { 0.0 };
-                grad[k] = if m { g } else { 0.0 };
+                loss[k] = keep(k, g);
+                grad[k] = keep(k, g);
                 clipped[k] = false;
             }
         }
         Objective::DetachedIs { ratio_cap } => {
             for k in 0..n {
                 let g = -st.rho[k].min(ratio_cap) * st.adv[k];
-                let m = keep(k);
-                loss[k] = if m { g * st.lp[k] } else { 0.0 };
-                grad[k] = if m { g } else { 0.0 };
+                loss[k] = keep(k, g * st.lp[k]);
+                grad[k] = keep(k, g);
                 clipped[k] = false;
             }
         }
-        Objective::Cispo { .. } | Objective::PpoClip { .. } => {
+        Objective::Cispo { .. } | Objective::PpoClip { .. } | Objective::Sapo { .. } => {
             for k in 0..n {
                 let term = cfg.objective.eval(st.rho[k], st.adv[k], st.lp[k]);
-                let m = keep(k);
-                loss[k] = if m { term.loss } else { 0.0 };
-                grad[k] = if m { term.grad } else { 0.0 };
+                loss[k] = keep(k, term.loss);
+                grad[k] = keep(k, term.grad);
                 clipped[k] = term.clipped & st.on[k];
             }
         }

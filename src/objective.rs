@@ -10,6 +10,12 @@
 //! | `detached_is` (DPPO's REINFORCE path) | −M min(ρ, C) A logp | −M min(ρ, C) A |
 //! | `ppo_clip` | M max(−ρA, −clip(ρ, 1−ε_low, 1+ε_high) A) | −M ρ A on the unclipped branch, else 0 |
 //! | `cispo` | −M min(ρ, 1+ε_high) A logp | −M min(ρ, 1+ε_high) A |
+//! | `sapo` | −M A (4/τ) σ(τ(ρ − 1)) | −4 M A ρ σ (1 − σ), σ = σ(τ(ρ − 1)) |
+//!
+//! SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv 2511.20347)
+//! replaces the clip with a soft gate whose temperature depends on the advantage's sign:
+//! τ = τ_pos for A > 0, τ_neg otherwise (defaults 1.0 and 1.05, as in verl). At ρ = 1 its
+//! gradient equals the surrogate's; it decays smoothly as ρ leaves 1.
 //!
 //! With `dual_clip` c > 1, `ppo_clip` also caps the loss of A < 0 tokens:
 //! l = M min(max(...), −cA), with gradient 0 where the cap is the branch taken. In
@@ -86,7 +92,28 @@ pub enum Objective {
         #[serde(default = "default_cispo_eps_high")]
         eps_high: f64,
     },
+    /// SAPO: −A (4/τ) σ(τ(ρ − 1)), τ by the sign of A.
+    Sapo {
+        /// τ for A > 0, > 0, default 1.0.
+        #[serde(default = "default_tau_pos")]
+        tau_pos: f64,
+        /// τ for A ≤ 0, > 0, default 1.05.
+        #[serde(default = "default_tau_neg")]
+        tau_neg: f64,
+    },
 }
+
+fn default_tau_pos() -> f64 {
+    DEFAULT_SAPO_TAU_POS
+}
+fn default_tau_neg() -> f64 {
+    DEFAULT_SAPO_TAU_NEG
+}
+
+/// SAPO's default τ for positive advantages (verl's, after the SAPO paper).
+pub const DEFAULT_SAPO_TAU_POS: f64 = 1.0;
+/// SAPO's default τ for other advantages (verl's, after the SAPO paper).
+pub const DEFAULT_SAPO_TAU_NEG: f64 = 1.05;
 
 fn default_ratio_cap() -> f64 {
     DEFAULT_RATIO_CAP
@@ -118,6 +145,7 @@ impl Objective {
             Self::DetachedIs { .. } => "detached_is",
             Self::PpoClip { .. } => "ppo_clip",
             Self::Cispo { .. } => "cispo",
+            Self::Sapo { .. } => "sapo",
         }
     }
 
@@ -144,6 +172,10 @@ impl Objective {
                 }
             }
             Self::Cispo { eps_high } => check_nonnegative("objective.eps_high", eps_high),
+            Self::Sapo { tau_pos, tau_neg } => {
+                check_positive("objective.tau_pos", tau_pos)?;
+                check_positive("objective.tau_neg", tau_neg)
+            }
         }
     }
 
@@ -212,6 +244,15 @@ impl Objective {
                     loss: g * logp,
                     grad: g,
                     clipped: rho > cap,
+                }
+            }
+            Self::Sapo { tau_pos, tau_neg } => {
+                let tau = if adv > 0.0 { tau_pos } else { tau_neg };
+                let sig = 1.0 / (1.0 + (-tau * (rho - 1.0)).exp());
+                TokenTerm {
+                    loss: -adv * (4.0 / tau) * sig,
+                    grad: -4.0 * adv * rho * sig * (1.0 - sig),
+                    clipped: false,
                 }
             }
         }

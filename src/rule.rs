@@ -13,6 +13,7 @@
 //! | `ratio` (PPO/GRPO clip as a mask) | 1 − ε_low ≤ ρ_t ≤ 1 + ε_high |
 //! | `dppo` | D_t ≤ δ |
 //! | `cppo` | w_t D_t ≤ δ  and  S_t ≤ δ + δ_b W_{t−1} |
+//! | `cppo_soft` | as `cppo`, but an away-moving token keeps σ((c_t − w_t D_t)/τ) of its gradient |
 //! | `trm_max` | max over the row of D ≤ δ (the whole row is kept or dropped) |
 //! | `trm_avg` | mean over the row of D ≤ δ (likewise) |
 //!
@@ -26,10 +27,15 @@
 //!
 //! Every decision comes with a [`Reason`].
 //!
+//! `shuffle_seed` on `cppo` (and `cppo_soft`) is the paper's control for the position
+//! weights: token t gets the weight of position π(t), where π is a permutation of
+//! 1..T drawn from the seed and T alone (a keyed bijection, computed per token without
+//! memory), so a row's weights are the same whichever shard or chunk holds it.
+//!
 //! ```
 //! use cppo::rule::Rule;
 //! let r = Rule::cppo(0.2, Some(0.05), 0.8).unwrap();
-//! assert_eq!(r, Rule::Cppo { delta: 0.2, delta_b: Some(0.05), w_min: 0.8, horizon: None });
+//! assert_eq!(r, Rule::Cppo { delta: 0.2, delta_b: Some(0.05), w_min: 0.8, horizon: None, shuffle_seed: None });
 //! assert!(Rule::dppo(-1.0).is_err());
 //! ```
 
@@ -143,6 +149,34 @@ pub enum Rule {
         /// A fixed horizon H ≥ 1 for the weights, or `None` for each row's own length.
         #[serde(default)]
         horizon: Option<usize>,
+        /// The paper's control: a seeded permutation of each row's weights, to show
+        /// that their order matters. `None` (the default) keeps the order.
+        #[serde(default)]
+        shuffle_seed: Option<u64>,
+    },
+    /// CPPO with a soft gate in place of the hard mask (an ablation of the paper's,
+    /// our definition): a token that moves away from the anchor keeps the fraction
+    /// σ((c_t − w_t D_t)/τ) of its gradient; any other token keeps all of it. `keep` and
+    /// `reason` report the hard decision, as under `cppo`.
+    CppoSoft {
+        /// δ > 0, default 0.2.
+        #[serde(default = "default_delta")]
+        delta: f64,
+        /// δ_b ≥ 0, default 0.05; `None` (JSON `null`) for no prefix budget.
+        #[serde(default = "default_delta_b", deserialize_with = "nullable")]
+        delta_b: Option<f64>,
+        /// w_min ∈ (0, 1], default 0.8.
+        #[serde(default = "default_w_min")]
+        w_min: f64,
+        /// A fixed horizon H ≥ 1, or `None` for each row's own length.
+        #[serde(default)]
+        horizon: Option<usize>,
+        /// As `cppo`'s.
+        #[serde(default)]
+        shuffle_seed: Option<u64>,
+        /// The gate's temperature τ > 0, default 0.01.
+        #[serde(default = "default_tau")]
+        tau: f64,
     },
     /// TRM, max form: a whole row is kept iff max_t D_t ≤ δ. No corrective bypass.
     TrmMax {
@@ -181,6 +215,30 @@ fn default_delta_b() -> Option<f64> {
 fn default_w_min() -> f64 {
     DEFAULT_W_MIN
 }
+fn default_tau() -> f64 {
+    DEFAULT_SOFT_TAU
+}
+
+/// The default temperature of `cppo_soft`'s gate: 0.01, a twentieth of δ, so that the
+/// gate goes from 0.12 to 0.88 over w_t D_t ∈ c_t ± 0.02 (ours: the paper gives none).
+pub const DEFAULT_SOFT_TAU: f64 = 0.01;
+
+/// CPPO's parameters, shared by `cppo` and `cppo_soft`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CppoParams {
+    /// δ.
+    pub delta: f64,
+    /// δ_b, or `None` for no budget.
+    pub delta_b: Option<f64>,
+    /// w_min.
+    pub w_min: f64,
+    /// A fixed horizon, or `None`.
+    pub horizon: Option<usize>,
+    /// The weight-shuffle seed, or `None`.
+    pub shuffle_seed: Option<u64>,
+    /// The soft gate's τ (`cppo_soft`), or `None` for the hard mask.
+    pub soft_tau: Option<f64>,
+}
 /// `delta_b`: absent → the default, `null` → no budget.
 fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
     Option::<f64>::deserialize(d)
@@ -194,6 +252,7 @@ impl Default for Rule {
             delta_b: Some(DEFAULT_DELTA_B),
             w_min: DEFAULT_W_MIN,
             horizon: None,
+            shuffle_seed: None,
         }
     }
 }
@@ -235,6 +294,7 @@ impl Rule {
             delta_b,
             w_min,
             horizon: None,
+            shuffle_seed: None,
         };
         rule.validate()?;
         Ok(rule)
@@ -266,6 +326,7 @@ impl Rule {
             Self::Ratio { .. } => "ratio",
             Self::Dppo { .. } => "dppo",
             Self::Cppo { .. } => "cppo",
+            Self::CppoSoft { .. } => "cppo_soft",
             Self::TrmMax { .. } => "trm_max",
             Self::TrmAvg { .. } => "trm_avg",
         }
@@ -282,26 +343,70 @@ impl Rule {
             Self::Dppo { delta } | Self::TrmMax { delta } | Self::TrmAvg { delta } => {
                 check_positive("rule.delta", delta)
             }
+            Self::Cppo { .. } | Self::CppoSoft { .. } => {
+                let Some(p) = self.cppo_params() else {
+                    unreachable!("a cppo rule")
+                };
+                check_positive("rule.delta", p.delta)?;
+                if let Some(db) = p.delta_b {
+                    check_nonnegative("rule.delta_b", db)?;
+                }
+                if let Some(tau) = p.soft_tau {
+                    check_positive("rule.tau", tau)?;
+                }
+                Schedule::Linear {
+                    w_min: p.w_min,
+                    horizon: p.horizon,
+                }
+                .validate()
+            }
+        }
+    }
+
+    /// The parameters of `cppo` and `cppo_soft`; `None` for the other rules.
+    pub const fn cppo_params(&self) -> Option<CppoParams> {
+        match *self {
             Self::Cppo {
                 delta,
                 delta_b,
                 w_min,
                 horizon,
-            } => {
-                check_positive("rule.delta", delta)?;
-                if let Some(db) = delta_b {
-                    check_nonnegative("rule.delta_b", db)?;
-                }
-                Schedule::Linear { w_min, horizon }.validate()
-            }
+                shuffle_seed,
+            } => Some(CppoParams {
+                delta,
+                delta_b,
+                w_min,
+                horizon,
+                shuffle_seed,
+                soft_tau: None,
+            }),
+            Self::CppoSoft {
+                delta,
+                delta_b,
+                w_min,
+                horizon,
+                shuffle_seed,
+                tau,
+            } => Some(CppoParams {
+                delta,
+                delta_b,
+                w_min,
+                horizon,
+                shuffle_seed,
+                soft_tau: Some(tau),
+            }),
+            _ => None,
         }
     }
 
     /// The position schedule this rule uses: linear for CPPO, constant otherwise.
     pub fn schedule(&self) -> Schedule {
-        match *self {
-            Self::Cppo { w_min, horizon, .. } => Schedule::Linear { w_min, horizon },
-            _ => Schedule::Constant,
+        match self.cppo_params() {
+            Some(p) => Schedule::Linear {
+                w_min: p.w_min,
+                horizon: p.horizon,
+            },
+            None => Schedule::Constant,
         }
     }
 

@@ -33,7 +33,8 @@ fn omitted_fields_take_defaults() {
             delta: 0.2,
             delta_b: Some(0.05),
             w_min: 0.8,
-            horizon: None
+            horizon: None,
+            shuffle_seed: None
         }
     );
     // Explicit null is "no budget", which is not the same as omitted.
@@ -44,7 +45,8 @@ fn omitted_fields_take_defaults() {
             delta: 0.2,
             delta_b: None,
             w_min: 0.8,
-            horizon: None
+            horizon: None,
+            shuffle_seed: None
         }
     );
     assert_eq!(

@@ -120,7 +120,7 @@ fn engine_reads_topk_and_tolerance() {
 /// must still be e^(logp − logp_old), not p/q = 0. A regression the property tests found.
 #[test]
 fn ratio_of_underflowing_probabilities() {
-    let logp = Array2::from_shape_vec((1, 2), vec![-709.1822569572407, -750.0]).unwrap();
+    let logp = Array2::<f64>::from_shape_vec((1, 2), vec![-709.1822569572407, -750.0]).unwrap();
     let logp_old = Array2::from_shape_vec((1, 2), vec![-707.5999250322329, -745.0]).unwrap();
     let mask = Array2::from_elem((1, 2), true);
     let adv = Array1::from_elem(1, 1.0);

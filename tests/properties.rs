@@ -138,6 +138,7 @@ fn check_cppo_without_decay_or_budget_is_dppo(case: &Case<f64>) -> TestCaseResul
         delta_b: None,
         w_min: 1.0,
         horizon,
+        shuffle_seed: None,
     };
     let mut dppo = case.clone();
     dppo.cfg.rule = Rule::Dppo { delta };
@@ -169,6 +170,7 @@ fn check_larger_budget_never_masks_more(
             delta_b,
             w_min,
             horizon,
+            shuffle_seed: None,
         };
         c.eval(Par::Seq).unwrap().outputs
     };
@@ -876,6 +878,7 @@ fn check_bad_config_values_name_the_field(
         delta_b,
         w_min,
         horizon,
+        shuffle_seed: None,
     };
     let mut cfg = case.cfg;
     let field = match which {

@@ -804,6 +804,7 @@ fn every_aggregation_mode_and_rule_composes() {
             delta_b: None,
             w_min: 0.5,
             horizon: Some(24),
+            shuffle_seed: None,
         },
         Rule::TrmMax { delta: 0.5 },
         Rule::TrmAvg { delta: 0.08 },

@@ -341,8 +341,26 @@ pub fn ref_topk_kl(old: &[f64], new: &[f64]) -> f64 {
 
 /// w_t of the t-th response token (t from 1) of a row of T response tokens.
 pub fn ref_weight(rule: &Rule, t: usize, row_len: usize) -> f64 {
-    let Rule::Cppo { w_min, horizon, .. } = *rule else {
-        return 1.0;
+    let (w_min, horizon) = match *rule {
+        Rule::Cppo {
+            w_min,
+            horizon,
+            shuffle_seed,
+            ..
+        }
+        | Rule::CppoSoft {
+            w_min,
+            horizon,
+            shuffle_seed,
+            ..
+        } => {
+            assert!(
+                shuffle_seed.is_none(),
+                "the reference has no weight shuffle"
+            );
+            (w_min, horizon)
+        }
+        _ => return 1.0,
     };
     let h = horizon.unwrap_or(row_len);
     if h <= 1 {
@@ -412,6 +430,17 @@ fn ref_objective(obj: &Objective, rho: f64, a: f64, lp: f64) -> (f64, f64, u8, f
             let wt = if rho < cap { rho } else { cap };
             (-wt * a * lp, -wt * a, u8::from(rho > cap), f64::INFINITY)
         }
+        Objective::Sapo { tau_pos, tau_neg } => {
+            // f(ρ) = (4/τ) σ(τ(ρ − 1)), f'(ρ) = 4 σ (1 − σ); l = −A f(ρ), dl/dlogp = −A f'(ρ) ρ.
+            let tau = if a > 0.0 { tau_pos } else { tau_neg };
+            let sig = 1.0 / (1.0 + (-tau * (rho - 1.0)).exp());
+            (
+                -a * 4.0 / tau * sig,
+                -a * 4.0 * sig * (1.0 - sig) * rho,
+                0,
+                f64::INFINITY,
+            )
+        }
     }
 }
 
@@ -478,6 +507,14 @@ pub fn reference(case: &Case<f64>) -> Reference {
             let lp = read_logprob(case.logp[[i, j]]);
             let lq = read_logprob(case.logp_old[[i, j]]);
             let dj = match cfg.divergence {
+                Divergence::K2 => {
+                    let r = (lp - lq).clamp(-20.0, 20.0);
+                    r * r / 2.0
+                }
+                Divergence::K3 => {
+                    let r = (lp - lq).clamp(-20.0, 20.0);
+                    r.exp() - 1.0 - r
+                }
                 Divergence::BinaryTv => ref_binary_tv(lp, lq),
                 Divergence::BinaryKl => ref_binary_kl(lp, lq),
                 Divergence::TopkTv | Divergence::TopkKl => {
@@ -534,7 +571,7 @@ pub fn reference(case: &Case<f64>) -> Reference {
                     )
                 }
                 Rule::Dppo { delta } => (dj <= delta, 3, delta, gap(dj, delta)),
-                Rule::Cppo { delta, delta_b, .. } => {
+                Rule::Cppo { delta, delta_b, .. } | Rule::CppoSoft { delta, delta_b, .. } => {
                     let wd = w * dj;
                     let token_ok = wd <= delta;
                     match delta_b {
@@ -577,7 +614,19 @@ pub fn reference(case: &Case<f64>) -> Reference {
             let keep = reason == 1 || reason == 2;
 
             let (lo, go, branch, obj_margin) = ref_objective(&cfg.objective, rho, a, lp);
-            let (mut tl, mut g) = if keep { (lo, go) } else { (0.0, 0.0) };
+            // The share of its term a token keeps: all or nothing, except under cppo_soft,
+            // where an away-moving token keeps σ((c_t − w_t D_t)/τ).
+            let share = match cfg.rule {
+                Rule::CppoSoft { tau, .. } if away => {
+                    1.0 / (1.0 + (-(threshold - w * dj) / tau).exp())
+                }
+                _ => f64::from(u8::from(keep)),
+            };
+            let (mut tl, mut g) = if share > 0.0 {
+                (share * lo, share * go)
+            } else {
+                (0.0, 0.0)
+            };
             if keep {
                 margin = margin.min(obj_margin);
             }
@@ -745,13 +794,16 @@ pub struct ConfigDraw {
     pub extra_seqs: Option<u64>,
 }
 
-pub fn divergence_strategy() -> impl Strategy<Value = Divergence> {
+pub fn divergence_strategy() -> BoxedStrategy<Divergence> {
     prop_oneof![
         Just(Divergence::BinaryTv),
         Just(Divergence::BinaryKl),
         Just(Divergence::TopkTv),
         Just(Divergence::TopkKl),
+        Just(Divergence::K2),
+        Just(Divergence::K3),
     ]
+    .boxed()
 }
 
 /// δ: mostly in [0.01, 0.6], sometimes tiny so that most tokens fail the test.
@@ -778,7 +830,7 @@ pub fn horizon_strategy() -> impl Strategy<Value = Option<usize>> {
     prop_oneof![3 => Just(None), 2 => (1usize..15).prop_map(Some)]
 }
 
-pub fn cppo_strategy() -> impl Strategy<Value = Rule> {
+pub fn cppo_strategy() -> BoxedStrategy<Rule> {
     (
         delta_strategy(),
         delta_b_strategy(),
@@ -790,22 +842,29 @@ pub fn cppo_strategy() -> impl Strategy<Value = Rule> {
             delta_b,
             w_min,
             horizon,
+            shuffle_seed: None,
         })
+        .boxed()
 }
 
-pub fn rule_strategy() -> impl Strategy<Value = Rule> {
+pub fn rule_strategy() -> BoxedStrategy<Rule> {
     prop_oneof![
         1 => Just(Rule::None),
         2 => (0.0f64..0.5, 0.0f64..0.5)
             .prop_map(|(eps_low, eps_high)| Rule::Ratio { eps_low, eps_high }),
         2 => delta_strategy().prop_map(|delta| Rule::Dppo { delta }),
         5 => cppo_strategy(),
+        2 => (cppo_strategy(), 0.001f64..0.5).prop_map(|(r, tau)| {
+            let Rule::Cppo { delta, delta_b, w_min, horizon, .. } = r else { unreachable!() };
+            Rule::CppoSoft { delta, delta_b, w_min, horizon, shuffle_seed: None, tau }
+        }),
         1 => delta_strategy().prop_map(|delta| Rule::TrmMax { delta }),
         1 => delta_strategy().prop_map(|delta| Rule::TrmAvg { delta }),
     ]
+    .boxed()
 }
 
-pub fn objective_strategy() -> impl Strategy<Value = Objective> {
+pub fn objective_strategy() -> BoxedStrategy<Objective> {
     prop_oneof![
         Just(Objective::Surrogate),
         (0.1f64..12.0).prop_map(|ratio_cap| Objective::DetachedIs { ratio_cap }),
@@ -820,7 +879,10 @@ pub fn objective_strategy() -> impl Strategy<Value = Objective> {
                 dual_clip
             }),
         (0.0f64..0.5).prop_map(|eps_high| Objective::Cispo { eps_high }),
+        (0.1f64..3.0, 0.1f64..3.0)
+            .prop_map(|(tau_pos, tau_neg)| Objective::Sapo { tau_pos, tau_neg }),
     ]
+    .boxed()
 }
 
 pub fn aggregation_strategy() -> impl Strategy<Value = Aggregation> {

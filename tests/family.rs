@@ -1,0 +1,317 @@
+//! The rest of the trust-region family (k2/k3 divergences, SAPO, `cppo_soft`, shuffled
+//! position weights), checked against values worked out by hand and against the
+//! properties that define them.
+
+use approx::assert_relative_eq;
+use cppo::ndarray::{Array1, Array2, s};
+use cppo::{Batch, Config, Divergence, Objective, Par, Rule, evaluate};
+
+fn batch_of<'a>(
+    lp: &'a Array2<f64>,
+    lq: &'a Array2<f64>,
+    adv: &'a Array1<f64>,
+    mask: &'a Array2<bool>,
+) -> Batch<'a, f64> {
+    Batch::new(lp, lq, adv, mask).unwrap()
+}
+
+fn parse(s: &str) -> Config {
+    serde_json::from_str(s).unwrap()
+}
+
+#[test]
+fn new_names_parse() {
+    assert_eq!(parse(r#"{"divergence": "k2"}"#).divergence, Divergence::K2);
+    assert_eq!(parse(r#"{"divergence": "k3"}"#).divergence, Divergence::K3);
+    assert_eq!(
+        parse(r#"{"objective": {"kind": "sapo"}}"#).objective,
+        Objective::Sapo {
+            tau_pos: 1.0,
+            tau_neg: 1.05
+        }
+    );
+    assert_eq!(
+        parse(r#"{"rule": {"kind": "cppo_soft", "tau": 0.05}}"#).rule,
+        Rule::CppoSoft {
+            delta: 0.2,
+            delta_b: Some(0.05),
+            w_min: 0.8,
+            horizon: None,
+            shuffle_seed: None,
+            tau: 0.05
+        }
+    );
+    assert_eq!(
+        parse(r#"{"rule": {"kind": "cppo", "shuffle_seed": 7}}"#)
+            .rule
+            .cppo_params()
+            .unwrap()
+            .shuffle_seed,
+        Some(7)
+    );
+    for bad in [
+        r#"{"rule": {"kind": "cppo_soft", "tau": 0}}"#,
+        r#"{"objective": {"kind": "sapo", "tau_pos": -1}}"#,
+        r#"{"objective": {"kind": "sapo", "tau": 1}}"#,
+    ] {
+        assert!(serde_json::from_str::<Config>(bad).is_err(), "{bad}");
+    }
+}
+
+/// k2 = r²/2 and k3 = ρ − 1 − r on the clamped log-ratio, through the engine.
+#[test]
+fn k2_and_k3_by_hand() {
+    // p/q = 0.5/0.4: r = ln 1.25 = 0.22314355131420976, ρ = 1.25.
+    // k2 = 0.024896521...; k3 = 0.25 − 0.22314355131420976 = 0.02685644868579024.
+    // Second token: r = −30 is clamped to −20: k2 = 200, k3 = e^−20 − 1 + 20.
+    let lp = Array2::from_shape_vec((1, 2), vec![0.5f64.ln(), -31.0]).unwrap();
+    let lq = Array2::from_shape_vec((1, 2), vec![0.4f64.ln(), -1.0]).unwrap();
+    let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 2), true));
+    let b = batch_of(&lp, &lq, &adv, &mask);
+    let r = 1.25f64.ln();
+    let k2 = evaluate(
+        &Config {
+            divergence: Divergence::K2,
+            ..Config::with_rule(Rule::None)
+        },
+        &b,
+        Par::Seq,
+    )
+    .unwrap();
+    assert_relative_eq!(
+        k2.outputs.divergence[[0, 0]],
+        r * r / 2.0,
+        max_relative = 1e-14
+    );
+    assert_eq!(k2.outputs.divergence[[0, 1]], 200.0);
+    let k3 = evaluate(
+        &Config {
+            divergence: Divergence::K3,
+            ..Config::with_rule(Rule::None)
+        },
+        &b,
+        Par::Seq,
+    )
+    .unwrap();
+    assert_relative_eq!(
+        k3.outputs.divergence[[0, 0]],
+        0.25 - r,
+        max_relative = 1e-12
+    );
+    assert_relative_eq!(
+        k3.outputs.divergence[[0, 1]],
+        (-20f64).exp() - 1.0 + 20.0,
+        max_relative = 1e-14
+    );
+    // TRM-max on k2 masks the row (max 200 > δ), TRM-avg on k3 likewise.
+    let trm = evaluate(
+        &Config {
+            divergence: Divergence::K2,
+            ..Config::with_rule(Rule::TrmMax { delta: 1.0 })
+        },
+        &b,
+        Par::Seq,
+    )
+    .unwrap();
+    assert_eq!(trm.outputs.reason, cppo::ndarray::array![[3u8, 3]]);
+}
+
+/// SAPO by hand at one token: A = 1, τ = 1, ρ = 1.25: σ = σ(0.25) = 0.5621765008857981;
+/// l = −4 σ = −2.2487060035431925; g = −4 ρ σ (1 − σ) = −1.2306974918...
+#[test]
+fn sapo_by_hand() {
+    let lp = Array2::from_elem((1, 1), 0.5f64.ln());
+    let lq = Array2::from_elem((1, 1), 0.4f64.ln());
+    let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 1), true));
+    let cfg = Config {
+        objective: Objective::Sapo {
+            tau_pos: 1.0,
+            tau_neg: 1.05,
+        },
+        ..Config::with_rule(Rule::None)
+    };
+    let e = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Seq).unwrap();
+    let sig = 1.0 / (1.0 + (-0.25f64).exp());
+    assert_relative_eq!(sig, 0.5621765008857981, max_relative = 1e-15);
+    assert_relative_eq!(e.loss, -4.0 * sig, max_relative = 1e-12);
+    assert_relative_eq!(
+        e.outputs.grad[[0, 0]],
+        -4.0 * 1.25 * sig * (1.0 - sig),
+        max_relative = 1e-12
+    );
+    // At ρ = 1 SAPO's gradient is the surrogate's: −4 · ¼ · A = −A.
+    let e1 = evaluate(&cfg, &batch_of(&lq, &lq, &adv, &mask), Par::Seq).unwrap();
+    assert_relative_eq!(e1.outputs.grad[[0, 0]], -1.0, max_relative = 1e-15);
+}
+
+/// cppo_soft: an away-moving token's term is scaled by σ((c_t − w_t D_t)/τ); a corrective
+/// one keeps all of it; keep and reason are the hard rule's.
+#[test]
+fn cppo_soft_gate_by_hand() {
+    // One row, two tokens, w_min = 1 and no budget: c_t = δ = 0.2, w = 1.
+    // Token 0: p = 0.9, q = 0.5: D = 0.4, ρ = 1.8, A = +1: away; gate σ((0.2 − 0.4)/0.1) = σ(−2).
+    // Token 1: p = 0.35, q = 0.5: D = 0.15 ≤ δ, ρ = 0.7 < 1, A = +1: feasible, full term.
+    let lp = Array2::from_shape_vec((1, 2), vec![0.9f64.ln(), 0.35f64.ln()]).unwrap();
+    let lq = Array2::from_elem((1, 2), 0.5f64.ln());
+    let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 2), true));
+    let b = batch_of(&lp, &lq, &adv, &mask);
+    let soft = Config::with_rule(Rule::CppoSoft {
+        delta: 0.2,
+        delta_b: None,
+        w_min: 1.0,
+        horizon: None,
+        shuffle_seed: None,
+        tau: 0.1,
+    });
+    let e = evaluate(&soft, &b, Par::Seq).unwrap();
+    let gate = 1.0 / (1.0 + 2f64.exp());
+    // token-mean over 2 tokens: grad = share · (−ρ A) / 2.
+    assert_relative_eq!(
+        e.outputs.grad[[0, 0]],
+        gate * -1.8 / 2.0,
+        max_relative = 1e-12
+    );
+    assert_relative_eq!(e.outputs.grad[[0, 1]], -0.7 / 2.0, max_relative = 1e-12);
+    assert_eq!(e.outputs.reason, cppo::ndarray::array![[3u8, 1]]);
+    assert_eq!(e.outputs.keep, cppo::ndarray::array![[false, true]]);
+    // τ → 0 recovers the hard mask.
+    let hard = Config::with_rule(Rule::CppoSoft {
+        delta: 0.2,
+        delta_b: None,
+        w_min: 1.0,
+        horizon: None,
+        shuffle_seed: None,
+        tau: 1e-9,
+    });
+    let h = evaluate(&hard, &b, Par::Seq).unwrap();
+    assert_eq!(h.outputs.grad[[0, 0]], 0.0);
+}
+
+fn long_batch(b: usize, l: usize) -> (Array2<f64>, Array2<f64>, Array1<f64>, Array2<bool>) {
+    let lp = Array2::from_shape_fn((b, l), |(i, j)| {
+        -0.05 - ((i * 31 + j * 17) % 23) as f64 * 0.03
+    });
+    let lq = Array2::from_shape_fn((b, l), |(i, j)| {
+        -0.05 - ((i * 7 + j * 13) % 19) as f64 * 0.035
+    });
+    let adv = Array1::from_shape_fn(b, |i| if i % 2 == 0 { 1.0 } else { -1.0 });
+    let mask = Array2::from_shape_fn((b, l), |(i, j)| j < l - 5 * i && j % 11 != 4);
+    (lp, lq, adv, mask)
+}
+
+/// Shuffled weights: each row's weights are a permutation of the ordered ones (the same
+/// multiset), not the identity, the same for every row of the same length T, and the
+/// same whether the row is evaluated whole, in another batch, or in column chunks.
+#[test]
+fn shuffled_weights_are_a_permutation() {
+    let (lp, lq, adv, mask) = long_batch(6, 80);
+    let b = batch_of(&lp, &lq, &adv, &mask);
+    let ordered = Config::with_rule(Rule::Cppo {
+        delta: 0.2,
+        delta_b: Some(0.05),
+        w_min: 0.6,
+        horizon: None,
+        shuffle_seed: None,
+    });
+    let shuffled = Config::with_rule(Rule::Cppo {
+        delta: 0.2,
+        delta_b: Some(0.05),
+        w_min: 0.6,
+        horizon: None,
+        shuffle_seed: Some(42),
+    });
+    let o = evaluate(&ordered, &b, Par::Seq).unwrap();
+    let sh = evaluate(&shuffled, &b, Par::Rayon).unwrap();
+    for i in 0..6 {
+        let pick = |w: &Array2<f64>| -> Vec<f64> {
+            let mut v: Vec<f64> = (0..80)
+                .filter(|&j| mask[[i, j]])
+                .map(|j| w[[i, j]])
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        assert_eq!(
+            pick(&o.outputs.weight),
+            pick(&sh.outputs.weight),
+            "row {i}: same multiset"
+        );
+        assert_ne!(
+            o.outputs.weight.row(i),
+            sh.outputs.weight.row(i),
+            "row {i}: not the identity"
+        );
+    }
+    // Another seed gives another order.
+    let other = Config::with_rule(Rule::Cppo {
+        delta: 0.2,
+        delta_b: Some(0.05),
+        w_min: 0.6,
+        horizon: None,
+        shuffle_seed: Some(43),
+    });
+    assert_ne!(
+        evaluate(&other, &b, Par::Seq).unwrap().outputs.weight,
+        sh.outputs.weight
+    );
+    // A row alone (another batch, another row index) gets the same weights.
+    let (lp1, lq1, adv1, m1) = (
+        lp.slice(s![3..4, ..]).to_owned(),
+        lq.slice(s![3..4, ..]).to_owned(),
+        adv.slice(s![3..4]).to_owned(),
+        mask.slice(s![3..4, ..]).to_owned(),
+    );
+    let alone = evaluate(&shuffled, &batch_of(&lp1, &lq1, &adv1, &m1), Par::Seq).unwrap();
+    assert_eq!(alone.outputs.weight.row(0), sh.outputs.weight.row(3));
+    // Column chunks give the whole row's outputs.
+    use cppo::chunk::{Carry, ChunkPos, RowPartial, evaluate_chunk_into, row_partials};
+    let cuts = [0usize, 17, 50, 80];
+    let mut rows = vec![RowPartial::default(); 6];
+    for w in cuts.windows(2) {
+        let (lpc, lqc, mc) = (
+            lp.slice(s![.., w[0]..w[1]]),
+            lq.slice(s![.., w[0]..w[1]]),
+            mask.slice(s![.., w[0]..w[1]]),
+        );
+        let c = Batch::new(&lpc, &lqc, &adv, mc).unwrap();
+        for (r, p) in rows.iter_mut().zip(
+            row_partials(
+                &shuffled,
+                &c,
+                ChunkPos {
+                    col0: w[0],
+                    width: 80,
+                },
+                Par::Seq,
+            )
+            .unwrap(),
+        ) {
+            *r = r.merge(&p);
+        }
+    }
+    let mut carries = vec![Carry::default(); 6];
+    for w in cuts.windows(2) {
+        let (lpc, lqc, mc) = (
+            lp.slice(s![.., w[0]..w[1]]),
+            lq.slice(s![.., w[0]..w[1]]),
+            mask.slice(s![.., w[0]..w[1]]),
+        );
+        let c = Batch::new(&lpc, &lqc, &adv, mc).unwrap();
+        let mut out = cppo::Outputs::<f64>::zeros(c.shape());
+        evaluate_chunk_into(
+            &shuffled,
+            &c,
+            ChunkPos {
+                col0: w[0],
+                width: 80,
+            },
+            &rows,
+            &mut carries,
+            out.view_mut(),
+            Par::Seq,
+        )
+        .unwrap();
+        assert_eq!(out.weight, sh.outputs.weight.slice(s![.., w[0]..w[1]]));
+        assert_eq!(out.grad, sh.outputs.grad.slice(s![.., w[0]..w[1]]));
+    }
+}
