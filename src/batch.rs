@@ -400,6 +400,14 @@ impl<'a, F: Float> Batch<'a, F> {
         }
     }
 
+    /// Row `i`'s one advantage, when advantages are given per row.
+    pub(crate) fn row_advantage(&self, i: usize) -> Option<f64> {
+        match &self.advantages {
+            Advantages::PerRow(a) => Some(a[i].to_f64()),
+            Advantages::PerToken(_) => None,
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn read_logp(&self, i: usize, j: usize) -> Result<f64> {
         read_logprob(self.logp[[i, j]], "logp", At::new(i, j))

@@ -75,7 +75,9 @@ use crate::engine::{
 use crate::error::{Error, Result};
 use crate::float::{Float, MaskElem};
 pub use crate::kernel::FixedSum;
-use crate::kernel::{Plan, Prefix, RowFacts, RowLanes, divergence_max_sum, run_row, trm_keeps_row};
+use crate::kernel::{
+    Plan, Prefix, RowLanes, RowStats, needs_row_stats, row_facts, row_stats, run_row,
+};
 use crate::stats::{Diagnostics, Tally};
 
 /// A row's state between column chunks.
@@ -128,33 +130,63 @@ pub struct ChunkPos {
     pub width: usize,
 }
 
-/// A mergeable summary of a row's chunk: the row's response tokens and, for TRM, the
-/// max and sum of its divergences.
+/// A mergeable summary of a row's chunk: the row's response tokens and the sums that
+/// whole-row rules and objectives need (zero where the config needs none). The sums are
+/// exact fixed-point integers, so merging is associative and a chunked row gets exactly
+/// the whole row's decision (TRM) and sequence ratio (GSPO, GMPO).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RowPartial {
     /// Response tokens.
     pub tokens: u64,
-    /// max D_t (0 when empty, or when the rule is not TRM).
+    /// max D_t (TRM; 0 when empty).
     pub divergence_max: f64,
-    /// Σ D_t in exact fixed point (0 when the rule is not TRM), so that merging is
-    /// associative and a chunked row's TRM-avg decision is the whole row's.
+    /// Σ D_t (TRM-avg).
     pub divergence_sum: FixedSum,
+    /// Σ r_t, the clamped log-ratios (GSPO).
+    pub log_ratio_sum: FixedSum,
+    /// Σ r̃_t, GMPO's clipped log-ratios.
+    pub clipped_log_ratio_sum: FixedSum,
+    /// Σ A_t (GMPO).
+    pub advantage_sum: FixedSum,
+}
+
+impl RowPartial {
+    fn stats(&self) -> RowStats {
+        RowStats {
+            d_max: self.divergence_max,
+            d_sum: self.divergence_sum,
+            r_sum: self.log_ratio_sum,
+            r_clip_sum: self.clipped_log_ratio_sum,
+            adv_sum: self.advantage_sum,
+        }
+    }
+
+    fn from_stats(tokens: u64, s: &RowStats) -> Self {
+        Self {
+            tokens,
+            divergence_max: s.d_max,
+            divergence_sum: s.d_sum,
+            log_ratio_sum: s.r_sum,
+            clipped_log_ratio_sum: s.r_clip_sum,
+            advantage_sum: s.adv_sum,
+        }
+    }
 }
 
 impl RowPartial {
     /// The partial of two pieces of a row (`other` after `self`).
     #[must_use]
     pub fn merge(&self, other: &Self) -> Self {
-        Self {
-            tokens: self.tokens + other.tokens,
-            divergence_max: self.divergence_max.max(other.divergence_max),
-            divergence_sum: self.divergence_sum.merge(other.divergence_sum),
-        }
+        Self::from_stats(
+            self.tokens + other.tokens,
+            &self.stats().merge(&other.stats()),
+        )
     }
 }
 
 /// Each row's [`RowPartial`] over this chunk's columns. The divergences are computed
-/// (and their inputs checked) only under a TRM rule, which needs them.
+/// (and their inputs checked) only under a TRM rule, which needs them; the log-ratio sums
+/// only under GSPO and GMPO.
 ///
 /// # Errors
 ///
@@ -187,18 +219,12 @@ pub fn row_partials_into<F: Float>(
     check_len("row partials", out.len(), chunk.shape().0)?;
     let one = |i: usize| -> Result<RowPartial> {
         let tokens = chunk.mask.row_len(i)?;
-        let (divergence_max, divergence_sum) = if cfg.rule.is_sequence_level() && tokens > 0 {
-            with_mask_row!(chunk, i, |mask| divergence_max_sum(
-                cfg, chunk, mask, i, pos.col0
-            ))?
+        let stats = if needs_row_stats(cfg) && tokens > 0 {
+            with_mask_row!(chunk, i, |mask| row_stats(cfg, chunk, mask, i, pos.col0))?
         } else {
-            (0.0, FixedSum::default())
+            RowStats::default()
         };
-        Ok(RowPartial {
-            tokens: tokens as u64,
-            divergence_max,
-            divergence_sum,
-        })
+        Ok(RowPartial::from_stats(tokens as u64, &stats))
     };
     let seq = |out: &mut [RowPartial]| {
         for (i, p) in out.iter_mut().enumerate() {
@@ -317,15 +343,12 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
             ),
         });
     }
-    let row_len = whole.tokens as usize;
-    let facts = RowFacts {
-        row_len,
-        row_ok: trm_keeps_row(
-            &plan.cfg.rule,
-            (whole.divergence_max, whole.divergence_sum),
-            row_len,
-        ),
-    };
+    let facts = row_facts(
+        plan.cfg,
+        whole.tokens as usize,
+        &whole.stats(),
+        chunk.row_advantage(i),
+    );
     let mut prefix = Prefix {
         t: carry.t,
         s: carry.s,

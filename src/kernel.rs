@@ -754,26 +754,27 @@ fn sweep<F: Float, M: MaskElem, S>(
 /// 2^64: the unit of [`FixedSum`].
 const FIXED_ONE: f64 = 18_446_744_073_709_551_616.0;
 
-/// A sum of nonnegative values in fixed point, units of 2^−64: integer addition is exact
-/// and associative, so a row's sum is the same however its columns are chunked, and
-/// TRM-avg decides a chunked row exactly as the whole row.
+/// A sum in fixed point, units of 2^−64: integer addition is exact and associative, so
+/// a row's sum is the same however its columns are chunked, and a decision on it (TRM-avg)
+/// or a value from it (GSPO's and GMPO's sequence ratios) is the same chunked and whole.
+/// Each term is rounded to the nearest multiple of 2^−64 (an absolute error of at most
+/// 2.7e−20); the sum saturates beyond ±9.2e18.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
-pub struct FixedSum(pub u128);
+pub struct FixedSum(pub i128);
 
 impl FixedSum {
-    /// Adds `x` ≥ 0, rounded to the nearest multiple of 2^−64 (an absolute error of at
-    /// most 2.7e−20 per term).
+    /// Adds `x`.
     #[inline(always)]
     pub(crate) fn add(&mut self, x: f64) {
-        self.0 += (x * FIXED_ONE).round() as u128;
+        self.0 = self.0.saturating_add((x * FIXED_ONE).round() as i128);
     }
 
     /// The sum of two parts.
     #[must_use]
     pub const fn merge(self, other: Self) -> Self {
-        Self(self.0 + other.0)
+        Self(self.0.saturating_add(other.0))
     }
 
     /// The sum as a float.
@@ -782,28 +783,87 @@ impl FixedSum {
     }
 }
 
-/// The max and (fixed-point) sum of D_t over the response tokens of row `i` of `batch`
-/// (a whole row or a chunk of one): TRM's mergeable row statistic.
-pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
+/// The whole-row statistics some rules and objectives need before a row's sweep, as
+/// mergeable sums over a row's (or a chunk's) response tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct RowStats {
+    /// max D_t (TRM).
+    pub d_max: f64,
+    /// Σ D_t (TRM-avg).
+    pub d_sum: FixedSum,
+    /// Σ r_t, r the clamped log-ratio (GSPO).
+    pub r_sum: FixedSum,
+    /// Σ r̃_t, GMPO's sign-dependent clipped log-ratio.
+    pub r_clip_sum: FixedSum,
+    /// Σ A_t (GMPO with per-token advantages).
+    pub adv_sum: FixedSum,
+}
+
+impl RowStats {
+    pub(crate) fn merge(&self, o: &Self) -> Self {
+        Self {
+            d_max: self.d_max.max(o.d_max),
+            d_sum: self.d_sum.merge(o.d_sum),
+            r_sum: self.r_sum.merge(o.r_sum),
+            r_clip_sum: self.r_clip_sum.merge(o.r_clip_sum),
+            adv_sum: self.adv_sum.merge(o.adv_sum),
+        }
+    }
+}
+
+/// Whether the config needs [`RowStats`] before a row's sweep.
+pub(crate) fn needs_row_stats(cfg: &Config) -> bool {
+    cfg.rule.is_sequence_level() || cfg.objective.is_sequence_level()
+}
+
+/// GMPO's clipped log-ratio r̃ = sgn(A) min(sgn(A) r, sgn(A) clamp(r, −ε_low, ε_high)),
+/// and whether the unclipped branch was taken (where the gradient flows).
+#[inline(always)]
+pub(crate) fn gmpo_clip(r: f64, adv: f64, eps_low: f64, eps_high: f64) -> (f64, bool) {
+    let c = r.clamp(-eps_low, eps_high);
+    if adv > 0.0 {
+        if r <= c { (r, true) } else { (c, false) }
+    } else if adv < 0.0 {
+        if r >= c { (r, true) } else { (c, false) }
+    } else {
+        (0.0, true)
+    }
+}
+
+/// The [`RowStats`] of row `i` of `batch` (a whole row or a chunk of one).
+pub(crate) fn row_stats<'a, F: Float, M: MaskElem>(
     cfg: &Config,
     batch: &Batch<'a, F>,
     mask: ArrayView1<'a, M>,
     i: usize,
     col0: usize,
-) -> Result<(f64, FixedSum)> {
+) -> Result<RowStats> {
     let row = RowIn::new(batch, mask, i, col0);
-    let (mut max, mut sum) = (0.0f64, FixedSum::default());
+    let mut st = RowStats::default();
     let mut scratch = TopkScratch::new();
+    let trm = cfg.rule.is_sequence_level();
+    let gmpo = match cfg.objective {
+        Objective::Gmpo { eps_low, eps_high } => Some((eps_low, eps_high)),
+        _ => None,
+    };
     sweep(
         &row,
         cfg.divergence.needs_probs(),
         &mut (),
-        |(), st, k, j| {
-            if st.on[k] {
+        |(), stage, k, j| {
+            if stage.on[k] {
                 let pos = row.pos(j);
-                let d = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
-                max = max.max(d);
-                sum.add(d);
+                if trm {
+                    let d = stage.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
+                    st.d_max = st.d_max.max(d);
+                    st.d_sum.add(d);
+                }
+                let r = stage.log_ratio[k];
+                st.r_sum.add(r);
+                if let Some((lo, hi)) = gmpo {
+                    st.r_clip_sum.add(gmpo_clip(r, stage.adv[k], lo, hi).0);
+                    st.adv_sum.add(stage.adv[k]);
+                }
                 // Checked here too, so errors come in column order (see the module docs).
                 if let (Some(_), Some(lane)) = (&cfg.kl, &row.logp_ref) {
                     logp_ref_at(lane, pos)?;
@@ -813,16 +873,39 @@ pub(crate) fn divergence_max_sum<'a, F: Float, M: MaskElem>(
         },
         |(), _, _| {},
     )?;
-    Ok((max, sum))
+    Ok(st)
 }
 
 /// TRM's whole-row decision from the row's max and sum of D_t over its T tokens; `true`
 /// for every other rule.
-pub(crate) fn trm_keeps_row(rule: &Rule, (max, sum): (f64, FixedSum), row_len: usize) -> bool {
+pub(crate) fn trm_keeps_row(rule: &Rule, stats: &RowStats, row_len: usize) -> bool {
     match *rule {
-        Rule::TrmMax { delta } => max <= delta,
-        Rule::TrmAvg { delta } => row_len == 0 || sum.to_f64() / row_len as f64 <= delta,
+        Rule::TrmMax { delta } => stats.d_max <= delta,
+        Rule::TrmAvg { delta } => row_len == 0 || stats.d_sum.to_f64() / row_len as f64 <= delta,
         _ => true,
+    }
+}
+
+/// GSPO's clamp on the sequence log-ratio (verl's).
+const GSPO_LOG_RATIO_MAX: f64 = 10.0;
+
+/// A row's facts from its length and statistics.
+pub(crate) fn row_facts(
+    cfg: &Config,
+    row_len: usize,
+    stats: &RowStats,
+    row_adv: Option<f64>,
+) -> RowFacts {
+    let t = row_len.max(1) as f64;
+    RowFacts {
+        row_len,
+        row_ok: trm_keeps_row(&cfg.rule, stats, row_len),
+        seq_ratio: match cfg.objective {
+            Objective::Gspo { .. } => (stats.r_sum.to_f64() / t).min(GSPO_LOG_RATIO_MAX).exp(),
+            Objective::Gmpo { .. } => (stats.r_clip_sum.to_f64() / t).exp(),
+            _ => 1.0,
+        },
+        adv_mean: row_adv.unwrap_or_else(|| stats.adv_sum.to_f64() / t),
     }
 }
 
@@ -833,6 +916,10 @@ pub(crate) struct RowFacts {
     pub row_len: usize,
     /// TRM's row decision (`true` under other rules).
     pub row_ok: bool,
+    /// GSPO's s = exp(min(mean r, 10)) or GMPO's R = exp(mean r̃) (1 otherwise).
+    pub seq_ratio: f64,
+    /// The row's mean advantage (GMPO's gradient).
+    pub adv_mean: f64,
 }
 
 /// The facts of whole row `i` of `batch`: its T and, under TRM, its decision.
@@ -844,16 +931,12 @@ pub(crate) fn whole_row_facts<'a, F: Float, M: MaskElem>(
 ) -> Result<RowFacts> {
     // An invalid mask value counts here; the sweep reports it in its place.
     let row_len = mask.iter().filter(|m| m.is_on()).count();
-    let row_ok = if cfg.rule.is_sequence_level() && row_len > 0 {
-        trm_keeps_row(
-            &cfg.rule,
-            divergence_max_sum(cfg, batch, mask, i, 0)?,
-            row_len,
-        )
+    let stats = if needs_row_stats(cfg) && row_len > 0 {
+        row_stats(cfg, batch, mask, i, 0)?
     } else {
-        true
+        RowStats::default()
     };
-    Ok(RowFacts { row_len, row_ok })
+    Ok(row_facts(cfg, row_len, &stats, batch.row_advantage(i)))
 }
 
 /// The state a row's sweep carries from column to column (and from chunk to chunk):
@@ -1037,7 +1120,7 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
             }
         }
 
-        objective_terms(cfg, &st, &mut wk, n);
+        objective_terms(cfg, &facts, &st, &mut wk, n);
         if let Some((kl, _)) = kl {
             for k in 0..n {
                 if st.on[k] {
@@ -1321,7 +1404,7 @@ pub(crate) fn permute(mut x: u64, n: u64, key: u64) -> u64 {
 /// The objective's loss and gradient of each token, times the share `m` it keeps (0
 /// where it is masked: exactly +0, not −0).
 #[inline(always)]
-fn objective_terms(cfg: &Config, st: &InStage, wk: &mut Work, n: usize) {
+fn objective_terms(cfg: &Config, facts: &RowFacts, st: &InStage, wk: &mut Work, n: usize) {
     let (loss, grad, clipped, m) = (&mut wk.loss, &mut wk.grad, &mut wk.clipped, &wk.m);
     let keep = |k: usize, x: f64| if m[k] > 0.0 { m[k] * x } else { 0.0 };
     match cfg.objective {
@@ -1347,6 +1430,29 @@ fn objective_terms(cfg: &Config, st: &InStage, wk: &mut Work, n: usize) {
                 loss[k] = keep(k, term.loss);
                 grad[k] = keep(k, term.grad);
                 clipped[k] = term.clipped & st.on[k];
+            }
+        }
+        Objective::Gspo { .. } => {
+            // PPO's clip on the row's sequence ratio s; ∂s_t/∂logp_t = s (token-level form).
+            for k in 0..n {
+                let term = cfg.objective.eval(facts.seq_ratio, st.adv[k], st.lp[k]);
+                loss[k] = keep(k, term.loss);
+                grad[k] = keep(k, term.grad);
+                clipped[k] = term.clipped & st.on[k];
+            }
+        }
+        Objective::Gmpo { eps_low, eps_high } => {
+            let big_r = facts.seq_ratio;
+            for k in 0..n {
+                let (_, unclipped) = gmpo_clip(st.log_ratio[k], st.adv[k], eps_low, eps_high);
+                loss[k] = keep(k, -st.adv[k] * big_r);
+                let g = if unclipped {
+                    -facts.adv_mean * big_r
+                } else {
+                    0.0
+                };
+                grad[k] = keep(k, g);
+                clipped[k] = !unclipped & st.on[k];
             }
         }
     }

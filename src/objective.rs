@@ -12,6 +12,23 @@
 //! | `cispo` | −M min(ρ, 1+ε_high) A logp | −M min(ρ, 1+ε_high) A |
 //! | `sapo` | −M A (4/τ) σ(τ(ρ − 1)) | −4 M A ρ σ (1 − σ), σ = σ(τ(ρ − 1)) |
 //!
+//! Two objectives act on a whole-row quantity, computed in a first sweep of the row (and
+//! carried across column chunks as exact fixed-point sums), in verl's token-level form:
+//! every token's loss has the sequence value, and its gradient is the sequence
+//! quantity's derivative through its own log-prob (r_t = logp_t − logp_old_t, clamped):
+//!
+//! | objective | l_t | g_t |
+//! |---|---|---|
+//! | `gspo` | M max(−A s, −clip(s, 1−ε_low, 1+ε_high) A), s = exp(min(mean r, 10)) | −M A s on the unclipped branch, else 0 |
+//! | `gmpo` | −M A R, R = exp(mean r̃), r̃_t = sgn(A) min(sgn(A) r_t, sgn(A) clamp(r_t, −ε_low, ε_high)) | −M Ā R where r̃_t = r_t, else 0 |
+//!
+//! Ā is the row's mean advantage. With every token kept and `seq-mean-token-mean`, the
+//! gradient equals that of the sequence-level objectives: (1/|y|) A s for GSPO (Zheng et
+//! al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071; verl's `gspo`, with
+//! its clamp of the sequence log-ratio at 10), and GMPO's (Zhao et al. 2025, "Geometric-Mean
+//! Policy Optimization", arXiv 2507.20673). `ppo_clip`'s `clip_frac` counts, for GSPO, the
+//! tokens of clipped sequences; for GMPO, the clipped tokens.
+//!
 //! SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv 2511.20347)
 //! replaces the clip with a soft gate whose temperature depends on the advantage's sign:
 //! τ = τ_pos for A > 0, τ_neg otherwise (defaults 1.0 and 1.05, as in verl). At ρ = 1 its
@@ -92,6 +109,25 @@ pub enum Objective {
         #[serde(default = "default_cispo_eps_high")]
         eps_high: f64,
     },
+    /// GSPO: PPO's clip on the sequence ratio s = exp(mean_t r_t), in verl's token-level
+    /// form.
+    Gspo {
+        /// ε_low ≥ 0, default 3e-4 (the GSPO paper's).
+        #[serde(default = "default_gspo_eps_low")]
+        eps_low: f64,
+        /// ε_high ≥ 0, default 4e-4 (the GSPO paper's).
+        #[serde(default = "default_gspo_eps_high")]
+        eps_high: f64,
+    },
+    /// GMPO: the geometric mean of the token ratios, each clipped in log space.
+    Gmpo {
+        /// ε_low ≥ 0 (log space), default 0.4 (the GMPO paper's).
+        #[serde(default = "default_gmpo_eps")]
+        eps_low: f64,
+        /// ε_high ≥ 0 (log space), default 0.4 (the GMPO paper's).
+        #[serde(default = "default_gmpo_eps")]
+        eps_high: f64,
+    },
     /// SAPO: −A (4/τ) σ(τ(ρ − 1)), τ by the sign of A.
     Sapo {
         /// τ for A > 0, > 0, default 1.0.
@@ -103,6 +139,15 @@ pub enum Objective {
     },
 }
 
+fn default_gspo_eps_low() -> f64 {
+    3e-4
+}
+fn default_gspo_eps_high() -> f64 {
+    4e-4
+}
+fn default_gmpo_eps() -> f64 {
+    0.4
+}
 fn default_tau_pos() -> f64 {
     DEFAULT_SAPO_TAU_POS
 }
@@ -146,6 +191,8 @@ impl Objective {
             Self::PpoClip { .. } => "ppo_clip",
             Self::Cispo { .. } => "cispo",
             Self::Sapo { .. } => "sapo",
+            Self::Gspo { .. } => "gspo",
+            Self::Gmpo { .. } => "gmpo",
         }
     }
 
@@ -176,12 +223,26 @@ impl Objective {
                 check_positive("objective.tau_pos", tau_pos)?;
                 check_positive("objective.tau_neg", tau_neg)
             }
+            Self::Gspo { eps_low, eps_high } | Self::Gmpo { eps_low, eps_high } => {
+                check_nonnegative("objective.eps_low", eps_low)?;
+                check_nonnegative("objective.eps_high", eps_high)
+            }
         }
     }
 
-    /// Whether the objective reports a clipped fraction (`ppo_clip`, `cispo`).
+    /// Whether the objective reports a clipped fraction (`ppo_clip`, `cispo`, `gspo`,
+    /// `gmpo`).
     pub const fn has_clip(&self) -> bool {
-        matches!(self, Self::PpoClip { .. } | Self::Cispo { .. })
+        matches!(
+            self,
+            Self::PpoClip { .. } | Self::Cispo { .. } | Self::Gspo { .. } | Self::Gmpo { .. }
+        )
+    }
+
+    /// Whether a token's term depends on a whole-row quantity (GSPO's and GMPO's sequence
+    /// ratios), computed in a first sweep of the row.
+    pub const fn is_sequence_level(&self) -> bool {
+        matches!(self, Self::Gspo { .. } | Self::Gmpo { .. })
     }
 
     /// The loss and gradient of one kept token, from its ratio ρ, advantage A and
@@ -245,6 +306,16 @@ impl Objective {
                     grad: g,
                     clipped: rho > cap,
                 }
+            }
+            Self::Gspo { eps_low, eps_high } => Self::PpoClip {
+                eps_low,
+                eps_high,
+                dual_clip: None,
+            }
+            .eval(rho, adv, logp),
+            Self::Gmpo { .. } => {
+                // A sequence-level objective: the engine evaluates it with the row's R.
+                Self::Surrogate.eval(rho, adv, logp)
             }
             Self::Sapo { tau_pos, tau_neg } => {
                 let tau = if adv > 0.0 { tau_pos } else { tau_neg };

@@ -315,3 +315,95 @@ fn shuffled_weights_are_a_permutation() {
         assert_eq!(out.grad, sh.outputs.grad.slice(s![.., w[0]..w[1]]));
     }
 }
+
+/// GSPO by hand: one row, ρ = (1.2, 0.9): mean log-ratio (ln 1.2 + ln 0.9)/2 = ½ ln 1.08,
+/// s = √1.08 = 1.0392304845413265; A = 1 inside the clip (ε = 0.2): every token's loss is
+/// −s, token-mean gives −s, and each token's gradient is −s/2.
+#[test]
+fn gspo_by_hand() {
+    let lq = Array2::from_elem((1, 2), 0.5f64.ln());
+    let lp = Array2::from_shape_vec((1, 2), vec![0.6f64.ln(), 0.45f64.ln()]).unwrap();
+    let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 2), true));
+    let cfg = Config {
+        objective: Objective::Gspo {
+            eps_low: 0.2,
+            eps_high: 0.2,
+        },
+        ..Config::with_rule(Rule::None)
+    };
+    let e = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Seq).unwrap();
+    let s = 1.08f64.sqrt();
+    assert_relative_eq!(e.loss, -s, max_relative = 1e-13);
+    for j in 0..2 {
+        assert_relative_eq!(e.outputs.grad[[0, j]], -s / 2.0, max_relative = 1e-13);
+    }
+    // With GSPO's own tiny clip range (3e-4, 4e-4) and A > 0, s > 1 + ε_high: clipped,
+    // no gradient, loss −(1 + ε_high).
+    let cfg = Config {
+        objective: Objective::Gspo {
+            eps_low: 3e-4,
+            eps_high: 4e-4,
+        },
+        ..cfg
+    };
+    let e = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Seq).unwrap();
+    assert_relative_eq!(e.loss, -1.0004, max_relative = 1e-13);
+    assert_eq!(e.outputs.grad, Array2::<f64>::zeros((1, 2)));
+    assert_eq!(e.diagnostics.clip_frac, Some(1.0));
+}
+
+/// With every token kept and seq-mean-token-mean, GSPO's and GMPO's token-level gradients
+/// are those of their sequence objectives: check against central differences of the loss.
+#[test]
+fn gspo_and_gmpo_gradients_match_finite_differences() {
+    let (b, l) = (3, 7);
+    let lq = Array2::from_shape_fn((b, l), |(i, j)| -0.3 - ((i * 5 + j * 3) % 7) as f64 * 0.2);
+    let lp = Array2::from_shape_fn((b, l), |(i, j)| {
+        lq[[i, j]] + 0.05 * (((i * 7 + j * 11) % 9) as f64 - 4.0) / 4.0
+    });
+    let adv = Array1::from_vec(vec![1.0, -0.7, 0.4]);
+    let mask = Array2::from_shape_fn((b, l), |(i, j)| j < l - i);
+    for objective in [
+        Objective::Gspo {
+            eps_low: 0.5,
+            eps_high: 0.5,
+        },
+        // GMPO with a clip that binds on some tokens (|r| up to 0.05 > 0.03).
+        Objective::Gmpo {
+            eps_low: 0.03,
+            eps_high: 0.03,
+        },
+        Objective::Gmpo {
+            eps_low: 0.4,
+            eps_high: 0.4,
+        },
+    ] {
+        let cfg = Config {
+            objective,
+            aggregation: cppo::Aggregation::SeqMeanTokenMean,
+            ..Config::with_rule(Rule::None)
+        };
+        let loss = |lp: &Array2<f64>| {
+            evaluate(&cfg, &batch_of(lp, &lq, &adv, &mask), Par::Seq)
+                .unwrap()
+                .loss
+        };
+        let grad = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Seq)
+            .unwrap()
+            .outputs
+            .grad;
+        let h = 1e-6;
+        for i in 0..b {
+            for j in 0..l {
+                if !mask[[i, j]] {
+                    continue;
+                }
+                let (mut up, mut down) = (lp.clone(), lp.clone());
+                up[[i, j]] += h;
+                down[[i, j]] -= h;
+                let fd = (loss(&up) - loss(&down)) / (2.0 * h);
+                assert_relative_eq!(grad[[i, j]], fd, epsilon = 1e-8, max_relative = 1e-5);
+            }
+        }
+    }
+}

@@ -430,6 +430,9 @@ fn ref_objective(obj: &Objective, rho: f64, a: f64, lp: f64) -> (f64, f64, u8, f
             let wt = if rho < cap { rho } else { cap };
             (-wt * a * lp, -wt * a, u8::from(rho > cap), f64::INFINITY)
         }
+        Objective::Gspo { .. } | Objective::Gmpo { .. } => {
+            unreachable!("sequence-level objectives are evaluated in the row loop")
+        }
         Objective::Sapo { tau_pos, tau_neg } => {
             // f(ρ) = (4/τ) σ(τ(ρ − 1)), f'(ρ) = 4 σ (1 − σ); l = −A f(ρ), dl/dlogp = −A f'(ρ) ρ.
             let tau = if a > 0.0 { tau_pos } else { tau_neg };
@@ -536,6 +539,44 @@ pub fn reference(case: &Case<f64>) -> Reference {
             Rule::TrmAvg { .. } => d.iter().sum::<f64>() / t_row as f64,
             _ => f64::NAN,
         };
+        // GSPO's s and GMPO's R and mean advantage, over the row's response tokens.
+        let r_of = |j: usize| {
+            (read_logprob(case.logp[[i, j]]) - read_logprob(case.logp_old[[i, j]]))
+                .clamp(-20.0, 20.0)
+        };
+        let gmpo_tilde = |r: f64, a: f64, lo: f64, hi: f64| -> (f64, bool) {
+            // sgn(A) · min(sgn(A) r, sgn(A) clamp(r, −lo, hi)); unclipped when the min is r.
+            let c = r.max(-lo).min(hi);
+            let sg = if a > 0.0 {
+                1.0
+            } else if a < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            if sg == 0.0 {
+                (0.0, true)
+            } else if sg * r <= sg * c {
+                (r, true)
+            } else {
+                (c, false)
+            }
+        };
+        let seq_ratio = match cfg.objective {
+            Objective::Gspo { .. } => {
+                let mean = cols.iter().map(|&j| r_of(j)).sum::<f64>() / t_row as f64;
+                mean.min(10.0).exp()
+            }
+            Objective::Gmpo { eps_low, eps_high } => {
+                let sum: f64 = cols
+                    .iter()
+                    .map(|&j| gmpo_tilde(r_of(j), case.adv_at(i, j), eps_low, eps_high).0)
+                    .sum();
+                (sum / t_row as f64).exp()
+            }
+            _ => f64::NAN,
+        };
+        let adv_mean = cols.iter().map(|&j| case.adv_at(i, j)).sum::<f64>() / t_row as f64;
         let a_t = match cfg.aggregation {
             Aggregation::TokenMean => inv(n_tok),
             Aggregation::SeqMeanTokenMean => inv(n_seq) / t_row as f64,
@@ -613,7 +654,28 @@ pub fn reference(case: &Case<f64>) -> Reference {
             }
             let keep = reason == 1 || reason == 2;
 
-            let (lo, go, branch, obj_margin) = ref_objective(&cfg.objective, rho, a, lp);
+            let (lo, go, branch, obj_margin) = match cfg.objective {
+                Objective::Gspo { eps_low, eps_high } => ref_objective(
+                    &Objective::PpoClip {
+                        eps_low,
+                        eps_high,
+                        dual_clip: None,
+                    },
+                    seq_ratio,
+                    a,
+                    lp,
+                ),
+                Objective::Gmpo { eps_low, eps_high } => {
+                    let (_, unclipped) = gmpo_tilde(r_of(j), a, eps_low, eps_high);
+                    let g = if unclipped {
+                        -adv_mean * seq_ratio
+                    } else {
+                        0.0
+                    };
+                    (-a * seq_ratio, g, u8::from(!unclipped), f64::INFINITY)
+                }
+                _ => ref_objective(&cfg.objective, rho, a, lp),
+            };
             // The share of its term a token keeps: all or nothing, except under cppo_soft,
             // where an away-moving token keeps σ((c_t − w_t D_t)/τ).
             let share = match cfg.rule {
