@@ -18,7 +18,7 @@
 //! whole-row computation; the chunks' losses and tallies add up to the whole's (to
 //! rounding).
 //!
-//! The carry and the partial are small `Copy` + serde types (32 and 24 bytes), what a
+//! The carry and the partial are small `Copy` + serde types (40 and 88 bytes), what a
 //! context-parallel trainer sends from rank to rank. [`Carry::finish`] checks at the end
 //! that a row's chunks covered it exactly.
 //!
@@ -80,8 +80,8 @@ use crate::kernel::{
 };
 use crate::stats::{Diagnostics, Tally};
 
-/// A row's state between column chunks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// A row's state between column chunks. Start every row from `Carry::default()`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Carry {
     /// Columns of the row done so far: the next chunk must start at this column.
     pub col: usize,
@@ -91,6 +91,21 @@ pub struct Carry {
     pub s: f64,
     /// W: Σ w_s over the tokens seen so far (f64).
     pub w: f64,
+    /// The minimum ratio ρ over the tokens seen so far (MinPRO); +∞ before the first.
+    pub min_ratio: f64,
+}
+
+impl Default for Carry {
+    /// The state before a row's first column.
+    fn default() -> Self {
+        Self {
+            col: 0,
+            t: 0,
+            s: 0.0,
+            w: 0.0,
+            min_ratio: f64::INFINITY,
+        }
+    }
 }
 
 impl Carry {
@@ -353,6 +368,7 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
         t: carry.t,
         s: carry.s,
         w: carry.w,
+        min_ratio: carry.min_ratio,
     };
     let tally = run_row(plan, chunk, mask, i, facts, &mut prefix, out)?;
     *carry = Carry {
@@ -360,6 +376,7 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
         t: prefix.t,
         s: prefix.s,
         w: prefix.w,
+        min_ratio: prefix.min_ratio,
     };
     Ok(tally)
 }

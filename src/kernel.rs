@@ -941,11 +941,24 @@ pub(crate) fn whole_row_facts<'a, F: Float, M: MaskElem>(
 
 /// The state a row's sweep carries from column to column (and from chunk to chunk):
 /// response tokens so far and the prefix sums S, W.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Prefix {
     pub t: usize,
     pub s: f64,
     pub w: f64,
+    /// The minimum ratio over the response tokens so far (MinPRO); +∞ before the first.
+    pub min_ratio: f64,
+}
+
+impl Default for Prefix {
+    fn default() -> Self {
+        Self {
+            t: 0,
+            s: 0.0,
+            w: 0.0,
+            min_ratio: f64::INFINITY,
+        }
+    }
 }
 
 /// A block's per-token intermediate results, between the vectorized passes.
@@ -1060,6 +1073,7 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
     let mut scratch = TopkScratch::new();
     let t0 = prefix.t;
     let (mut t, mut s_sum, mut w_sum) = (prefix.t, prefix.s, prefix.w);
+    let mut min_ratio = prefix.min_ratio;
     let mut row_loss = 0.0f64;
     let mut decile = Decile::new(row_len);
     let mut st = InStage::new();
@@ -1120,7 +1134,7 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
             }
         }
 
-        objective_terms(cfg, &facts, &st, &mut wk, n);
+        objective_terms(cfg, &facts, &st, &mut wk, n, &mut min_ratio);
         if let Some((kl, _)) = kl {
             for k in 0..n {
                 if st.on[k] {
@@ -1155,6 +1169,7 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
         t,
         s: s_sum,
         w: w_sum,
+        min_ratio,
     };
     Ok(tally)
 }
@@ -1404,7 +1419,14 @@ pub(crate) fn permute(mut x: u64, n: u64, key: u64) -> u64 {
 /// The objective's loss and gradient of each token, times the share `m` it keeps (0
 /// where it is masked: exactly +0, not −0).
 #[inline(always)]
-fn objective_terms(cfg: &Config, facts: &RowFacts, st: &InStage, wk: &mut Work, n: usize) {
+fn objective_terms(
+    cfg: &Config,
+    facts: &RowFacts,
+    st: &InStage,
+    wk: &mut Work,
+    n: usize,
+    min_ratio: &mut f64,
+) {
     let (loss, grad, clipped, m) = (&mut wk.loss, &mut wk.grad, &mut wk.clipped, &wk.m);
     let keep = |k: usize, x: f64| if m[k] > 0.0 { m[k] * x } else { 0.0 };
     match cfg.objective {
@@ -1440,6 +1462,30 @@ fn objective_terms(cfg: &Config, facts: &RowFacts, st: &InStage, wk: &mut Work, 
                 grad[k] = keep(k, term.grad);
                 clipped[k] = term.clipped & st.on[k];
             }
+        }
+        Objective::Minpro {
+            include_current,
+            clip,
+            ..
+        } => {
+            // The running minimum of ρ over the row's response tokens: sequential.
+            let cap = clip.map_or(f64::INFINITY, |c| 1.0 + c);
+            let mut m_run = *min_ratio;
+            for k in 0..n {
+                let rho = st.rho[k];
+                let with = if rho < m_run { rho } else { m_run };
+                let m_t = if include_current { with } else { m_run };
+                let m_t = if m_t == f64::INFINITY { 1.0 } else { m_t };
+                let omega = if m_t > cap { cap } else { m_t };
+                let g = -omega * st.adv[k];
+                loss[k] = keep(k, g * st.lp[k]);
+                grad[k] = keep(k, g);
+                clipped[k] = (m_t > cap) & st.on[k];
+                if st.on[k] {
+                    m_run = with;
+                }
+            }
+            *min_ratio = m_run;
         }
         Objective::Gmpo { eps_low, eps_high } => {
             let big_r = facts.seq_ratio;

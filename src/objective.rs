@@ -29,6 +29,16 @@
 //! Policy Optimization", arXiv 2507.20673). `ppo_clip`'s `clip_frac` counts, for GSPO, the
 //! tokens of clipped sequences; for GMPO, the clipped tokens.
 //!
+//! `minpro` weighs each token by the minimum ratio over its prefix, so a token after a
+//! strongly down-weighted one cannot be up-weighted: ω_t = min(m_t, 1 + clip) with
+//! m_t = min_{s≤t} ρ_s (or s < t, and m_1 = 1, without `include_current`), and
+//! l = −M ω_t A logp, g = −M ω_t A, ω detached. MinPRO's exact form is not public; these
+//! are our choices, each configurable: `include_current` (default true), `clip` (default
+//! 0.28, as CISPO's ε_high) and `stop_gradient` (default and only supported value true:
+//! the gradient through the minimum would flow to an earlier token, which one pass over a
+//! row, or over its column chunks, cannot write). The running minimum is part of the
+//! column-chunk [`Carry`](crate::chunk::Carry).
+//!
 //! SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv 2511.20347)
 //! replaces the clip with a soft gate whose temperature depends on the advantage's sign:
 //! τ = τ_pos for A > 0, τ_neg otherwise (defaults 1.0 and 1.05, as in verl). At ρ = 1 its
@@ -128,6 +138,20 @@ pub enum Objective {
         #[serde(default = "default_gmpo_eps")]
         eps_high: f64,
     },
+    /// MinPRO, as far as it is public: the token's weight is the minimum ratio over its
+    /// prefix, ω_t = min(min_{s<t or s≤t} ρ_s, 1 + clip), detached; l = −ω A logp.
+    Minpro {
+        /// Whether token t's own ratio enters its minimum (default `true`).
+        #[serde(default = "default_true")]
+        include_current: bool,
+        /// Caps the weight at 1 + clip; `None` (JSON `null`) for no cap. Default 0.28.
+        #[serde(default = "default_minpro_clip", deserialize_with = "nullable_f64")]
+        clip: Option<f64>,
+        /// Whether the weight is detached (default `true`, the only supported value: see
+        /// the module docs).
+        #[serde(default = "default_true")]
+        stop_gradient: bool,
+    },
     /// SAPO: −A (4/τ) σ(τ(ρ − 1)), τ by the sign of A.
     Sapo {
         /// τ for A > 0, > 0, default 1.0.
@@ -138,6 +162,23 @@ pub enum Objective {
         tau_neg: f64,
     },
 }
+
+fn default_true() -> bool {
+    true
+}
+fn default_minpro_clip() -> Option<f64> {
+    Some(DEFAULT_MINPRO_CLIP)
+}
+/// Absent → the default, `null` → `None`.
+fn nullable_f64<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    Option::<f64>::deserialize(d)
+}
+
+/// MinPRO's default weight cap 1 + 0.28 (ours, after CISPO's ε_high: the paper's value
+/// is not public).
+pub const DEFAULT_MINPRO_CLIP: f64 = 0.28;
 
 fn default_gspo_eps_low() -> f64 {
     3e-4
@@ -193,6 +234,7 @@ impl Objective {
             Self::Sapo { .. } => "sapo",
             Self::Gspo { .. } => "gspo",
             Self::Gmpo { .. } => "gmpo",
+            Self::Minpro { .. } => "minpro",
         }
     }
 
@@ -227,6 +269,23 @@ impl Objective {
                 check_nonnegative("objective.eps_low", eps_low)?;
                 check_nonnegative("objective.eps_high", eps_high)
             }
+            Self::Minpro {
+                clip,
+                stop_gradient,
+                ..
+            } => {
+                if let Some(c) = clip {
+                    check_nonnegative("objective.clip", c)?;
+                }
+                if stop_gradient {
+                    Ok(())
+                } else {
+                    Err(crate::Error::InvalidConfig {
+                        field: "objective.stop_gradient",
+                        reason: "false is not supported: the gradient through the prefix minimum flows to an earlier token, which one pass over a row (or over column chunks) cannot write".into(),
+                    })
+                }
+            }
         }
     }
 
@@ -235,7 +294,11 @@ impl Objective {
     pub const fn has_clip(&self) -> bool {
         matches!(
             self,
-            Self::PpoClip { .. } | Self::Cispo { .. } | Self::Gspo { .. } | Self::Gmpo { .. }
+            Self::PpoClip { .. }
+                | Self::Cispo { .. }
+                | Self::Gspo { .. }
+                | Self::Gmpo { .. }
+                | Self::Minpro { clip: Some(_), .. }
         )
     }
 
@@ -313,8 +376,9 @@ impl Objective {
                 dual_clip: None,
             }
             .eval(rho, adv, logp),
-            Self::Gmpo { .. } => {
-                // A sequence-level objective: the engine evaluates it with the row's R.
+            Self::Gmpo { .. } | Self::Minpro { .. } => {
+                // Row-dependent objectives: the engine evaluates them with the row's R or
+                // the prefix minimum; alone, a token is its own row and its own prefix.
                 Self::Surrogate.eval(rho, adv, logp)
             }
             Self::Sapo { tau_pos, tau_neg } => {

@@ -407,3 +407,65 @@ fn gspo_and_gmpo_gradients_match_finite_differences() {
         }
     }
 }
+
+/// MinPRO by hand: ρ = (0.8, 1.5, 1.1) on one row, A = 1, logp = ln(0.4, 0.75, 0.55).
+/// With the current token: m = (0.8, 0.8, 0.8); without: m = (1, 0.8, 0.8). Weights are
+/// capped at 1 + clip. Loss −ω A logp per token, gradient −ω A; token-mean over 3.
+#[test]
+fn minpro_by_hand() {
+    let lq = Array2::from_elem((1, 3), 0.5f64.ln());
+    let lp = Array2::from_shape_vec((1, 3), vec![0.4f64.ln(), 0.75f64.ln(), 0.55f64.ln()]).unwrap();
+    let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 3), true));
+    let b = batch_of(&lp, &lq, &adv, &mask);
+    for (include_current, clip, omega) in [
+        (true, None, [0.8, 0.8, 0.8]),
+        (false, None, [1.0, 0.8, 0.8]),
+        (false, Some(0.15), [1.0, 0.8, 0.8]),
+        (false, Some(0.0), [1.0, 0.8, 0.8]),
+    ] {
+        let cfg = Config {
+            objective: Objective::Minpro {
+                include_current,
+                clip,
+                stop_gradient: true,
+            },
+            ..Config::with_rule(Rule::None)
+        };
+        let e = evaluate(&cfg, &b, Par::Seq).unwrap();
+        for j in 0..3 {
+            assert_relative_eq!(
+                e.outputs.grad[[0, j]],
+                -omega[j] / 3.0,
+                max_relative = 1e-12
+            );
+            assert_relative_eq!(
+                e.outputs.token_loss[[0, j]],
+                -omega[j] * lp[[0, j]],
+                max_relative = 1e-12
+            );
+        }
+    }
+    // A cap below the minimum binds: clip = 0 caps ω at 1 where m = +∞ → 1 already, so
+    // use a row whose minimum is above 1: ρ = (1.2, 1.4): m = (1.2, 1.2), capped at 1.1.
+    let lp2 = Array2::from_shape_vec((1, 2), vec![0.6f64.ln(), 0.7f64.ln()]).unwrap();
+    let lq2 = Array2::from_elem((1, 2), 0.5f64.ln());
+    let (adv2, mask2) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 2), true));
+    let cfg = Config {
+        objective: Objective::Minpro {
+            include_current: true,
+            clip: Some(0.1),
+            stop_gradient: true,
+        },
+        ..Config::with_rule(Rule::None)
+    };
+    let e = evaluate(&cfg, &batch_of(&lp2, &lq2, &adv2, &mask2), Par::Seq).unwrap();
+    assert_relative_eq!(e.outputs.grad[[0, 0]], -1.1 / 2.0, max_relative = 1e-12);
+    assert_relative_eq!(e.outputs.grad[[0, 1]], -1.1 / 2.0, max_relative = 1e-12);
+    assert_eq!(e.diagnostics.clip_frac, Some(1.0));
+    // stop_gradient = false is refused with the reason.
+    let bad = serde_json::from_str::<Config>(
+        r#"{"objective": {"kind": "minpro", "stop_gradient": false}}"#,
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("objective.stop_gradient"), "{bad}");
+}

@@ -78,7 +78,7 @@ fn params() -> impl Strategy<Value = Params> {
         )
 }
 
-fn objectives(p: &Params) -> [Objective; 5] {
+fn objectives(p: &Params) -> [Objective; 6] {
     [
         Objective::Surrogate,
         Objective::DetachedIs {
@@ -95,6 +95,11 @@ fn objectives(p: &Params) -> [Objective; 5] {
         Objective::Sapo {
             tau_pos: 1.0,
             tau_neg: 1.05,
+        },
+        Objective::Minpro {
+            include_current: true,
+            clip: Some(p.cispo_eps_high),
+            stop_gradient: true,
         },
     ]
 }
@@ -117,7 +122,7 @@ fn kls(p: &Params) -> [Option<KlPenalty>; 4] {
 /// Every (objective, aggregation, KL) config over the case's own divergence, rule and
 /// count overrides.
 fn configs(base: &Config, p: &Params) -> Vec<Config> {
-    let mut v = Vec::with_capacity(80);
+    let mut v = Vec::with_capacity(96);
     for objective in objectives(p) {
         for aggregation in AGGREGATIONS {
             for kl in kls(p) {
@@ -135,7 +140,10 @@ fn configs(base: &Config, p: &Params) -> Vec<Config> {
 
 /// The detached objectives: their gradient holds ρ fixed.
 fn detached(o: &Objective) -> bool {
-    matches!(o, Objective::DetachedIs { .. } | Objective::Cispo { .. })
+    matches!(
+        o,
+        Objective::DetachedIs { .. } | Objective::Cispo { .. } | Objective::Minpro { .. }
+    )
 }
 
 fn grad_case() -> impl Strategy<Value = Case<f64>> {

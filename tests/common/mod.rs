@@ -430,8 +430,8 @@ fn ref_objective(obj: &Objective, rho: f64, a: f64, lp: f64) -> (f64, f64, u8, f
             let wt = if rho < cap { rho } else { cap };
             (-wt * a * lp, -wt * a, u8::from(rho > cap), f64::INFINITY)
         }
-        Objective::Gspo { .. } | Objective::Gmpo { .. } => {
-            unreachable!("sequence-level objectives are evaluated in the row loop")
+        Objective::Gspo { .. } | Objective::Gmpo { .. } | Objective::Minpro { .. } => {
+            unreachable!("row-dependent objectives are evaluated in the row loop")
         }
         Objective::Sapo { tau_pos, tau_neg } => {
             // f(ρ) = (4/τ) σ(τ(ρ − 1)), f'(ρ) = 4 σ (1 − σ); l = −A f(ρ), dl/dlogp = −A f'(ρ) ρ.
@@ -584,6 +584,7 @@ pub fn reference(case: &Case<f64>) -> Reference {
             Aggregation::SeqMeanTokenSumNorm => inv(n_seq * z),
         };
 
+        let mut min_run = f64::INFINITY; // MinPRO: min ρ over the response tokens so far
         let mut s_prev = 0.0f64; // S_{t−1}
         let mut w_prev = 0.0f64; // W_{t−1}
         let mut row_sum = 0.0;
@@ -673,6 +674,24 @@ pub fn reference(case: &Case<f64>) -> Reference {
                         0.0
                     };
                     (-a * seq_ratio, g, u8::from(!unclipped), f64::INFINITY)
+                }
+                Objective::Minpro {
+                    include_current,
+                    clip,
+                    ..
+                } => {
+                    let with_t = if rho < min_run { rho } else { min_run };
+                    let m = if include_current { with_t } else { min_run };
+                    let m = if m.is_infinite() { 1.0 } else { m };
+                    let cap = clip.map_or(f64::INFINITY, |c| 1.0 + c);
+                    let omega = if m > cap { cap } else { m };
+                    min_run = with_t;
+                    (
+                        -omega * a * lp,
+                        -omega * a,
+                        u8::from(m > cap),
+                        f64::INFINITY,
+                    )
                 }
                 _ => ref_objective(&cfg.objective, rho, a, lp),
             };
