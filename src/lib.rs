@@ -25,10 +25,10 @@
 //! |---|---|
 //! | [`advantage`] | advantage estimators: GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE |
 //! | [`batch`] | the validated, borrowed input view |
-//! | [`divergence`] | per-token D_t: binary TV/KL, top-K TV/KL |
+//! | [`divergence`] | per-token D_t: binary TV/KL, top-K TV/KL, k2/k3 log-ratio estimators |
 //! | [`schedule`] | position weights w_t |
-//! | [`rule`] | trust-region rules (`none`, `ratio`, `dppo`, `cppo`, `trm_max`, `trm_avg`) and reason codes |
-//! | [`objective`] | per-token objectives and the KL penalty, with exact gradients |
+//! | [`rule`] | trust-region rules (`none`, `ratio`, `dppo`, `cppo` with optional shuffled weights, `cppo_soft`, `trm_max`, `trm_avg`) and reason codes |
+//! | [`objective`] | objectives (`surrogate`, `detached_is`, `ppo_clip`, `cispo`, `gspo`, `gmpo`, `sapo`, `minpro`) and the KL penalty, with exact gradients |
 //! | [`aggregate`] | verl's loss aggregation modes and global counts |
 //! | [`stats`] | diagnostics |
 //! | [`config`] | the serde config of SPEC section 9, with presets |
