@@ -1506,7 +1506,146 @@ fn objective_terms(
 
 #[cfg(test)]
 mod tests {
-    use super::Decile;
+    use super::*;
+    use crate::aggregate::Counts;
+    use crate::engine::{Outputs, Par, evaluate};
+    use crate::objective::{KlEstimator, KlPenalty};
+    use ndarray::{Array1, Array2, Array3};
+
+    /// The baseline build of the row pass (what a CPU without AVX2 runs) gives the same
+    /// bits as the dispatched one, for every rule and objective.
+    #[test]
+    fn baseline_and_dispatched_row_passes_agree() {
+        let (b, l, kk) = (5, 150, 3);
+        let lq = Array2::from_shape_fn((b, l), |(i, j)| {
+            -0.02 - ((i * 13 + j * 7) % 29) as f64 * 0.11
+        });
+        let lp = Array2::from_shape_fn((b, l), |(i, j)| {
+            lq[[i, j]] + (((i * 5 + j * 3) % 17) as f64 - 8.0) * 0.04
+        });
+        let lp = lp.mapv(|x| x.min(0.0));
+        let lr = lq.mapv(|x| x - 0.05);
+        let adv = Array1::from_shape_fn(b, |i| [1.0, -0.5, 0.0, 2.0, -1.5][i]);
+        let mask = Array2::from_shape_fn((b, l), |(i, j)| j < l - 9 * i && j % 13 != 5);
+        let to = Array3::from_shape_fn((b, l, kk), |(_, _, k)| -0.7 - k as f64 * 0.9);
+        let tn = Array3::from_shape_fn((b, l, kk), |(i, j, k)| {
+            -0.75 - k as f64 * 0.85 + ((i + j) % 3) as f64 * 0.01
+        });
+        let batch = Batch::new(&lp, &lq, &adv, &mask)
+            .unwrap()
+            .with_topk(&to, &tn)
+            .unwrap()
+            .with_logp_ref(&lr)
+            .unwrap();
+        let rules = [
+            Rule::None,
+            Rule::Ratio {
+                eps_low: 0.2,
+                eps_high: 0.2,
+            },
+            Rule::Dppo { delta: 0.1 },
+            Rule::default(),
+            Rule::CppoSoft {
+                delta: 0.1,
+                delta_b: Some(0.02),
+                w_min: 0.7,
+                horizon: Some(40),
+                shuffle_seed: Some(9),
+                tau: 0.01,
+            },
+            Rule::TrmAvg { delta: 0.05 },
+        ];
+        let objectives = [
+            Objective::Surrogate,
+            Objective::PpoClip {
+                eps_low: 0.2,
+                eps_high: 0.28,
+                dual_clip: Some(3.0),
+            },
+            Objective::Gspo {
+                eps_low: 0.1,
+                eps_high: 0.1,
+            },
+            Objective::Gmpo {
+                eps_low: 0.3,
+                eps_high: 0.3,
+            },
+            Objective::Minpro {
+                include_current: true,
+                clip: Some(0.2),
+                stop_gradient: true,
+            },
+            Objective::Sapo {
+                tau_pos: 1.0,
+                tau_neg: 1.05,
+            },
+        ];
+        for divergence in [
+            Divergence::BinaryTv,
+            Divergence::BinaryKl,
+            Divergence::TopkTv,
+            Divergence::K3,
+        ] {
+            for (rule, objective) in rules
+                .iter()
+                .zip(objectives.iter().cycle().skip(divergence as usize))
+            {
+                let cfg = Config {
+                    divergence,
+                    rule: *rule,
+                    objective: *objective,
+                    kl: Some(KlPenalty {
+                        estimator: KlEstimator::K3,
+                        coef: 0.1,
+                    }),
+                    ..Config::cppo()
+                };
+                let want = evaluate(&cfg, &batch, Par::Seq).unwrap();
+                let mut got = Outputs::<f64>::zeros((b, l));
+                let plan = Plan {
+                    cfg: &cfg,
+                    denominators: Counts {
+                        tokens: want.tally.tokens,
+                        seqs: want.tally.seqs,
+                    },
+                    width: l,
+                    col0: 0,
+                };
+                for i in 0..b {
+                    let m = mask.row(i);
+                    let facts = whole_row_facts(&cfg, &batch, m, i).unwrap();
+                    let o = got.view_mut();
+                    let out = RowOut {
+                        divergence: o.divergence.map(|v| v.index_axis_move(Axis(0), i)),
+                        weight: o.weight.map(|v| v.index_axis_move(Axis(0), i)),
+                        threshold: o.threshold.map(|v| v.index_axis_move(Axis(0), i)),
+                        keep: o.keep.map(|v| v.index_axis_move(Axis(0), i)),
+                        reason: o.reason.map(|v| v.index_axis_move(Axis(0), i)),
+                        token_loss: o.token_loss.map(|v| v.index_axis_move(Axis(0), i)),
+                        grad: o.grad.map(|v| v.index_axis_move(Axis(0), i)),
+                    };
+                    run_row_impl(
+                        &plan,
+                        &batch,
+                        m,
+                        i,
+                        facts,
+                        &mut Prefix::default(),
+                        out.into(),
+                    )
+                    .unwrap();
+                }
+                let same = |a: &Array2<f64>, b: &Array2<f64>| {
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(same(&got.grad, &want.outputs.grad), "{cfg:?}");
+                assert!(same(&got.token_loss, &want.outputs.token_loss), "{cfg:?}");
+                assert!(same(&got.divergence, &want.outputs.divergence), "{cfg:?}");
+                assert!(same(&got.weight, &want.outputs.weight), "{cfg:?}");
+                assert_eq!(got.reason, want.outputs.reason, "{cfg:?}");
+            }
+        }
+    }
 
     #[test]
     fn decile_tracker_matches_the_division() {
