@@ -18,7 +18,7 @@
 //! whole-row computation; the chunks' losses and tallies add up to the whole's (to
 //! rounding).
 //!
-//! The carry and the partial are small `Copy` + serde types (40 and 88 bytes), what a
+//! The carry and the partial are small `Copy` + serde types (40 and 80 bytes), what a
 //! context-parallel trainer sends from rank to rank. [`Carry::finish`] checks at the end
 //! that a row's chunks covered it exactly.
 //!
