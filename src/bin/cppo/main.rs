@@ -2,21 +2,30 @@
 //!
 //! - `cppo eval` runs one batch from an `.npz` file through [`cppo::evaluate`] and
 //!   writes the per-token outputs, the loss and optionally the diagnostics;
-//! - `cppo bench` times the engine on a synthetic batch made in-process.
+//! - `cppo bench` times the engine on a synthetic batch made in-process;
+//! - `cppo inspect` reports what trust regions do on a batch (or across the steps of a
+//!   run), with plots under the `plots` feature.
 //!
-//! Modules: [`eval`] and [`bench`] are the two commands, [`npz`] reads and writes the
-//! arrays, [`staged`] makes output files appear all at once or not at all, [`failure`]
-//! turns every error into one line on stderr and an exit code.
+//! Modules: [`eval`], [`mod@bench`] and [`inspect`] are the commands, [`npz`] reads and
+//! writes the arrays, [`batchfile`] reads a batch from npz or safetensors, [`report`]
+//! reduces and renders what `inspect` reports, [`plots`] draws it, [`staged`] makes
+//! output files appear all at once or not at all, [`failure`] turns every error into
+//! one line on stderr and an exit code.
 //!
 //! Failure contract: exactly one line on stderr and exit code 2 for any bad input or
 //! argument, 1 when the system fails (an output cannot be written). No panic reaches
 //! the user: a panic hook prints one line for an unexpected one (a bug), and `main`
 //! catches it so that temporary files are still removed, then exits with 2.
 
+mod batchfile;
 mod bench;
 mod eval;
 mod failure;
+mod inspect;
 mod npz;
+#[cfg(feature = "plots")]
+mod plots;
+mod report;
 mod staged;
 
 use std::panic::{self, AssertUnwindSafe};
@@ -91,6 +100,36 @@ enum Command {
     /// Per-row advantages are negligible and left out.
     #[command(verbatim_doc_comment)]
     Bench(bench::BenchArgs),
+
+    /// Report what trust regions do on a batch, or across the steps of a run; plot it
+    ///
+    /// Runs each rule (--config files, or the built-in set: GRPO ratio clip, DPPO, CPPO
+    /// budget-only, CPPO weight-only, full CPPO) through the library on the batch, and
+    /// prints: the masked fraction in total, by reason (token threshold, prefix budget,
+    /// corrective bypass) and by sign of the advantage; divergence statistics; the
+    /// masked fraction by tenth of the response. --report writes it as Markdown, --json
+    /// every number (each rule's library diagnostics, the per-position statistics).
+    ///
+    /// Plots (feature `plots`; SVG or PNG by extension), by relative position in the
+    /// response (--buckets equal parts): the divergence's median and 90th percentile;
+    /// CPPO's token limit delta/w_t and the mean effective threshold c_t; the masked
+    /// fraction, one line per rule; and a strip chart of a few rows, each token kept,
+    /// masked by the token threshold, masked by the prefix budget, or kept by the
+    /// corrective bypass.
+    ///
+    /// A directory of per-step dumps (step_000123.npz, step_000124.npz, ... or
+    /// .safetensors) gives the masked fraction, the budget-masked fraction and the mean
+    /// divergence across steps, with a progress bar on a terminal for long runs.
+    ///
+    /// Examples:
+    ///   cppo inspect --demo --plot demo.svg
+    ///   cppo inspect batch.npz --config cfg.json --compare --report report.md --plot-dir plots
+    ///   cppo inspect dumps/ --plot drift.png
+    ///
+    /// Failure: as `cppo eval`: one line on stderr, exit code 2 for bad input (1 if an
+    /// output cannot be written), and no output file left behind.
+    #[command(verbatim_doc_comment)]
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +153,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Inspect(args) => inspect::run(args),
     }
 }
 
