@@ -1,19 +1,27 @@
 //! The fused per-row kernel behind [`evaluate`](crate::evaluate).
 //!
 //! A row is swept once, left to right, in blocks of [`BLK`] columns staged in small
-//! stack arrays (nothing is allocated):
+//! stack arrays (nothing is allocated). Each block goes through short passes:
 //!
-//! 1. **load** the block's mask, log-probs and advantages, widened to f64; check them
-//!    all at once (a vectorizable test that finds the first bad response token, if any);
-//!    compute ρ, and p, q for the binary divergences, as SIMD exponentials
-//!    ([`crate::simd`]);
-//! 2. **scan** the block's response tokens in order: divergence, weight, the prefix sums
-//!    S and W (f64), the rule's test, the corrective bypass, the objective's loss and
-//!    gradient, the KL term, the diagnostics tally;
-//! 3. **store** the block's outputs into the row's output lanes.
+//! 1. **load** the block's mask, log-probs and advantages, widened to f64, and compute ρ
+//!    (and p, q for the binary divergences) as SIMD exponentials ([`crate::simd`]);
+//! 2. **check and divergence**, token by token in column order (the checks sit behind a
+//!    branch that is always predicted);
+//! 3. **positions and the rule's test**: t, the weights w_t, and CPPO's prefix sums S
+//!    and W in f64, the one sequential pass;
+//! 4. **reasons**, selected without branches, and the keep share (1, 0, or
+//!    `cppo_soft`'s gate);
+//! 5. **objective and KL terms**;
+//! 6. **store** the outputs into the row's output lanes and add the block to the tally.
+//!
+//! Every pass but 2 and 3 is a plain loop over the block that the compiler vectorizes;
+//! [`run_row`] dispatches to a build of the whole pass for AVX2 when the CPU has it (the
+//! same IEEE operations, so the same bits). Rules and objectives that need a whole-row
+//! quantity (TRM, GSPO, GMPO) get it from a first sweep ([`row_stats`]), as exact
+//! fixed-point sums that merge across column chunks.
 //!
 //! Errors surface at the first bad token in row-major order and, within a token, in the
-//! order logp, logp_old, advantages, top-K pair, logp_ref (the order of
+//! order mask, logp, logp_old, advantages, top-K pair, logp_ref (the order of
 //! [`Batch::validate`](crate::Batch::validate)).
 
 // The passes index several staged arrays in lockstep over one block (`k < n <= BLK`);
