@@ -284,6 +284,16 @@ pub fn evaluate_chunk_into<F: Float>(
     par: Par,
 ) -> Result<Summary> {
     check_call(cfg, chunk, &out)?;
+    if let crate::Objective::Minpro {
+        stop_gradient: false,
+        ..
+    } = cfg.objective
+    {
+        return Err(Error::InvalidConfig {
+            field: "objective.stop_gradient",
+            reason: "false is not supported with column chunks: the gradient through the prefix minimum goes to a token that may sit in an earlier chunk".into(),
+        });
+    }
     let (b, lc) = chunk.shape();
     check_len("rows", rows.len(), b)?;
     check_len("carries", carries.len(), b)?;

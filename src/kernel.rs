@@ -120,6 +120,14 @@ impl<'a, T: Copy> LaneMut<'a, T> {
         Self::View(v)
     }
 
+    /// Overwrites column `j`.
+    fn set(&mut self, j: usize, x: T) {
+        match self {
+            Self::Slice(s) => s[j] = x,
+            Self::View(v) => v[j] = x,
+        }
+    }
+
     #[inline(always)]
     fn store(&mut self, j0: usize, src: &[T]) {
         match self {
@@ -1087,6 +1095,7 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
     let mut st = InStage::new();
     let mut wk = Work::new();
     let mut os = OutStage::<F>::new();
+    let mut minpro_grad = MinproGrad::for_config(cfg, prefix.min_ratio);
     let l = plan_width(&row);
 
     for j0 in (0..l).step_by(BLK) {
@@ -1153,6 +1162,10 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
             }
         }
 
+        if let Some(mg) = &mut minpro_grad {
+            mg.block(&st, &mut wk, n, j0, agg_w, &mut out);
+        }
+
         // Outputs, staged in the output type.
         for k in 0..n {
             let on = st.on[k];
@@ -1169,6 +1182,9 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
 
         row_loss += lane_sum(&wk.loss[..n], &wk.loss[..n], |a, _| a);
         tally_block(&mut tally, &st, &wk, n, &mut decile);
+    }
+    if let Some(mg) = &mut minpro_grad {
+        mg.flush(None, &mut wk, 0, agg_w, &mut out);
     }
     tally.loss = row_loss * agg_w;
     // The row counts as a sequence in the chunk that holds its first response token.
@@ -1273,6 +1289,97 @@ fn tally_block(tally: &mut Tally, st: &InStage, wk: &Work, n: usize, decile: &mu
     }
     tally.decile_tokens[dec] += cur_tok;
     tally.decile_masked[dec] += cur_masked;
+}
+
+/// MinPRO without the stop-gradient: token t's loss −ω_t A_t depends on the log-prob of
+/// the token s holding its prefix minimum (∂ω_t/∂logp_s = ρ_s where ω_t is not capped).
+/// Tokens pass the minimum on in runs, so the contributions to the current holder add up
+/// in `acc` and go to its column when the minimum moves on or the row ends: into the
+/// staged block when the holder is in it, into the output lane when it was stored
+/// already. Whole rows only (a holder in an earlier column chunk is out of reach).
+struct MinproGrad {
+    include_current: bool,
+    cap: f64,
+    /// The running minimum and the column holding it.
+    m: f64,
+    holder: Option<usize>,
+    /// The holder's own g (its KL term) and the contributions so far, in g units.
+    base: f64,
+    acc: f64,
+}
+
+impl MinproGrad {
+    fn for_config(cfg: &Config, m: f64) -> Option<Self> {
+        match cfg.objective {
+            Objective::Minpro {
+                include_current,
+                clip,
+                stop_gradient: false,
+            } => Some(Self {
+                include_current,
+                cap: clip.map_or(f64::INFINITY, |c| 1.0 + c),
+                m,
+                holder: None,
+                base: 0.0,
+                acc: 0.0,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Writes the current holder's gradient and makes `next` (column, own g) the holder.
+    fn flush<F: Float>(
+        &mut self,
+        next: Option<(usize, f64)>,
+        wk: &mut Work,
+        j0: usize,
+        agg_w: f64,
+        out: &mut RowLanes<'_, F>,
+    ) {
+        if let Some(col) = self.holder {
+            let g = self.base + self.acc;
+            if col >= j0 && next.is_some() {
+                wk.grad[col - j0] = g;
+            } else if let Some(lane) = &mut out.grad {
+                lane.set(col, F::from_f64(g * agg_w));
+            }
+        }
+        (self.holder, self.base, self.acc) = match next {
+            Some((col, own)) => (Some(col), own, 0.0),
+            None => (None, 0.0, 0.0),
+        };
+    }
+
+    /// One block, after the objective and KL terms: moves the minimum along and adds each
+    /// token's contribution to its holder.
+    fn block<F: Float>(
+        &mut self,
+        st: &InStage,
+        wk: &mut Work,
+        n: usize,
+        j0: usize,
+        agg_w: f64,
+        out: &mut RowLanes<'_, F>,
+    ) {
+        for k in 0..n {
+            if !st.on[k] {
+                continue;
+            }
+            let rho = st.rho[k];
+            let new_min = rho < self.m;
+            if self.include_current && new_min {
+                self.m = rho;
+                self.flush(Some((j0 + k, wk.grad[k])), wk, j0, agg_w, out);
+            }
+            if self.holder.is_some() && self.m <= self.cap {
+                self.acc += wk.m[k] * -st.adv[k] * self.m;
+            }
+            if !self.include_current && new_min {
+                self.m = rho;
+                self.flush(Some((j0 + k, wk.grad[k])), wk, j0, agg_w, out);
+            }
+        }
+    }
 }
 
 /// The row's width L (its input length).
@@ -1474,9 +1581,11 @@ fn objective_terms(
         Objective::Minpro {
             include_current,
             clip,
-            ..
+            stop_gradient,
         } => {
-            // The running minimum of ρ over the row's response tokens: sequential.
+            // The running minimum of ρ over the row's response tokens: sequential. With
+            // the weight detached, l = −ω A logp and g = −ω A; without, l = −ω A and the
+            // gradient goes to the token holding the minimum (`MinproGrad`).
             let cap = clip.map_or(f64::INFINITY, |c| 1.0 + c);
             let mut m_run = *min_ratio;
             for k in 0..n {
@@ -1486,8 +1595,13 @@ fn objective_terms(
                 let m_t = if m_t == f64::INFINITY { 1.0 } else { m_t };
                 let omega = if m_t > cap { cap } else { m_t };
                 let g = -omega * st.adv[k];
-                loss[k] = keep(k, g * st.lp[k]);
-                grad[k] = keep(k, g);
+                if stop_gradient {
+                    loss[k] = keep(k, g * st.lp[k]);
+                    grad[k] = keep(k, g);
+                } else {
+                    loss[k] = keep(k, g);
+                    grad[k] = 0.0;
+                }
                 clipped[k] = (m_t > cap) & st.on[k];
                 if st.on[k] {
                     m_run = with;

@@ -34,10 +34,12 @@
 //! m_t = min_{s≤t} ρ_s (or s < t, and m_1 = 1, without `include_current`), and
 //! l = −M ω_t A logp, g = −M ω_t A, ω detached. MinPRO's exact form is not public; these
 //! are our choices, each configurable: `include_current` (default true), `clip` (default
-//! 0.28, as CISPO's ε_high) and `stop_gradient` (default and only supported value true:
-//! the gradient through the minimum would flow to an earlier token, which one pass over a
-//! row, or over its column chunks, cannot write). The running minimum is part of the
-//! column-chunk [`Carry`](crate::chunk::Carry).
+//! 0.28, as CISPO's ε_high) and `stop_gradient` (default true). Without the
+//! stop-gradient, l = −M ω_t A and the gradient of token t's loss goes to the token s
+//! holding its minimum, ∂ω_t/∂logp_s = ρ_s (where ω_t is not capped): an earlier column,
+//! which one pass over a whole row can still write, but column chunks cannot, so
+//! [`evaluate_chunk_into`](crate::chunk::evaluate_chunk_into) refuses it. The running
+//! minimum is part of the column-chunk [`Carry`](crate::chunk::Carry).
 //!
 //! SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv 2511.20347)
 //! replaces the clip with a soft gate whose temperature depends on the advantage's sign:
@@ -147,8 +149,9 @@ pub enum Objective {
         /// Caps the weight at 1 + clip; `None` (JSON `null`) for no cap. Default 0.28.
         #[serde(default = "default_minpro_clip", deserialize_with = "nullable_f64")]
         clip: Option<f64>,
-        /// Whether the weight is detached (default `true`, the only supported value: see
-        /// the module docs).
+        /// Whether the weight is detached (default `true`). Without it, the loss is −ω A and
+        /// the gradient flows through the minimum to the token holding it; whole rows
+        /// only (column chunks refuse it).
         #[serde(default = "default_true")]
         stop_gradient: bool,
     },
@@ -269,23 +272,10 @@ impl Objective {
                 check_nonnegative("objective.eps_low", eps_low)?;
                 check_nonnegative("objective.eps_high", eps_high)
             }
-            Self::Minpro {
-                clip,
-                stop_gradient,
-                ..
-            } => {
-                if let Some(c) = clip {
-                    check_nonnegative("objective.clip", c)?;
-                }
-                if stop_gradient {
-                    Ok(())
-                } else {
-                    Err(crate::Error::InvalidConfig {
-                        field: "objective.stop_gradient",
-                        reason: "false is not supported: the gradient through the prefix minimum flows to an earlier token, which one pass over a row (or over column chunks) cannot write".into(),
-                    })
-                }
-            }
+            Self::Minpro { clip, .. } => match clip {
+                Some(c) => check_nonnegative("objective.clip", c),
+                None => Ok(()),
+            },
         }
     }
 

@@ -462,10 +462,84 @@ fn minpro_by_hand() {
     assert_relative_eq!(e.outputs.grad[[0, 0]], -1.1 / 2.0, max_relative = 1e-12);
     assert_relative_eq!(e.outputs.grad[[0, 1]], -1.1 / 2.0, max_relative = 1e-12);
     assert_eq!(e.diagnostics.clip_frac, Some(1.0));
-    // stop_gradient = false is refused with the reason.
-    let bad = serde_json::from_str::<Config>(
-        r#"{"objective": {"kind": "minpro", "stop_gradient": false}}"#,
+}
+
+/// MinPRO without the stop-gradient: l_t = −ω_t A and the gradient flows through the
+/// prefix minimum to the token holding it. By hand on ρ = (0.8, 1.5, 1.1), A = 1,
+/// include_current, no cap: ω = (0.8, 0.8, 0.8), all three held by token 0, so
+/// grad_0 = −(1 + 1 + 1) · 0.8 / 3 and the others get 0; then against central
+/// differences of the loss on a longer batch (the minimum moving between blocks).
+#[test]
+fn minpro_through_the_minimum() {
+    let lq = Array2::from_elem((1, 3), 0.5f64.ln());
+    let lp = Array2::from_shape_vec((1, 3), vec![0.4f64.ln(), 0.75f64.ln(), 0.55f64.ln()]).unwrap();
+    let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 3), true));
+    let cfg: Config = serde_json::from_str(
+        r#"{"rule": {"kind": "none"}, "objective": {"kind": "minpro", "clip": null, "stop_gradient": false}}"#,
+    )
+    .unwrap();
+    let e = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Seq).unwrap();
+    assert_relative_eq!(e.loss, -0.8, max_relative = 1e-12);
+    assert_relative_eq!(e.outputs.grad[[0, 0]], -0.8, max_relative = 1e-12);
+    assert_eq!((e.outputs.grad[[0, 1]], e.outputs.grad[[0, 2]]), (0.0, 0.0));
+
+    // Finite differences: rows of 150 columns (three blocks), a cap that binds on some
+    // tokens, holes, per-row advantages of both signs, with and without the current token.
+    let (b, l) = (3, 150);
+    let lq = Array2::from_shape_fn((b, l), |(i, j)| -0.4 - ((i * 3 + j * 7) % 11) as f64 * 0.15);
+    let lp = Array2::from_shape_fn((b, l), |(i, j)| {
+        lq[[i, j]] + (((i * 13 + j * 29) % 23) as f64 - 11.0) * 0.013 + 0.0001 * j as f64
+    });
+    let adv = Array1::from_vec(vec![1.0, -0.6, 0.9]);
+    let mask = Array2::from_shape_fn((b, l), |(i, j)| j < l - 17 * i && j % 19 != 7);
+    for include_current in [true, false] {
+        for clip in [None, Some(0.05)] {
+            let cfg = Config {
+                objective: Objective::Minpro {
+                    include_current,
+                    clip,
+                    stop_gradient: false,
+                },
+                ..Config::with_rule(Rule::None)
+            };
+            let loss = |lp: &Array2<f64>| {
+                evaluate(&cfg, &batch_of(lp, &lq, &adv, &mask), Par::Seq)
+                    .unwrap()
+                    .loss
+            };
+            let grad = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Rayon)
+                .unwrap()
+                .outputs
+                .grad;
+            let h = 1e-7;
+            for i in 0..b {
+                for j in (0..l).filter(|&j| mask[[i, j]]) {
+                    let (mut up, mut down) = (lp.clone(), lp.clone());
+                    up[[i, j]] += h;
+                    down[[i, j]] -= h;
+                    let fd = (loss(&up) - loss(&down)) / (2.0 * h);
+                    assert_relative_eq!(grad[[i, j]], fd, epsilon = 1e-7, max_relative = 1e-5);
+                }
+            }
+        }
+    }
+
+    // Column chunks cannot write to an earlier chunk: refused, naming the field.
+    use cppo::chunk::{Carry, ChunkPos, evaluate_chunk_into, row_partials};
+    let b1 = batch_of(&lp, &lq, &adv, &mask);
+    let pos = ChunkPos { col0: 0, width: l };
+    let rows = row_partials(&cfg, &b1, pos, Par::Seq).unwrap();
+    let mut out = cppo::Outputs::<f64>::zeros((b, l));
+    let mut carries = vec![Carry::default(); b];
+    let err = evaluate_chunk_into(
+        &cfg,
+        &b1,
+        pos,
+        &rows,
+        &mut carries,
+        out.view_mut(),
+        Par::Seq,
     )
     .unwrap_err();
-    assert!(bad.to_string().contains("objective.stop_gradient"), "{bad}");
+    assert!(err.to_string().contains("objective.stop_gradient"), "{err}");
 }
