@@ -10,11 +10,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use cppo::ndarray::{Array2, Array3, Ix2, Ix3};
-use cppo::{Batch, Config, Par};
+use cppo::ndarray::{Array2, Ix2, Ix3};
+use cppo::{Config, Par};
 
+use crate::batchfile::Arrays;
 use crate::failure::Failure;
-use crate::npz::{FloatArray, Input, NpyFloat, OwnedAdvantages, OwnedMask, write_outputs};
+use crate::npz::{FloatArray, Input, NpyFloat, write_outputs};
 use crate::staged::{Staged, commit_all};
 
 #[derive(Args, Debug)]
@@ -78,7 +79,7 @@ fn eval_as<F: NpyFloat>(
     logp: Array2<F>,
     args: &EvalArgs,
 ) -> Result<(), Failure> {
-    let arrays = Arrays::read(cfg, input, logp)?;
+    let arrays = read_arrays(cfg, input, logp)?;
     let eval = arrays
         .batch()
         .and_then(|batch| cppo::evaluate(cfg, &batch, Par::Rayon))
@@ -108,59 +109,36 @@ fn eval_as<F: NpyFloat>(
     Ok(())
 }
 
-/// The input arrays the config uses, owned.
-struct Arrays<F> {
+/// The input arrays the config uses, read from the npz (only those: an unused array is
+/// never read, so its contents cannot fail the run).
+fn read_arrays<F: NpyFloat>(
+    cfg: &Config,
+    input: &mut Input,
     logp: Array2<F>,
-    logp_old: Array2<F>,
-    advantages: OwnedAdvantages<F>,
-    mask: OwnedMask,
-    topk: Option<(Array3<F>, Array3<F>)>,
-    logp_ref: Option<Array2<F>>,
-}
-
-impl<F: NpyFloat> Arrays<F> {
-    fn read(cfg: &Config, input: &mut Input, logp: Array2<F>) -> Result<Self, Failure> {
-        const BL: &str = "(B, L)";
-        const BLK: &str = "(B, L, K)";
-        let logp_old = input.float::<F, Ix2>("logp_old", crate::npz::ALWAYS, BL)?;
-        let advantages = input.advantages()?;
-        let mask = input.mask()?;
-        let topk = if cfg.divergence.needs_topk() {
-            let by = format!("divergence {}", cfg.divergence.name());
-            let old = input.float::<F, Ix3>("topk_logp_old", &by, BLK)?;
-            let new = input.float::<F, Ix3>("topk_logp", &by, BLK)?;
-            Some((old, new))
-        } else {
-            None
-        };
-        let logp_ref = match cfg.kl {
-            Some(_) => Some(input.float::<F, Ix2>("logp_ref", "the kl penalty", BL)?),
-            None => None,
-        };
-        Ok(Self {
-            logp,
-            logp_old,
-            advantages,
-            mask,
-            topk,
-            logp_ref,
-        })
-    }
-
-    /// The shape-checked batch view.
-    fn batch(&self) -> cppo::Result<Batch<'_, F>> {
-        let mut batch = Batch::new(
-            &self.logp,
-            &self.logp_old,
-            self.advantages.view(),
-            self.mask.view(),
-        )?;
-        if let Some((old, new)) = &self.topk {
-            batch = batch.with_topk(old, new)?;
-        }
-        if let Some(r) = &self.logp_ref {
-            batch = batch.with_logp_ref(r)?;
-        }
-        Ok(batch)
-    }
+) -> Result<Arrays<F>, Failure> {
+    const BL: &str = "(B, L)";
+    const BLK: &str = "(B, L, K)";
+    let logp_old = input.float::<F, Ix2>("logp_old", crate::npz::ALWAYS, BL)?;
+    let advantages = input.advantages()?;
+    let mask = input.mask()?;
+    let topk = if cfg.divergence.needs_topk() {
+        let by = format!("divergence {}", cfg.divergence.name());
+        let old = input.float::<F, Ix3>("topk_logp_old", &by, BLK)?;
+        let new = input.float::<F, Ix3>("topk_logp", &by, BLK)?;
+        Some((old, new))
+    } else {
+        None
+    };
+    let logp_ref = match cfg.kl {
+        Some(_) => Some(input.float::<F, Ix2>("logp_ref", "the kl penalty", BL)?),
+        None => None,
+    };
+    Ok(Arrays {
+        logp,
+        logp_old,
+        advantages,
+        mask,
+        topk,
+        logp_ref,
+    })
 }
