@@ -15,6 +15,39 @@ fn batch_of<'a>(
     Batch::new(lp, lq, adv, mask).unwrap()
 }
 
+/// Every response token's `grad` against the central difference of the loss, moving
+/// that token's logp by ±h.
+fn assert_grad_is_fd(
+    cfg: &Config,
+    (lp, lq): (&Array2<f64>, &Array2<f64>),
+    adv: &Array1<f64>,
+    mask: &Array2<bool>,
+    (h, epsilon, max_relative): (f64, f64, f64),
+    par: Par,
+) {
+    let loss = |lp: &Array2<f64>| {
+        evaluate(cfg, &batch_of(lp, lq, adv, mask), Par::Seq)
+            .unwrap()
+            .loss
+    };
+    let grad = evaluate(cfg, &batch_of(lp, lq, adv, mask), par)
+        .unwrap()
+        .outputs
+        .grad;
+    for ((i, j), _) in mask.indexed_iter().filter(|(_, m)| **m) {
+        let (mut up, mut down) = (lp.clone(), lp.clone());
+        up[[i, j]] += h;
+        down[[i, j]] -= h;
+        let fd = (loss(&up) - loss(&down)) / (2.0 * h);
+        assert_relative_eq!(
+            grad[[i, j]],
+            fd,
+            epsilon = epsilon,
+            max_relative = max_relative
+        );
+    }
+}
+
 fn parse(s: &str) -> Config {
     serde_json::from_str(s).unwrap()
 }
@@ -383,28 +416,7 @@ fn gspo_and_gmpo_gradients_match_finite_differences() {
             aggregation: cppo::Aggregation::SeqMeanTokenMean,
             ..Config::with_rule(Rule::None)
         };
-        let loss = |lp: &Array2<f64>| {
-            evaluate(&cfg, &batch_of(lp, &lq, &adv, &mask), Par::Seq)
-                .unwrap()
-                .loss
-        };
-        let grad = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Seq)
-            .unwrap()
-            .outputs
-            .grad;
-        let h = 1e-6;
-        for i in 0..b {
-            for j in 0..l {
-                if !mask[[i, j]] {
-                    continue;
-                }
-                let (mut up, mut down) = (lp.clone(), lp.clone());
-                up[[i, j]] += h;
-                down[[i, j]] -= h;
-                let fd = (loss(&up) - loss(&down)) / (2.0 * h);
-                assert_relative_eq!(grad[[i, j]], fd, epsilon = 1e-8, max_relative = 1e-5);
-            }
-        }
+        assert_grad_is_fd(&cfg, (&lp, &lq), &adv, &mask, (1e-6, 1e-8, 1e-5), Par::Seq);
     }
 }
 
@@ -502,25 +514,14 @@ fn minpro_through_the_minimum() {
                 },
                 ..Config::with_rule(Rule::None)
             };
-            let loss = |lp: &Array2<f64>| {
-                evaluate(&cfg, &batch_of(lp, &lq, &adv, &mask), Par::Seq)
-                    .unwrap()
-                    .loss
-            };
-            let grad = evaluate(&cfg, &batch_of(&lp, &lq, &adv, &mask), Par::Rayon)
-                .unwrap()
-                .outputs
-                .grad;
-            let h = 1e-7;
-            for i in 0..b {
-                for j in (0..l).filter(|&j| mask[[i, j]]) {
-                    let (mut up, mut down) = (lp.clone(), lp.clone());
-                    up[[i, j]] += h;
-                    down[[i, j]] -= h;
-                    let fd = (loss(&up) - loss(&down)) / (2.0 * h);
-                    assert_relative_eq!(grad[[i, j]], fd, epsilon = 1e-7, max_relative = 1e-5);
-                }
-            }
+            assert_grad_is_fd(
+                &cfg,
+                (&lp, &lq),
+                &adv,
+                &mask,
+                (1e-7, 1e-7, 1e-5),
+                Par::Rayon,
+            );
         }
     }
 
