@@ -709,6 +709,13 @@ impl Decile {
         (k * self.row_len).div_ceil(10) + 1
     }
 
+    /// Whether t (at or after the last t passed to [`Decile::at`]) is in the current
+    /// decile.
+    #[inline(always)]
+    fn holds(&self, t: usize) -> bool {
+        self.decile == 9 || t < self.next
+    }
+
     #[inline(always)]
     fn at(&mut self, t: usize) -> usize {
         while t >= self.next && self.decile < 9 {
@@ -1035,6 +1042,15 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     out: RowLanes<'_, F>,
 ) -> Result<Tally> {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        // SAFETY: checked just above.
+        return unsafe { run_row_avx512(plan, batch, mask, i, facts, prefix, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { run_row_avx2(plan, batch, mask, i, facts, prefix, out) };
@@ -1049,6 +1065,21 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
 fn run_row_avx2<'a, F: Float, M: MaskElem>(
+    plan: &Plan<'_>,
+    batch: &Batch<'a, F>,
+    mask: ArrayView1<'a, M>,
+    i: usize,
+    facts: RowFacts,
+    prefix: &mut Prefix,
+    out: RowLanes<'_, F>,
+) -> Result<Tally> {
+    run_row_impl(plan, batch, mask, i, facts, prefix, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+fn run_row_avx512<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
     batch: &Batch<'a, F>,
     mask: ArrayView1<'a, M>,
@@ -1216,54 +1247,94 @@ fn masked_sum(vals: &[f64], on: &[bool]) -> f64 {
     ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
 }
 
+/// `f` folded over `vals` from `init` in LANES interleaved accumulators, combined
+/// pairwise: for an order-free `f` (min, max) the compiler vectorizes it without the
+/// loop-carried dependency of a left-to-right fold.
+#[inline(always)]
+fn lane_fold(vals: &[f64], init: f64, f: impl Fn(f64, f64) -> f64) -> f64 {
+    let mut acc = [init; LANES];
+    let cv = vals.chunks_exact(LANES);
+    let rv = cv.remainder();
+    for xv in cv {
+        for l in 0..LANES {
+            acc[l] = f(acc[l], xv[l]);
+        }
+    }
+    for (l, &x) in rv.iter().enumerate() {
+        acc[l] = f(acc[l], x);
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    f(f(f(a0, a4), f(a2, a6)), f(f(a1, a5), f(a3, a7)))
+}
+
 /// Adds a block's response tokens to the tally: counts by comparisons, float sums in
 /// fixed-order lanes, the position deciles in a short scalar loop.
 #[inline(always)]
 fn tally_block(tally: &mut Tally, st: &InStage, wk: &Work, n: usize, decile: &mut Decile) {
     let (on, code) = (&st.on[..n], &wk.code[..n]);
-    // Counts: one short comparison pass per quantity, each vectorized.
-    for (r, t) in tally.by_reason.iter_mut().enumerate().skip(1) {
-        *t += code.iter().map(|&c| u64::from(c == r as u8)).sum::<u64>();
-    }
-    let responses = on.iter().map(|&o| u64::from(o)).sum::<u64>();
-    tally.tokens += responses;
-    let (mut pos, mut pos_m, mut neg, mut neg_m) = (0u32, 0u32, 0u32, 0u32);
+    // Counts: one pass of byte comparisons summed in 32-bit lanes, vectorized.
+    let mut c = [0u32; 10];
     for k in 0..n {
         let masked = code[k] >= TOKEN;
         let (p, q) = (on[k] & (st.adv[k] > 0.0), on[k] & (st.adv[k] < 0.0));
-        pos += u32::from(p);
-        pos_m += u32::from(p & masked);
-        neg += u32::from(q);
-        neg_m += u32::from(q & masked);
+        c[0] += u32::from(on[k]);
+        c[1] += u32::from(code[k] == FEASIBLE);
+        c[2] += u32::from(code[k] == CORRECTIVE);
+        c[3] += u32::from(code[k] == TOKEN);
+        c[4] += u32::from(code[k] == BUDGET);
+        c[5] += u32::from(p);
+        c[6] += u32::from(p & masked);
+        c[7] += u32::from(q);
+        c[8] += u32::from(q & masked);
+        c[9] += u32::from(wk.clipped[k]);
     }
-    tally.pos_adv += u64::from(pos);
-    tally.pos_adv_masked += u64::from(pos_m);
-    tally.neg_adv += u64::from(neg);
-    tally.neg_adv_masked += u64::from(neg_m);
-    tally.clipped += wk.clipped[..n].iter().map(|&c| u64::from(c)).sum::<u64>();
+    let [
+        responses,
+        feasible,
+        corrective,
+        token,
+        budget,
+        pos,
+        pos_m,
+        neg,
+        neg_m,
+        clipped,
+    ] = c.map(u64::from);
+    tally.tokens += responses;
+    for (t, x) in tally.by_reason[1..]
+        .iter_mut()
+        .zip([feasible, corrective, token, budget])
+    {
+        *t += x;
+    }
+    tally.pos_adv += pos;
+    tally.pos_adv_masked += pos_m;
+    tally.neg_adv += neg;
+    tally.neg_adv_masked += neg_m;
+    tally.clipped += clipped;
 
     let mut k1 = [0.0f64; BLK];
     let mut k3 = [0.0f64; BLK];
     let mut thr = [0.0f64; BLK];
     let mut has_thr = [false; BLK];
-    let (mut d_max, mut r_min, mut r_max) =
-        (tally.divergence_max, tally.ratio_min, tally.ratio_max);
+    let mut lo = [f64::INFINITY; BLK];
+    let mut hi = [0.0f64; BLK];
     for k in 0..n {
-        let (r, rho, d) = (st.log_ratio[k], st.rho[k], wk.d[k]);
+        let (r, rho) = (st.log_ratio[k], st.rho[k]);
         k1[k] = -r;
         k3[k] = (rho - 1.0) - r;
         has_thr[k] = on[k] & wk.c[k].is_finite();
         thr[k] = if has_thr[k] { wk.c[k] } else { 0.0 };
-        // Plain comparisons: none of these is NaN at a response token.
-        d_max = if d > d_max { d } else { d_max };
-        let lo = if on[k] { rho } else { f64::INFINITY };
-        let hi = if on[k] { rho } else { 0.0 };
-        r_min = if lo < r_min { lo } else { r_min };
-        r_max = if hi > r_max { hi } else { r_max };
+        lo[k] = if on[k] { rho } else { f64::INFINITY };
+        hi[k] = if on[k] { rho } else { 0.0 };
     }
-    tally.divergence_max = d_max;
-    tally.ratio_min = r_min;
-    tally.ratio_max = r_max;
+    // Plain comparisons: none of these is NaN at a response token (D_t is 0 elsewhere),
+    // and a min or max is the same in any order.
+    let max = |a: f64, x: f64| if x > a { x } else { a };
+    let min = |a: f64, x: f64| if x < a { x } else { a };
+    tally.divergence_max = lane_fold(&wk.d[..n], tally.divergence_max, max);
+    tally.ratio_min = lane_fold(&lo[..n], tally.ratio_min, min);
+    tally.ratio_max = lane_fold(&hi[..n], tally.ratio_max, max);
     tally.divergence_sum += masked_sum(&wk.d[..n], on);
     tally.k1_sum += masked_sum(&k1[..n], on);
     tally.k3_sum += masked_sum(&k3[..n], on);
@@ -1271,10 +1342,21 @@ fn tally_block(tally: &mut Tally, st: &InStage, wk: &Work, n: usize, decile: &mu
     tally.threshold_sum += masked_sum(&thr[..n], &has_thr[..n]);
     tally.threshold_count += has_thr[..n].iter().map(|&h| u64::from(h)).sum::<u64>();
 
-    // Position deciles: t rises by one per response token, so a block spans few deciles;
-    // count in registers and flush when the decile changes.
+    // Position deciles: t rises by one per response token, so a block spans few deciles,
+    // and most blocks lie in one.
+    if responses == 0 {
+        return;
+    }
+    let t_last = wk.t[n - 1];
+    let dec = decile.at(t_last + 1 - responses as usize);
+    if decile.holds(t_last) {
+        tally.decile_tokens[dec] += responses;
+        tally.decile_masked[dec] += token + budget;
+        return;
+    }
+    // Count in registers and flush when the decile changes.
     let (mut cur_tok, mut cur_masked) = (0u64, 0u64);
-    let mut dec = decile.decile;
+    let mut dec = dec;
     for k in 0..n {
         if on[k] {
             let d = decile.at(wk.t[k]);
