@@ -41,7 +41,7 @@ use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
 use crate::objective::{LOG_RATIO_CLAMP, Objective};
 use crate::rule::{Reason, Rule};
-use crate::simd::{exp as simd_exp, exp_in_place};
+use crate::simd::{Isa, exp as simd_exp, exp_in_place, isa};
 use crate::stats::Tally;
 
 /// Columns per block.
@@ -510,8 +510,9 @@ impl<'a, F: Float> TopkRow<'a, F> {
         }
     }
 
-    /// Token j's K entries widened into `lo` (rollout) and `ln` (current), with (0, 1e-4]
-    /// read as 0; `false` if any entry is not a valid log-prob (the caller then finds it).
+    /// The K entries of the `lo.len() / K` tokens from column j widened into `lo`
+    /// (rollout) and `ln` (current), token-major, with (0, 1e-4] read as 0; `false` if any
+    /// entry is not a valid log-prob (padding may hold such; see [`TopkRow::valid`]).
     #[inline(always)]
     fn load(&self, j: usize, lo: &mut [f64], ln: &mut [f64]) -> bool {
         #[inline(always)]
@@ -526,11 +527,53 @@ impl<'a, F: Float> TopkRow<'a, F> {
         }
         match self {
             Self::Flat { old, new, k } => {
-                let at = j * k;
-                widen(lo, old[at..at + k].iter()) & widen(ln, new[at..at + k].iter())
+                let (at, len) = (j * k, lo.len());
+                widen(lo, old[at..at + len].iter()) & widen(ln, new[at..at + len].iter())
             }
-            Self::View { old, new } => widen(lo, old.row(j).iter()) & widen(ln, new.row(j).iter()),
+            Self::View { old, new } => {
+                let kk = old.ncols();
+                let mut ok = true;
+                for (t, (lo, ln)) in lo
+                    .chunks_exact_mut(kk)
+                    .zip(ln.chunks_exact_mut(kk))
+                    .enumerate()
+                {
+                    ok &= widen(lo, old.row(j + t).iter()) & widen(ln, new.row(j + t).iter());
+                }
+                ok
+            }
         }
+    }
+
+    /// Hints the CPU to fetch the entries of the `m` tokens from column j into cache
+    /// (the next group's, while the current one is computed: the top-K arrays are
+    /// the bulk of the bytes, and a group's compute leaves the memory idle otherwise).
+    #[inline(always)]
+    fn prefetch(&self, j: usize, m: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Self::Flat { old, new, k } = self {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let end = ((j + m) * k).min(old.len());
+            let start = (j * k).min(end);
+            let step = 64 / std::mem::size_of::<F>();
+            for at in (start..end).step_by(step) {
+                // SAFETY: a prefetch is a hint with no effect on memory; the pointers
+                // are in bounds.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(old.as_ptr().add(at).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(new.as_ptr().add(at).cast());
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (j, m);
+    }
+
+    /// Whether token j's K entries are all valid log-probs.
+    #[cold]
+    fn valid(&self, j: usize) -> bool {
+        let (old, new) = self.token(j);
+        old.iter().chain(new.iter()).all(|x| logprob_ok(x.to_f64()))
     }
 
     /// Token j's K entries, rollout and current.
@@ -561,22 +604,23 @@ impl<'a, F: Float> TopkRow<'a, F> {
     }
 }
 
-/// Scratch for one token's top-K pair, on the stack and reused across a row's tokens.
+/// Top-K entries per side staged at once: a group of up to `TOPK_GROUP / K` tokens has
+/// its exponentials computed in one SIMD call.
+const TOPK_GROUP: usize = 1024;
+
+/// Scratch for a group of tokens' top-K pairs, on the stack and reused across a row.
 pub(crate) struct TopkScratch {
-    /// `[log P | log Q]`.
-    logs: [f64; 2 * TOPK_STACK],
-    /// `[P | Q]`.
-    probs: [f64; 2 * TOPK_STACK],
-    /// log P_k − log Q_k.
-    diff: [f64; TOPK_STACK],
+    /// `[log P of the group | log Q of the group]`, token-major within each half.
+    logs: [f64; 2 * TOPK_GROUP],
+    /// The same layout, exponentiated.
+    probs: [f64; 2 * TOPK_GROUP],
 }
 
 impl TopkScratch {
     pub(crate) const fn new() -> Self {
         Self {
-            logs: [0.0; 2 * TOPK_STACK],
-            probs: [0.0; 2 * TOPK_STACK],
-            diff: [0.0; TOPK_STACK],
+            logs: [0.0; 2 * TOPK_GROUP],
+            probs: [0.0; 2 * TOPK_GROUP],
         }
     }
 }
@@ -602,6 +646,136 @@ fn topk_divergence_wide<F: Float>(div: Divergence, topk: &TopkRow<'_, F>, pos: P
     })
 }
 
+/// D_t of one token from its K probabilities P (`po`), Q (`pn`) and log-probabilities
+/// (`lo`, `ln`): Σ P, Σ Q and the divergence's own sum (Σ |P − Q| or Σ P (log P − log Q))
+/// in one pass of LANES interleaved partial sums each (the order of [`lane_sum`]).
+#[inline(always)]
+fn topk_from_probs(div: Divergence, po: &[f64], pn: &[f64], lo: &[f64], ln: &[f64]) -> f64 {
+    #[inline(always)]
+    fn sums(
+        po: &[f64],
+        pn: &[f64],
+        lo: &[f64],
+        ln: &[f64],
+        f: impl Fn(f64, f64, f64, f64) -> f64,
+    ) -> [f64; 3] {
+        let (mut ap, mut aq, mut ax) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
+        let full = po.len() / LANES * LANES;
+        for c in (0..full).step_by(LANES) {
+            for l in 0..LANES {
+                let k = c + l;
+                ap[l] += po[k];
+                aq[l] += pn[k];
+                ax[l] += f(po[k], pn[k], lo[k], ln[k]);
+            }
+        }
+        for (l, k) in (full..po.len()).enumerate() {
+            ap[l] += po[k];
+            aq[l] += pn[k];
+            ax[l] += f(po[k], pn[k], lo[k], ln[k]);
+        }
+        let comb = |[a0, a1, a2, a3, a4, a5, a6, a7]: [f64; LANES]| {
+            ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+        };
+        [comb(ap), comb(aq), comb(ax)]
+    }
+    if div == Divergence::TopkTv {
+        let [sum_p, sum_q, l1] = sums(po, pn, lo, ln, |p, q, _, _| (p - q).abs());
+        let p_rest = (1.0 - sum_p).max(0.0);
+        let q_rest = (1.0 - sum_q).max(0.0);
+        (l1 + (p_rest - q_rest).abs()) / 2.0
+    } else {
+        let [sum_p, sum_q, head] = sums(po, pn, lo, ln, |p, _, a, b| p * (a - b));
+        let p_rest = (1.0 - sum_p).max(0.0);
+        let q_rest = (1.0 - sum_q).max(0.0);
+        let rest = if p_rest > 0.0 {
+            p_rest * (p_rest.ln() - q_rest.max(TOPK_KL_REST_FLOOR).ln())
+        } else {
+            0.0
+        };
+        (head + rest).max(0.0)
+    }
+}
+
+/// D_t of the `m` tokens from column `j` (K ≤ [`TOPK_STACK`], m K ≤ [`TOPK_GROUP`]) into
+/// `d`, 0 where `on` is false: the entries widened, checked, and exponentiated in one
+/// SIMD call. `false` if a response token has an invalid entry.
+#[inline(always)]
+fn topk_group<F: Float>(
+    div: Divergence,
+    topk: &TopkRow<'_, F>,
+    j: usize,
+    on: &[bool],
+    d: &mut [f64],
+    buf: &mut TopkScratch,
+) -> bool {
+    let (kk, m) = (topk.width(), on.len());
+    let len = m * kk;
+    let mut ok = true;
+    {
+        let (lo, ln) = buf.logs[..2 * len].split_at_mut(len);
+        if !topk.load(j, lo, ln) {
+            // Some entry is invalid: fine in padding, an error at a response token.
+            ok = (0..m).all(|t| !on[t] || topk.valid(j + t));
+        }
+    }
+    topk.prefetch(j + m, m);
+    let probs = &mut buf.probs[..2 * len];
+    probs.copy_from_slice(&buf.logs[..2 * len]);
+    exp_in_place(probs);
+    let (po, pn) = probs.split_at(len);
+    let (lo, ln) = buf.logs[..2 * len].split_at(len);
+    for t in 0..m {
+        let r = t * kk..(t + 1) * kk;
+        d[t] = if on[t] {
+            topk_from_probs(div, &po[r.clone()], &pn[r.clone()], &lo[r.clone()], &ln[r])
+        } else {
+            0.0
+        };
+    }
+    ok
+}
+
+/// D_t of a block's tokens under a top-K divergence into `d` (0 off the mask); `false`
+/// if a response token has an invalid entry (the caller then finds it in order).
+#[inline(always)]
+fn topk_block<F: Float>(
+    div: Divergence,
+    topk: &TopkRow<'_, F>,
+    pos: Pos,
+    on: &[bool],
+    d: &mut [f64],
+    buf: &mut TopkScratch,
+) -> bool {
+    let kk = topk.width();
+    if kk > TOPK_STACK {
+        let mut ok = true;
+        for (k, (&on, d)) in on.iter().zip(d.iter_mut()).enumerate() {
+            *d = 0.0;
+            if on {
+                match topk_divergence_wide(
+                    div,
+                    topk,
+                    Pos {
+                        j: pos.j + k,
+                        ..pos
+                    },
+                ) {
+                    Ok(v) => *d = v,
+                    Err(_) => ok = false,
+                }
+            }
+        }
+        return ok;
+    }
+    let g = (TOPK_GROUP / kk.max(1)).clamp(1, BLK);
+    let mut ok = true;
+    for (s, (on, d)) in on.chunks(g).zip(d.chunks_mut(g)).enumerate() {
+        ok &= topk_group(div, topk, pos.j + s * g, on, d, buf);
+    }
+    ok
+}
+
 /// D_t under a top-K divergence at response token `pos`, checking its K entries.
 #[inline(always)]
 fn topk_divergence<F: Float>(
@@ -610,41 +784,15 @@ fn topk_divergence<F: Float>(
     pos: Pos,
     buf: &mut TopkScratch,
 ) -> Result<f64> {
-    let kk = topk.width();
-    if kk > TOPK_STACK {
+    if topk.width() > TOPK_STACK {
         return topk_divergence_wide(div, topk, pos);
     }
-    let (logs, probs) = (&mut buf.logs[..2 * kk], &mut buf.probs[..2 * kk]);
-    {
-        let (lo, ln) = logs.split_at_mut(kk);
-        if !topk.load(pos.j, lo, ln) {
-            return Err(topk.error(pos));
-        }
-    }
-    probs.copy_from_slice(logs);
-    exp_in_place(probs);
-    let (po, pn) = probs.split_at(kk);
-    let sum_p = lane_sum(po, po, |a, _| a);
-    let sum_q = lane_sum(pn, pn, |a, _| a);
-    let p_rest = (1.0 - sum_p).max(0.0);
-    let q_rest = (1.0 - sum_q).max(0.0);
-    Ok(if div == Divergence::TopkTv {
-        let l1 = lane_sum(po, pn, |a, b| (a - b).abs());
-        (l1 + (p_rest - q_rest).abs()) / 2.0
+    let mut d = [0.0];
+    if topk_group(div, topk, pos.j, &[true], &mut d, buf) {
+        Ok(d[0])
     } else {
-        let (lo, ln) = logs.split_at(kk);
-        let diff = &mut buf.diff[..kk];
-        for ((d, a), b) in diff.iter_mut().zip(lo).zip(ln) {
-            *d = a - b;
-        }
-        let head = lane_sum(po, diff, |p, d| p * d);
-        let rest = if p_rest > 0.0 {
-            p_rest * (p_rest.ln() - q_rest.max(TOPK_KL_REST_FLOOR).ln())
-        } else {
-            0.0
-        };
-        (head + rest).max(0.0)
-    })
+        Err(topk.error(pos))
+    }
 }
 
 /// One block of a row's outputs, in the output type.
@@ -863,7 +1011,7 @@ pub(crate) fn row_stats<'a, F: Float, M: MaskElem>(
 ) -> Result<RowStats> {
     let row = RowIn::new(batch, mask, i, col0);
     let mut st = RowStats::default();
-    let mut scratch = TopkScratch::new();
+    let mut scratch = None;
     let trm = cfg.rule.is_sequence_level();
     let gmpo = match cfg.objective {
         Objective::Gmpo { eps_low, eps_high } => Some((eps_low, eps_high)),
@@ -877,7 +1025,8 @@ pub(crate) fn row_stats<'a, F: Float, M: MaskElem>(
             if stage.on[k] {
                 let pos = row.pos(j);
                 if trm {
-                    let d = stage.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
+                    let buf = scratch.get_or_insert_with(TopkScratch::new);
+                    let d = stage.divergence(cfg.divergence, &row, k, pos, buf)?;
                     st.d_max = st.d_max.max(d);
                     st.d_sum.add(d);
                 }
@@ -1041,28 +1190,22 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     prefix: &mut Prefix,
     out: RowLanes<'_, F>,
 ) -> Result<Tally> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512dq")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-    {
-        // SAFETY: checked just above.
-        return unsafe { run_row_avx512(plan, batch, mask, i, facts, prefix, out) };
+    match isa() {
+        // SAFETY: `isa` checked that the CPU has these features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_row_avx512(plan, batch, mask, i, facts, prefix, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { run_row_avx2(plan, batch, mask, i, facts, prefix, out) },
+        _ => run_row_impl(plan, batch, mask, i, facts, prefix, out),
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { run_row_avx2(plan, batch, mask, i, facts, prefix, out) };
-    }
-    run_row_impl(plan, batch, mask, i, facts, prefix, out)
 }
 
 /// [`run_row_impl`] compiled for AVX2, which vectorizes the block passes four or eight
 /// lanes wide. The same IEEE operations in the same order as the baseline build (Rust
 /// never fuses a multiply and an add on its own), so the results are bit-identical.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 fn run_row_avx2<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
@@ -1077,7 +1220,7 @@ fn run_row_avx2<'a, F: Float, M: MaskElem>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
 fn run_row_avx512<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
@@ -1117,7 +1260,7 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
     let soft_tau = cfg.rule.cppo_params().and_then(|p| p.soft_tau);
     let binary = cfg.divergence.needs_probs();
     let kl = cfg.kl.as_ref().zip(row.logp_ref.as_ref());
-    let mut scratch = TopkScratch::new();
+    let mut scratch = None;
     let t0 = prefix.t;
     let (mut t, mut s_sum, mut w_sum) = (prefix.t, prefix.s, prefix.w);
     let mut min_ratio = prefix.min_ratio;
@@ -1133,21 +1276,10 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
         let n = BLK.min(l - j0);
         st.load(&row, j0, n, binary);
 
-        // Checks and divergences, in column order (errors come in that order).
-        for k in 0..n {
-            let j = j0 + k;
-            if !st.token_ok(k) {
-                return Err(st.error(&row, k, row.pos(j)));
-            }
-            if st.on[k] {
-                let pos = row.pos(j);
-                wk.d[k] = st.divergence(cfg.divergence, &row, k, pos, &mut scratch)?;
-                if let Some((_, lane)) = kl {
-                    wk.lref[k] = logp_ref_at(lane, pos)?;
-                }
-            } else {
-                wk.d[k] = 0.0;
-            }
+        // Checks, divergences and logp_ref, a vectorized pass each; a block holding a bad
+        // value is walked again in column order to report the first (see the module docs).
+        if !block_values(cfg, &row, &st, j0, &mut wk, kl.is_some(), &mut scratch) {
+            ordered_block(cfg, &row, &st, j0, &mut wk, kl.is_some(), &mut scratch)?;
         }
 
         // Positions t (response tokens only) and the rule's test.
@@ -1227,6 +1359,105 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
         min_ratio,
     };
     Ok(tally)
+}
+
+/// A block's checks, divergences D_t (0 off the mask) and, with a KL penalty, checked
+/// logp_ref, each a pass over the block; `false` if a token fails a check.
+#[inline(always)]
+fn block_values<F: Float, M: MaskElem>(
+    cfg: &Config,
+    row: &RowIn<'_, F, M>,
+    st: &InStage,
+    j0: usize,
+    wk: &mut Work,
+    kl: bool,
+    scratch: &mut Option<TopkScratch>,
+) -> bool {
+    let n = st.n;
+    let (on, d) = (&st.on[..n], &mut wk.d[..n]);
+    let mut ok = true;
+    for k in 0..n {
+        ok &= st.token_ok(k);
+    }
+    match cfg.divergence {
+        Divergence::BinaryTv => {
+            for k in 0..n {
+                d[k] = if on[k] {
+                    (st.p[k] - st.q[k]).abs()
+                } else {
+                    0.0
+                };
+            }
+        }
+        Divergence::K2 => {
+            for k in 0..n {
+                let r = st.log_ratio[k];
+                d[k] = if on[k] { 0.5 * r * r } else { 0.0 };
+            }
+        }
+        Divergence::K3 => {
+            for k in 0..n {
+                let x = (st.rho[k] - 1.0) - st.log_ratio[k];
+                d[k] = if on[k] { x } else { 0.0 };
+            }
+        }
+        Divergence::BinaryKl => {
+            for k in 0..n {
+                d[k] = if on[k] {
+                    binary_kl_from_probs(st.lp[k], st.lq[k], st.p[k], st.q[k])
+                } else {
+                    0.0
+                };
+            }
+        }
+        Divergence::TopkTv | Divergence::TopkKl => {
+            let Some(topk) = &row.topk else {
+                unreachable!("top-K arrays are checked before the pass")
+            };
+            let buf = scratch.get_or_insert_with(TopkScratch::new);
+            ok &= topk_block(cfg.divergence, topk, row.pos(j0), on, d, buf);
+        }
+    }
+    if let (true, Some(lane)) = (kl, &row.logp_ref) {
+        let lref = &mut wk.lref[..n];
+        lane.load(j0, lref, F::to_f64);
+        for k in 0..n {
+            ok &= !on[k] | logprob_ok(lref[k]);
+            lref[k] = lref[k].min(0.0);
+        }
+    }
+    ok
+}
+
+/// A block's checks, divergences and logp_ref token by token in column order: the first
+/// bad value as an error (the values as [`block_values`] otherwise).
+#[cold]
+#[inline(never)]
+fn ordered_block<F: Float, M: MaskElem>(
+    cfg: &Config,
+    row: &RowIn<'_, F, M>,
+    st: &InStage,
+    j0: usize,
+    wk: &mut Work,
+    kl: bool,
+    scratch: &mut Option<TopkScratch>,
+) -> Result<()> {
+    let buf = scratch.get_or_insert_with(TopkScratch::new);
+    for k in 0..st.n {
+        let pos = row.pos(j0 + k);
+        if !st.token_ok(k) {
+            return Err(st.error(row, k, pos));
+        }
+        if st.on[k] {
+            wk.d[k] = st.divergence(cfg.divergence, row, k, pos, buf)?;
+            if let (true, Some(lane)) = (kl, &row.logp_ref) {
+                wk.lref[k] = logp_ref_at(lane, pos)?;
+            }
+        } else {
+            wk.d[k] = 0.0;
+        }
+    }
+    Ok(())
 }
 
 /// Σ of `vals` where `on`, in LANES interleaved partial sums (see [`lane_sum`]).
