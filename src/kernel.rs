@@ -41,7 +41,7 @@ use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
 use crate::objective::{LOG_RATIO_CLAMP, Objective};
 use crate::rule::{Reason, Rule};
-use crate::simd::{Isa, exp as simd_exp, exp_in_place, isa};
+use crate::simd::{Isa, exp as simd_exp, exp_to, isa};
 use crate::stats::Tally;
 
 /// Columns per block.
@@ -128,16 +128,6 @@ impl<'a, T: Copy> LaneMut<'a, T> {
         }
     }
 
-    #[inline(always)]
-    fn store(&mut self, j0: usize, src: &[T]) {
-        match self {
-            Self::Slice(s) => s[j0..j0 + src.len()].copy_from_slice(src),
-            Self::View(v) => v
-                .slice_mut(s![j0..j0 + src.len()])
-                .assign(&ArrayView1::from(src)),
-        }
-    }
-
     fn fill(&mut self, x: T) {
         match self {
             Self::Slice(s) => s.fill(x),
@@ -188,9 +178,30 @@ fn fill_opt<T: Copy>(lane: &mut Option<LaneMut<'_, T>>, x: T) {
     }
 }
 
-fn store_opt<T: Copy>(lane: &mut Option<LaneMut<'_, T>>, j0: usize, src: &[T]) {
-    if let Some(v) = lane {
-        v.store(j0, src);
+/// Writes `f(k)` for k < n to columns `j0..j0 + n` of `lane`, if requested: directly
+/// into a contiguous lane, through `stage` into a strided one.
+#[inline(always)]
+fn emit<T: Copy>(
+    lane: &mut Option<LaneMut<'_, T>>,
+    stage: &mut [T; BLK],
+    j0: usize,
+    n: usize,
+    f: impl Fn(usize) -> T,
+) {
+    match lane {
+        None => {}
+        Some(LaneMut::Slice(s)) => {
+            for (k, d) in s[j0..j0 + n].iter_mut().enumerate() {
+                *d = f(k);
+            }
+        }
+        Some(LaneMut::View(v)) => {
+            for k in 0..n {
+                stage[k] = f(k);
+            }
+            v.slice_mut(s![j0..j0 + n])
+                .assign(&ArrayView1::from(&stage[..n]));
+        }
     }
 }
 
@@ -204,17 +215,6 @@ impl<F: Float> RowLanes<'_, F> {
         fill_opt(&mut self.reason, 0);
         fill_opt(&mut self.token_loss, z);
         fill_opt(&mut self.grad, z);
-    }
-
-    /// Copies a finished block of staged outputs to columns `j0..j0 + n`.
-    fn store(&mut self, j0: usize, n: usize, st: &OutStage<F>) {
-        store_opt(&mut self.divergence, j0, &st.divergence[..n]);
-        store_opt(&mut self.weight, j0, &st.weight[..n]);
-        store_opt(&mut self.threshold, j0, &st.threshold[..n]);
-        store_opt(&mut self.keep, j0, &st.keep[..n]);
-        store_opt(&mut self.reason, j0, &st.reason[..n]);
-        store_opt(&mut self.token_loss, j0, &st.token_loss[..n]);
-        store_opt(&mut self.grad, j0, &st.grad[..n]);
     }
 }
 
@@ -381,10 +381,8 @@ impl InStage {
             self.log_ratio[k] = (self.lp[k] - self.lq[k]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
         }
         if binary {
-            self.p[..n].copy_from_slice(&self.lp[..n]);
-            self.q[..n].copy_from_slice(&self.lq[..n]);
-            exp_in_place(&mut self.p[..n]);
-            exp_in_place(&mut self.q[..n]);
+            exp_to(&self.lp[..n], &mut self.p[..n]);
+            exp_to(&self.lq[..n], &mut self.q[..n]);
             // ρ = p/q saves an exponential where it equals e^r to rounding: the log-ratio
             // inside the clamp, and p and q normal numbers (the SIMD exp flushes results
             // below e^−708 to 0). Elsewhere, e^r itself.
@@ -405,8 +403,7 @@ impl InStage {
                 }
             }
         } else {
-            self.rho[..n].copy_from_slice(&self.log_ratio[..n]);
-            exp_in_place(&mut self.rho[..n]);
+            exp_to(&self.log_ratio[..n], &mut self.rho[..n]);
         }
     }
 
@@ -659,10 +656,11 @@ fn topk_from_probs(div: Divergence, po: &[f64], pn: &[f64], lo: &[f64], ln: &[f6
         ln: &[f64],
         f: impl Fn(f64, f64, f64, f64) -> f64,
     ) -> [f64; 3] {
-        let (mut ap, mut aq, mut ax) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
-        let full = po.len() / LANES * LANES;
-        for c in (0..full).step_by(LANES) {
-            for l in 0..LANES {
+        const W: usize = 4;
+        let (mut ap, mut aq, mut ax) = ([0.0f64; W], [0.0f64; W], [0.0f64; W]);
+        let full = po.len() / W * W;
+        for c in (0..full).step_by(W) {
+            for l in 0..W {
                 let k = c + l;
                 ap[l] += po[k];
                 aq[l] += pn[k];
@@ -674,9 +672,7 @@ fn topk_from_probs(div: Divergence, po: &[f64], pn: &[f64], lo: &[f64], ln: &[f6
             aq[l] += pn[k];
             ax[l] += f(po[k], pn[k], lo[k], ln[k]);
         }
-        let comb = |[a0, a1, a2, a3, a4, a5, a6, a7]: [f64; LANES]| {
-            ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
-        };
+        let comb = |[a0, a1, a2, a3]: [f64; W]| (a0 + a2) + (a1 + a3);
         [comb(ap), comb(aq), comb(ax)]
     }
     if div == Divergence::TopkTv {
@@ -721,8 +717,7 @@ fn topk_group<F: Float>(
     }
     topk.prefetch(j + m, m);
     let probs = &mut buf.probs[..2 * len];
-    probs.copy_from_slice(&buf.logs[..2 * len]);
-    exp_in_place(probs);
+    exp_to(&buf.logs[..2 * len], probs);
     let (po, pn) = probs.split_at(len);
     let (lo, ln) = buf.logs[..2 * len].split_at(len);
     for t in 0..m {
@@ -1329,19 +1324,27 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
             mg.block(&st, &mut wk, n, j0, agg_w, &mut out);
         }
 
-        // Outputs, staged in the output type.
-        for k in 0..n {
-            let on = st.on[k];
-            let code = wk.code[k];
-            os.divergence[k] = F::from_f64(wk.d[k]);
-            os.weight[k] = F::from_f64(if on { wk.w[k] } else { 0.0 });
-            os.threshold[k] = F::from_f64(if on { wk.c[k] } else { 0.0 });
-            os.keep[k] = (code == FEASIBLE) | (code == CORRECTIVE);
-            os.reason[k] = code;
-            os.token_loss[k] = F::from_f64(wk.loss[k]);
-            os.grad[k] = F::from_f64(wk.grad[k] * agg_w);
-        }
-        out.store(j0, n, &os);
+        // Outputs, in the output type, straight into the caller's arrays (staged only for
+        // strided ones); outputs not asked for are not computed.
+        let on = &st.on;
+        let kept = |c: u8| (c == FEASIBLE) | (c == CORRECTIVE);
+        emit(&mut out.divergence, &mut os.divergence, j0, n, |k| {
+            F::from_f64(wk.d[k])
+        });
+        emit(&mut out.weight, &mut os.weight, j0, n, |k| {
+            F::from_f64(if on[k] { wk.w[k] } else { 0.0 })
+        });
+        emit(&mut out.threshold, &mut os.threshold, j0, n, |k| {
+            F::from_f64(if on[k] { wk.c[k] } else { 0.0 })
+        });
+        emit(&mut out.keep, &mut os.keep, j0, n, |k| kept(wk.code[k]));
+        emit(&mut out.reason, &mut os.reason, j0, n, |k| wk.code[k]);
+        emit(&mut out.token_loss, &mut os.token_loss, j0, n, |k| {
+            F::from_f64(wk.loss[k])
+        });
+        emit(&mut out.grad, &mut os.grad, j0, n, |k| {
+            F::from_f64(wk.grad[k] * agg_w)
+        });
 
         row_loss += lane_sum(&wk.loss[..n], &wk.loss[..n], |a, _| a);
         tally_block(&mut tally, &st, &wk, n, &mut decile);
@@ -1947,8 +1950,22 @@ mod tests {
     use crate::objective::{KlEstimator, KlPenalty};
     use ndarray::{Array1, Array2, Array3};
 
-    /// The baseline build of the row pass (what a CPU without AVX2 runs) gives the same
-    /// bits as the dispatched one, for every rule and objective.
+    /// The builds of the row pass this CPU can run: the baseline always, and the AVX2 and
+    /// AVX-512 ones where supported.
+    fn builds() -> Vec<Isa> {
+        let best = isa();
+        let mut v = vec![Isa::Base];
+        if best != Isa::Base {
+            v.push(Isa::Avx2);
+        }
+        if best == Isa::Avx512 {
+            v.push(Isa::Avx512);
+        }
+        v
+    }
+
+    /// Every build of the row pass (baseline, AVX2, AVX-512, as far as this CPU has them)
+    /// gives the same bits as the dispatched one, for every rule and objective.
     #[test]
     fn baseline_and_dispatched_row_passes_agree() {
         let (b, l, kk) = (5, 150, 3);
@@ -2036,48 +2053,59 @@ mod tests {
                     ..Config::cppo()
                 };
                 let want = evaluate(&cfg, &batch, Par::Seq).unwrap();
-                let mut got = Outputs::<f64>::zeros((b, l));
-                let plan = Plan {
-                    cfg: &cfg,
-                    denominators: Counts {
-                        tokens: want.tally.tokens,
-                        seqs: want.tally.seqs,
-                    },
-                    width: l,
-                    col0: 0,
-                };
-                for i in 0..b {
-                    let m = mask.row(i);
-                    let facts = whole_row_facts(&cfg, &batch, m, i).unwrap();
-                    let o = got.view_mut();
-                    let out = RowOut {
-                        divergence: o.divergence.map(|v| v.index_axis_move(Axis(0), i)),
-                        weight: o.weight.map(|v| v.index_axis_move(Axis(0), i)),
-                        threshold: o.threshold.map(|v| v.index_axis_move(Axis(0), i)),
-                        keep: o.keep.map(|v| v.index_axis_move(Axis(0), i)),
-                        reason: o.reason.map(|v| v.index_axis_move(Axis(0), i)),
-                        token_loss: o.token_loss.map(|v| v.index_axis_move(Axis(0), i)),
-                        grad: o.grad.map(|v| v.index_axis_move(Axis(0), i)),
+                for build in builds() {
+                    let mut got = Outputs::<f64>::zeros((b, l));
+                    let plan = Plan {
+                        cfg: &cfg,
+                        denominators: Counts {
+                            tokens: want.tally.tokens,
+                            seqs: want.tally.seqs,
+                        },
+                        width: l,
+                        col0: 0,
                     };
-                    run_row_impl(
-                        &plan,
-                        &batch,
-                        m,
-                        i,
-                        facts,
-                        &mut Prefix::default(),
-                        out.into(),
-                    )
-                    .unwrap();
+                    for i in 0..b {
+                        let m = mask.row(i);
+                        let facts = whole_row_facts(&cfg, &batch, m, i).unwrap();
+                        let o = got.view_mut();
+                        let out = RowOut {
+                            divergence: o.divergence.map(|v| v.index_axis_move(Axis(0), i)),
+                            weight: o.weight.map(|v| v.index_axis_move(Axis(0), i)),
+                            threshold: o.threshold.map(|v| v.index_axis_move(Axis(0), i)),
+                            keep: o.keep.map(|v| v.index_axis_move(Axis(0), i)),
+                            reason: o.reason.map(|v| v.index_axis_move(Axis(0), i)),
+                            token_loss: o.token_loss.map(|v| v.index_axis_move(Axis(0), i)),
+                            grad: o.grad.map(|v| v.index_axis_move(Axis(0), i)),
+                        };
+                        let prefix = &mut Prefix::default();
+                        match build {
+                            Isa::Base => {
+                                run_row_impl(&plan, &batch, m, i, facts, prefix, out.into())
+                            }
+                            // SAFETY: `builds` lists only what the CPU supports.
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx2 => unsafe {
+                                run_row_avx2(&plan, &batch, m, i, facts, prefix, out.into())
+                            },
+                            // SAFETY: as above.
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx512 => unsafe {
+                                run_row_avx512(&plan, &batch, m, i, facts, prefix, out.into())
+                            },
+                            #[cfg(not(target_arch = "x86_64"))]
+                            _ => unreachable!(),
+                        }
+                        .unwrap();
+                    }
+                    let same = |a: &Array2<f64>, b: &Array2<f64>| {
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                    };
+                    assert!(same(&got.grad, &want.outputs.grad), "{build:?} {cfg:?}");
+                    assert!(same(&got.token_loss, &want.outputs.token_loss), "{cfg:?}");
+                    assert!(same(&got.divergence, &want.outputs.divergence), "{cfg:?}");
+                    assert!(same(&got.weight, &want.outputs.weight), "{cfg:?}");
+                    assert_eq!(got.reason, want.outputs.reason, "{cfg:?}");
                 }
-                let same = |a: &Array2<f64>, b: &Array2<f64>| {
-                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-                };
-                assert!(same(&got.grad, &want.outputs.grad), "{cfg:?}");
-                assert!(same(&got.token_loss, &want.outputs.token_loss), "{cfg:?}");
-                assert!(same(&got.divergence, &want.outputs.divergence), "{cfg:?}");
-                assert!(same(&got.weight, &want.outputs.weight), "{cfg:?}");
-                assert_eq!(got.reason, want.outputs.reason, "{cfg:?}");
             }
         }
     }

@@ -3,7 +3,7 @@
 //! The engine needs several exponentials per token (p = e^logp, q = e^logp_old,
 //! ρ = e^{clamp(logp − logp_old)}, and 2K more for top-K divergences). The platform's
 //! scalar `exp` is a function call the compiler cannot vectorize, so it would dominate
-//! the pass. [`exp_in_place`] computes the same function with plain IEEE arithmetic the
+//! the pass. [`exp_to`] computes the same function with plain IEEE arithmetic the
 //! compiler turns into SIMD code:
 //!
 //! - range reduction x = n ln 2 + r, |r| ≤ ln 2 / 2, with n from the round-to-nearest
@@ -122,37 +122,58 @@ pub(crate) fn isa() -> Isa {
     Isa::Base
 }
 
+/// `dst[k] = e^src[k]` (the slices have the same length), or in place without `src`.
 #[inline(always)]
-fn exp_slice_generic(xs: &mut [f64]) {
-    for x in xs.iter_mut() {
-        *x = exp(*x);
+fn exp_slice_generic(src: Option<&[f64]>, dst: &mut [f64]) {
+    match src {
+        Some(src) => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = exp(x);
+            }
+        }
+        None => {
+            for x in dst.iter_mut() {
+                *x = exp(*x);
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,fma")]
-fn exp_slice_avx512(xs: &mut [f64]) {
-    exp_slice_generic(xs);
+fn exp_slice_avx512(src: Option<&[f64]>, dst: &mut [f64]) {
+    exp_slice_generic(src, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn exp_slice_avx2(xs: &mut [f64]) {
-    exp_slice_generic(xs);
+fn exp_slice_avx2(src: Option<&[f64]>, dst: &mut [f64]) {
+    exp_slice_generic(src, dst);
 }
 
-/// Replaces every element of `xs` by its exponential, with the widest SIMD the CPU has.
+/// [`exp_slice_generic`] with the widest SIMD the CPU has.
 #[inline]
-pub(crate) fn exp_in_place(xs: &mut [f64]) {
+fn exp_slice(src: Option<&[f64]>, dst: &mut [f64]) {
     match isa() {
         // SAFETY: `isa` checked that the CPU has these features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { exp_slice_avx512(xs) },
+        Isa::Avx512 => unsafe { exp_slice_avx512(src, dst) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { exp_slice_avx2(xs) },
-        _ => exp_slice_generic(xs),
+        Isa::Avx2 => unsafe { exp_slice_avx2(src, dst) },
+        _ => exp_slice_generic(src, dst),
     }
+}
+
+/// Writes the exponential of every element of `src` to `dst`.
+///
+/// # Panics
+///
+/// If the slices differ in length (a bug in the caller).
+#[inline]
+pub(crate) fn exp_to(src: &[f64], dst: &mut [f64]) {
+    assert_eq!(src.len(), dst.len(), "exp_to: lengths differ");
+    exp_slice(Some(src), dst);
 }
 
 #[cfg(test)]
@@ -171,8 +192,8 @@ mod tests {
         while x < 30.0 {
             for y in [x, -x * 1e-6, x * 1e-3] {
                 if (MIN_X..=MAX_X).contains(&y) {
-                    let mut v = [y];
-                    exp_in_place(&mut v);
+                    let mut v = [0.0];
+                    exp_to(&[y], &mut v);
                     worst = worst.max(ulps(v[0], y.exp()));
                 }
             }
@@ -183,7 +204,7 @@ mod tests {
 
     #[test]
     fn edges() {
-        let mut v = [
+        let v = [
             0.0,
             -0.0,
             1e-4,
@@ -194,24 +215,36 @@ mod tests {
             710.0,
             f64::NAN,
         ];
-        exp_in_place(&mut v);
+        let mut out = [0.0; 9];
+        exp_to(&v, &mut out);
+        let v = out;
         assert_eq!(&v[..4], &[1.0, 1.0, 1e-4f64.exp(), 1.0]);
         assert_eq!(&v[4..8], &[0.0, 0.0, 0.0, f64::INFINITY]);
         assert!(v[8].is_nan());
-        let mut ln2 = [std::f64::consts::LN_2];
-        exp_in_place(&mut ln2);
-        assert!(ulps(ln2[0], 2.0) <= 1);
+        let mut two = [0.0];
+        exp_to(&[std::f64::consts::LN_2], &mut two);
+        assert!(ulps(two[0], 2.0) <= 1);
     }
 
     #[test]
     fn every_dispatch_path_agrees() {
         let xs: Vec<f64> = (0..1000).map(|k| -30.0 + k as f64 * 0.0307).collect();
         let mut generic = xs.clone();
-        exp_slice_generic(&mut generic);
+        exp_slice_generic(None, &mut generic);
+        let mut copied = vec![0.0; xs.len()];
+        exp_to(&xs, &mut copied);
         let mut dispatched = xs.clone();
-        exp_in_place(&mut dispatched);
+        exp_slice(None, &mut dispatched);
         let scalar: Vec<f64> = xs.iter().map(|&x| exp(x)).collect();
         assert_eq!(generic, dispatched);
         assert_eq!(generic, scalar);
+        assert_eq!(generic, copied);
+        #[cfg(target_arch = "x86_64")]
+        if isa() != Isa::Base {
+            let mut avx2 = xs.clone();
+            // SAFETY: every tier above the baseline has AVX2 and FMA.
+            unsafe { exp_slice_avx2(None, &mut avx2) };
+            assert_eq!(generic, avx2);
+        }
     }
 }
