@@ -715,12 +715,14 @@ fn topk_group<F: Float>(
             ok = (0..m).all(|t| !on[t] || topk.valid(j + t));
         }
     }
-    topk.prefetch(j + m, m);
     let probs = &mut buf.probs[..2 * len];
     exp_to(&buf.logs[..2 * len], probs);
     let (po, pn) = probs.split_at(len);
     let (lo, ln) = buf.logs[..2 * len].split_at(len);
     for t in 0..m {
+        // The next group's tokens, one per token here: spread out, the prefetches do not
+        // crowd the memory pipeline.
+        topk.prefetch(j + m + t, 1);
         let r = t * kk..(t + 1) * kk;
         d[t] = if on[t] {
             topk_from_probs(div, &po[r.clone()], &pn[r.clone()], &lo[r.clone()], &ln[r])
