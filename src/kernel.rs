@@ -886,39 +886,6 @@ fn logp_ref_at<F: Float>(lane: &Lane<'_, F>, pos: Pos) -> Result<f64> {
     }
 }
 
-/// Sweeps a row in blocks: `token(state, stage, k, at)` on every column in order (its
-/// logp, logp_old and advantage checked if it is a response token), then
-/// `end_block(state, j0, n)` after each block.
-#[inline(always)]
-fn sweep<F: Float, M: MaskElem, S>(
-    row: &RowIn<'_, F, M>,
-    binary: bool,
-    state: &mut S,
-    mut token: impl FnMut(&mut S, &InStage, usize, usize) -> Result<()>,
-    mut end_block: impl FnMut(&mut S, usize, usize),
-) -> Result<()> {
-    let mut st = InStage::new();
-    let l = match &row.logp {
-        Lane::Slice(s) => s.len(),
-        Lane::View(v) => v.len(),
-    };
-    for j0 in (0..l).step_by(BLK) {
-        let n = BLK.min(l - j0);
-        st.load(row, j0, n, binary);
-        for k in 0..n {
-            let j = j0 + k;
-            if !st.token_ok(k) {
-                return Err(st.error(row, k, row.pos(j)));
-            }
-            // The column alone crosses the call: a `Pos` passed by value was copied
-            // through the stack every token (a store-forwarding stall).
-            token(state, &st, k, j)?;
-        }
-        end_block(state, j0, n);
-    }
-    Ok(())
-}
-
 /// 2^64: the unit of [`FixedSum`].
 const FIXED_ONE: f64 = 18_446_744_073_709_551_616.0;
 
@@ -936,7 +903,7 @@ impl FixedSum {
     /// Adds `x`.
     #[inline(always)]
     pub(crate) fn add(&mut self, x: f64) {
-        self.0 = self.0.saturating_add((x * FIXED_ONE).round() as i128);
+        self.0 = self.0.saturating_add(to_fixed(x));
     }
 
     /// The sum of two parts.
@@ -948,6 +915,27 @@ impl FixedSum {
     /// The sum as a float.
     pub fn to_f64(self) -> f64 {
         self.0 as f64 / FIXED_ONE
+    }
+}
+
+/// round(x 2^64) (half away from zero) as an integer, saturating; NaN gives 0.
+///
+/// `as i128` alone would do, but compiles to a library call; for |x| < 2^31 (every
+/// term in practice) the same integer comes from 64-bit conversions the CPU has: with
+/// y = |x| 2^32 (exact), ⌊y⌋ and the fraction (y − ⌊y⌋) 2^32 are exact, and rounding
+/// the fraction half up is ⌊fraction + 1/2⌋ (the addition is exact below 2^52).
+#[inline(always)]
+fn to_fixed(x: f64) -> i128 {
+    const TWO_32: f64 = 4_294_967_296.0;
+    let a = x.abs();
+    if a < 2_147_483_648.0 {
+        let y = a * TWO_32;
+        let hi = y as i64;
+        let lo = ((y - hi as f64) * TWO_32 + 0.5) as i64;
+        let v = (i128::from(hi) << 32) + i128::from(lo);
+        if x < 0.0 { -v } else { v }
+    } else {
+        (x * FIXED_ONE).round() as i128
     }
 }
 
@@ -1007,42 +995,54 @@ pub(crate) fn row_stats<'a, F: Float, M: MaskElem>(
     col0: usize,
 ) -> Result<RowStats> {
     let row = RowIn::new(batch, mask, i, col0);
-    let mut st = RowStats::default();
-    let mut scratch = None;
-    let trm = cfg.rule.is_sequence_level();
+    let mut stats = RowStats::default();
+    let (trm_max, trm_avg) = match cfg.rule {
+        Rule::TrmMax { .. } => (true, false),
+        Rule::TrmAvg { .. } => (true, true),
+        _ => (false, false),
+    };
+    let gspo = matches!(cfg.objective, Objective::Gspo { .. });
     let gmpo = match cfg.objective {
         Objective::Gmpo { eps_low, eps_high } => Some((eps_low, eps_high)),
         _ => None,
     };
-    sweep(
-        &row,
-        cfg.divergence.needs_probs(),
-        &mut (),
-        |(), stage, k, j| {
-            if stage.on[k] {
-                let pos = row.pos(j);
-                if trm {
-                    let buf = scratch.get_or_insert_with(TopkScratch::new);
-                    let d = stage.divergence(cfg.divergence, &row, k, pos, buf)?;
-                    st.d_max = st.d_max.max(d);
-                    st.d_sum.add(d);
-                }
-                let r = stage.log_ratio[k];
-                st.r_sum.add(r);
-                if let Some((lo, hi)) = gmpo {
-                    st.r_clip_sum.add(gmpo_clip(r, stage.adv[k], lo, hi).0);
-                    st.adv_sum.add(stage.adv[k]);
-                }
-                // Checked here too, so errors come in column order (see the module docs).
-                if let (Some(_), Some(lane)) = (&cfg.kl, &row.logp_ref) {
-                    logp_ref_at(lane, pos)?;
-                }
+    let binary = cfg.divergence.needs_probs();
+    let kl = cfg.kl.is_some();
+    let mut scratch = None;
+    let mut st = InStage::new();
+    let mut wk = Work::new();
+    let l = plan_width(&row);
+    for j0 in (0..l).step_by(BLK) {
+        let n = BLK.min(l - j0);
+        st.load(&row, j0, n, binary);
+        // Every value checked, as in the row's sweep, so errors come in column order
+        // (see the module docs); D_t is 0 off the mask.
+        if !block_values(cfg, &row, &st, j0, &mut wk, kl, &mut scratch) {
+            ordered_block(cfg, &row, &st, j0, &mut wk, kl, &mut scratch)?;
+        }
+        let on = &st.on[..n];
+        if trm_max || trm_avg {
+            let max = |a: f64, x: f64| if x > a { x } else { a };
+            stats.d_max = lane_fold(&wk.d[..n], stats.d_max, max);
+        }
+        for k in 0..n {
+            if !on[k] {
+                continue;
             }
-            Ok(())
-        },
-        |(), _, _| {},
-    )?;
-    Ok(st)
+            if trm_avg {
+                stats.d_sum.add(wk.d[k]);
+            }
+            if gspo {
+                stats.r_sum.add(st.log_ratio[k]);
+            }
+            if let Some((lo, hi)) = gmpo {
+                let r = st.log_ratio[k];
+                stats.r_clip_sum.add(gmpo_clip(r, st.adv[k], lo, hi).0);
+                stats.adv_sum.add(st.adv[k]);
+            }
+        }
+    }
+    Ok(stats)
 }
 
 /// TRM's whole-row decision from the row's max and sum of D_t over its T tokens; `true`
@@ -2109,6 +2109,48 @@ mod tests {
                     assert_eq!(got.reason, want.outputs.reason, "{cfg:?}");
                 }
             }
+        }
+    }
+
+    /// The fast conversion of [`to_fixed`] is `(x · 2^64).round() as i128`, ties and
+    /// the edges of its range included.
+    #[test]
+    fn to_fixed_is_the_rounded_product() {
+        let slow = |x: f64| (x * FIXED_ONE).round() as i128;
+        let mut xs = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f64::MIN_POSITIVE,
+            2_147_483_647.999_999_8,
+            -2_147_483_647.999_999_8,
+            2_147_483_648.0,
+            -2_147_483_648.0,
+            1e300,
+            -1e300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ];
+        // Ties: odd multiples of 2^−65 round away from zero.
+        for k in [1u64, 3, 5, 7, 1 << 20 | 1, (1 << 40) + 1] {
+            let x = k as f64 * 2f64.powi(-65);
+            xs.extend([x, -x]);
+        }
+        // A spread of magnitudes and mantissas.
+        let mut u = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            u ^= u << 13;
+            u ^= u >> 7;
+            u ^= u << 17;
+            let mant = 1.0 + (u >> 12) as f64 / (1u64 << 52) as f64;
+            let exp = (u % 100) as i32 - 70;
+            let x = mant * 2f64.powi(exp);
+            xs.extend([x, -x]);
+        }
+        for x in xs {
+            assert_eq!(to_fixed(x), slow(x), "x = {x:e}");
         }
     }
 
