@@ -5,20 +5,29 @@
 //!
 //! 1. **load** the block's mask, log-probs and advantages, widened to f64, and compute ρ
 //!    (and p, q for the binary divergences) as SIMD exponentials ([`crate::simd`]);
-//! 2. **check and divergence**, token by token in column order (the checks sit behind a
-//!    branch that is always predicted);
+//! 2. **checks and divergences**: one pass of comparisons finds whether any token holds
+//!    a bad value, one pass per divergence computes D_t (0 off the mask). Top-K
+//!    divergences stage the K entries of a group of tokens and compute their 2K
+//!    exponentials in one SIMD call, prefetching the next group's entries (the top-K
+//!    arrays are most of the bytes read). Only a block that holds a bad value is walked
+//!    again token by token, to report the first one in order;
 //! 3. **positions and the rule's test**: t, the weights w_t, and CPPO's prefix sums S
 //!    and W in f64, the one sequential pass;
 //! 4. **reasons**, selected without branches, and the keep share (1, 0, or
 //!    `cppo_soft`'s gate);
 //! 5. **objective and KL terms**;
-//! 6. **store** the outputs into the row's output lanes and add the block to the tally.
+//! 6. **outputs**, written in the output type straight into the caller's arrays (those
+//!    asked for only), and the block's **tally**: counts in one pass, sums, minima and
+//!    maxima in 8 interleaved lanes, position deciles per block.
 //!
-//! Every pass but 2 and 3 is a plain loop over the block that the compiler vectorizes;
-//! [`run_row`] dispatches to a build of the whole pass for AVX2 when the CPU has it (the
-//! same IEEE operations, so the same bits). Rules and objectives that need a whole-row
-//! quantity (TRM, GSPO, GMPO) get it from a first sweep ([`row_stats`]), as exact
-//! fixed-point sums that merge across column chunks.
+//! Every pass but the prefix scan is a loop over the block that the compiler vectorizes.
+//! [`run_row`] dispatches to a build of the whole pass for AVX-512 or AVX2 (each with
+//! FMA) when the CPU has it; the operations are the same IEEE operations in the same
+//! order in every build (Rust fuses a multiply and an add only where the code says
+//! `mul_add`, which is exactly rounded everywhere), so every build gives the same bits.
+//! Rules and objectives that need a whole-row quantity (TRM, GSPO, GMPO) get it from a
+//! first sweep with the same passes ([`row_stats`]), as exact fixed-point sums that merge
+//! across column chunks.
 //!
 //! Errors surface at the first bad token in row-major order and, within a token, in the
 //! order mask, logp, logp_old, advantages, top-K pair, logp_ref (the order of
@@ -1172,11 +1181,10 @@ impl Work {
 /// Computes row `i` of `batch` (a whole row, or a chunk of one starting from `prefix`)
 /// into `out`, advances `prefix`, and returns the row's tally.
 ///
-/// Each block of columns goes through short passes over its staged arrays: checks and
-/// divergences in column order; positions and weights; the rule's test (CPPO's prefix
-/// scan is the only sequential part); reasons; the objective and KL terms; outputs and
-/// tally. Every pass but the scan and the checks is a plain loop over the block, which
-/// the compiler vectorizes.
+/// Each block of columns goes through short passes over its staged arrays (see the
+/// module docs): checks and divergences; positions and weights; the rule's test (CPPO's
+/// prefix scan is the only sequential part); reasons; the objective and KL terms; outputs
+/// and tally. Dispatches to the widest build the CPU supports ([`isa`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
@@ -1198,9 +1206,10 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     }
 }
 
-/// [`run_row_impl`] compiled for AVX2, which vectorizes the block passes four or eight
-/// lanes wide. The same IEEE operations in the same order as the baseline build (Rust
-/// never fuses a multiply and an add on its own), so the results are bit-identical.
+/// [`run_row_impl`] compiled for AVX2 and FMA, which vectorizes the block passes four
+/// doubles wide. The same IEEE operations in the same order as the baseline build (Rust
+/// fuses a multiply and an add only where the code asks, with `mul_add`, whose result
+/// is exactly defined), so the results are bit-identical.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -1216,6 +1225,9 @@ fn run_row_avx2<'a, F: Float, M: MaskElem>(
     run_row_impl(plan, batch, mask, i, facts, prefix, out)
 }
 
+/// [`run_row_impl`] compiled for AVX-512 and FMA: eight doubles wide, and mask
+/// registers for the selects. Bit-identical to the other builds, as for
+/// [`run_row_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
