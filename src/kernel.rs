@@ -215,6 +215,19 @@ fn emit<T: Copy>(
 }
 
 impl<F: Float> RowLanes<'_, F> {
+    /// Writes every output's zero (false for `keep`, 0 for `reason`) to columns
+    /// `j0..j0 + n`.
+    fn zero_block(&mut self, j0: usize, n: usize, os: &mut OutStage<F>) {
+        let z = F::default();
+        emit(&mut self.divergence, &mut os.divergence, j0, n, |_| z);
+        emit(&mut self.weight, &mut os.weight, j0, n, |_| z);
+        emit(&mut self.threshold, &mut os.threshold, j0, n, |_| z);
+        emit(&mut self.keep, &mut os.keep, j0, n, |_| false);
+        emit(&mut self.reason, &mut os.reason, j0, n, |_| 0);
+        emit(&mut self.token_loss, &mut os.token_loss, j0, n, |_| z);
+        emit(&mut self.grad, &mut os.grad, j0, n, |_| z);
+    }
+
     fn fill_zero(&mut self) {
         let z = F::default();
         fill_opt(&mut self.divergence, z);
@@ -363,7 +376,9 @@ impl InStage {
         }
     }
 
-    /// Loads columns `j0..j0 + n`, finds the first bad token, computes the exponentials.
+    /// Loads columns `j0..j0 + n` and computes the exponentials; `false`, with only the
+    /// mask loaded, for a block with no response token and a valid mask (padding: it
+    /// has nothing to compute, check or tally).
     #[inline(always)]
     fn load<F: Float, M: MaskElem>(
         &mut self,
@@ -371,11 +386,16 @@ impl InStage {
         j0: usize,
         n: usize,
         binary: bool,
-    ) {
+    ) -> bool {
         self.n = n;
         row.mask.load(j0, &mut self.on[..n], M::is_on);
         if M::CAN_BE_INVALID {
             row.mask.load(j0, &mut self.mask_ok[..n], M::is_valid);
+        }
+        let any_on = self.on[..n].iter().fold(false, |a, &o| a | o);
+        let all_ok = self.mask_ok[..n].iter().fold(true, |a, &o| a & o);
+        if !any_on && all_ok {
+            return false;
         }
         row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
         row.logp_old.load(j0, &mut self.lq_raw[..n], F::to_f64);
@@ -414,6 +434,7 @@ impl InStage {
         } else {
             exp_to(&self.log_ratio[..n], &mut self.rho[..n]);
         }
+        true
     }
 
     /// Whether token k passes the checks made before its scan: a valid mask value and, for
@@ -774,10 +795,20 @@ fn topk_block<F: Float>(
         }
         return ok;
     }
+    // Only from the first response token to the last: leading and trailing padding's
+    // entries are neither read nor exponentiated.
+    let Some(first) = on.iter().position(|&o| o) else {
+        d.fill(0.0);
+        return true;
+    };
+    let end = on.iter().rposition(|&o| o).map_or(first, |k| k + 1);
+    d[..first].fill(0.0);
+    d[end..].fill(0.0);
+    let (on, d, j) = (&on[first..end], &mut d[first..end], pos.j + first);
     let g = (TOPK_GROUP / kk.max(1)).clamp(1, BLK);
     let mut ok = true;
     for (s, (on, d)) in on.chunks(g).zip(d.chunks_mut(g)).enumerate() {
-        ok &= topk_group(div, topk, pos.j + s * g, on, d, buf);
+        ok &= topk_group(div, topk, j + s * g, on, d, buf);
     }
     ok
 }
@@ -1023,7 +1054,9 @@ pub(crate) fn row_stats<'a, F: Float, M: MaskElem>(
     let l = plan_width(&row);
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
-        st.load(&row, j0, n, binary);
+        if !st.load(&row, j0, n, binary) {
+            continue;
+        }
         // Every value checked, as in the row's sweep, so errors come in column order
         // (see the module docs); D_t is 0 off the mask.
         if !block_values(cfg, &row, &st, j0, &mut wk, kl, &mut scratch) {
@@ -1283,7 +1316,12 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
 
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
-        st.load(&row, j0, n, binary);
+        if !st.load(&row, j0, n, binary) {
+            // Padding: zeros out, and the tally, the prefix and MinPRO's minimum as they
+            // were (what the passes below would give, bit for bit).
+            out.zero_block(j0, n, &mut os);
+            continue;
+        }
 
         // Checks, divergences and logp_ref, a vectorized pass each; a block holding a bad
         // value is walked again in column order to report the first (see the module docs).
@@ -2163,6 +2201,76 @@ mod tests {
         }
         for x in xs {
             assert_eq!(to_fixed(x), slow(x), "x = {x:e}");
+        }
+    }
+
+    /// Blocks of padding alone are skipped (zeros out, nothing tallied): the results equal
+    /// those of the same batch with clean padding, every response token is counted, and a
+    /// non-finite float mask value in a padding stretch is still an error.
+    #[test]
+    fn padding_blocks_are_skipped_but_checked() {
+        let (b, l) = (3, 300);
+        let on = |i: usize, j: usize| match i {
+            0 => j < 10,
+            1 => j == 299,
+            _ => (100..140).contains(&j) || j == 250,
+        };
+        let mask = Array2::from_shape_fn((b, l), |(i, j)| if on(i, j) { 1.0 } else { 0.0 });
+        let lq = Array2::from_shape_fn((b, l), |(i, j)| -0.05 - ((i + j) % 7) as f64 * 0.2);
+        let lp = Array2::from_shape_fn((b, l), |(i, j)| (lq[[i, j]] + 0.03).min(0.0));
+        let garbage = |a: &Array2<f64>| {
+            Array2::from_shape_fn((b, l), |(i, j)| if on(i, j) { a[[i, j]] } else { f64::NAN })
+        };
+        let adv = Array1::from(vec![1.0, -1.0, 0.5]);
+        let (to, tn) = (
+            Array3::from_shape_fn(
+                (b, l, 4),
+                |(i, j, k)| {
+                    if on(i, j) { -0.3 - k as f64 } else { f64::NAN }
+                },
+            ),
+            Array3::from_shape_fn(
+                (b, l, 4),
+                |(i, j, k)| {
+                    if on(i, j) { -0.35 - k as f64 } else { 7.0 }
+                },
+            ),
+        );
+        let (lp_g, lq_g) = (garbage(&lp), garbage(&lq));
+        let (to_c, tn_c) = (to.mapv(|x| x.min(0.0)), tn.mapv(|x| x.min(0.0)));
+        for divergence in [Divergence::BinaryTv, Divergence::TopkTv] {
+            for rule in [Rule::default(), Rule::TrmAvg { delta: 0.05 }] {
+                let cfg = Config {
+                    divergence,
+                    rule,
+                    ..Config::cppo()
+                };
+                let clean = Batch::new(&lp, &lq, &adv, &mask)
+                    .unwrap()
+                    .with_topk(&to_c, &tn_c)
+                    .unwrap();
+                let dirty = Batch::new(&lp_g, &lq_g, &adv, &mask)
+                    .unwrap()
+                    .with_topk(&to, &tn)
+                    .unwrap();
+                let want = evaluate(&cfg, &clean, Par::Seq).unwrap();
+                let got = evaluate(&cfg, &dirty, Par::Seq).unwrap();
+                assert_eq!(format!("{:?}", got.outputs), format!("{:?}", want.outputs));
+                assert_eq!(format!("{:?}", got.tally), format!("{:?}", want.tally));
+                assert_eq!(want.tally.tokens, 10 + 1 + 41);
+                let mut bad_mask = mask.clone();
+                bad_mask[[1, 200]] = f64::NAN;
+                let bad = Batch::new(&lp, &lq, &adv, &bad_mask).unwrap();
+                let bad = bad.with_topk(&to, &tn).unwrap();
+                match evaluate(&cfg, &bad, Par::Seq) {
+                    Err(Error::NonFinite {
+                        array: "mask", at, ..
+                    }) => {
+                        assert_eq!((at.row, at.col), (1, 200));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
         }
     }
 
