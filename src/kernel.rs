@@ -1430,10 +1430,12 @@ fn block_values<F: Float, M: MaskElem>(
 ) -> bool {
     let n = st.n;
     let (on, d) = (&st.on[..n], &mut wk.d[..n]);
-    let mut ok = true;
+    // A count, not `ok &= …`: the compiler vectorizes an integer sum, not a bool fold.
+    let mut bad = 0u32;
     for k in 0..n {
-        ok &= st.token_ok(k);
+        bad += u32::from(!st.token_ok(k));
     }
+    let mut ok = bad == 0;
     match cfg.divergence {
         Divergence::BinaryTv => {
             for k in 0..n {
