@@ -149,11 +149,24 @@ pub fn binary_kl(logp: f64, logp_old: f64) -> f64 {
     binary_kl_from_probs(logp, logp_old, p, q)
 }
 
-/// [`binary_kl`] with the probabilities already at hand (the fused kernel has them).
+/// [`binary_kl`] with the probabilities already at hand.
 #[inline(always)]
 pub(crate) fn binary_kl_from_probs(logp: f64, logp_old: f64, p: f64, q: f64) -> f64 {
+    binary_kl_from_parts(logp, logp_old, q, binary_kl_rest_ratio(p, q).ln())
+}
+
+/// The argument of the logarithm in binary KL's second term, (1 − q + ε)/(1 − p + ε).
+#[inline(always)]
+pub(crate) fn binary_kl_rest_ratio(p: f64, q: f64) -> f64 {
+    (1.0 - q + BINARY_KL_GUARD) / (1.0 - p + BINARY_KL_GUARD)
+}
+
+/// Binary KL from the log-probs, q, and the logarithm of [`binary_kl_rest_ratio`] (the
+/// fused kernel takes that logarithm for a block of tokens at once).
+#[inline(always)]
+pub(crate) fn binary_kl_from_parts(logp: f64, logp_old: f64, q: f64, ln_ratio: f64) -> f64 {
     let head = q * (logp_old - logp);
-    let rest = (1.0 - q) * ((1.0 - q + BINARY_KL_GUARD) / (1.0 - p + BINARY_KL_GUARD)).ln();
+    let rest = (1.0 - q) * ln_ratio;
     (head + rest).max(0.0)
 }
 

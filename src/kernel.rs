@@ -43,14 +43,14 @@ use crate::aggregate::Counts;
 use crate::batch::{Advantages, Batch, TopK, read_logprob};
 use crate::config::Config;
 use crate::divergence::{
-    Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_probs, topk_kl_pairs,
-    topk_tv_pairs,
+    Divergence, LOGP_TOLERANCE, TOPK_KL_REST_FLOOR, binary_kl_from_parts, binary_kl_rest_ratio,
+    topk_kl_pairs, topk_tv_pairs,
 };
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
 use crate::objective::{LOG_RATIO_CLAMP, Objective};
 use crate::rule::{Reason, Rule};
-use crate::simd::{Isa, exp as simd_exp, exp_to, isa};
+use crate::simd::{Isa, exp as simd_exp, exp_to, isa, ln as simd_ln, ln_to};
 use crate::stats::Tally;
 
 /// Columns per block.
@@ -489,7 +489,8 @@ impl InStage {
         Ok(match div {
             Divergence::BinaryTv => (self.p[k] - self.q[k]).abs(),
             Divergence::BinaryKl => {
-                binary_kl_from_probs(self.lp[k], self.lq[k], self.p[k], self.q[k])
+                let ln_ratio = simd_ln(binary_kl_rest_ratio(self.p[k], self.q[k]));
+                binary_kl_from_parts(self.lp[k], self.lq[k], self.q[k], ln_ratio)
             }
             Divergence::K2 => 0.5 * self.log_ratio[k] * self.log_ratio[k],
             Divergence::K3 => (self.rho[k] - 1.0) - self.log_ratio[k],
@@ -673,11 +674,12 @@ fn topk_divergence_wide<F: Float>(div: Divergence, topk: &TopkRow<'_, F>, pos: P
     })
 }
 
-/// D_t of one token from its K probabilities P (`po`), Q (`pn`) and log-probabilities
-/// (`lo`, `ln`): Σ P, Σ Q and the divergence's own sum (Σ |P − Q| or Σ P (log P − log Q))
-/// in one pass of LANES interleaved partial sums each (the order of [`lane_sum`]).
+/// One token's sums over its K entries, from the probabilities P (`po`), Q (`pn`) and
+/// log-probabilities (`lo`, `ln`): [Σ P, Σ Q, the divergence's own sum] (Σ |P − Q|, or
+/// Σ P (log P − log Q) for KL), in one pass of 4 interleaved partial sums each, combined
+/// pairwise: a fixed order, the same for a token alone and in a group.
 #[inline(always)]
-fn topk_from_probs(div: Divergence, po: &[f64], pn: &[f64], lo: &[f64], ln: &[f64]) -> f64 {
+fn topk_sums(div: Divergence, po: &[f64], pn: &[f64], lo: &[f64], ln: &[f64]) -> [f64; 3] {
     #[inline(always)]
     fn sums(
         po: &[f64],
@@ -706,21 +708,16 @@ fn topk_from_probs(div: Divergence, po: &[f64], pn: &[f64], lo: &[f64], ln: &[f6
         [comb(ap), comb(aq), comb(ax)]
     }
     if div == Divergence::TopkTv {
-        let [sum_p, sum_q, l1] = sums(po, pn, lo, ln, |p, q, _, _| (p - q).abs());
-        let p_rest = (1.0 - sum_p).max(0.0);
-        let q_rest = (1.0 - sum_q).max(0.0);
-        (l1 + (p_rest - q_rest).abs()) / 2.0
+        sums(po, pn, lo, ln, |p, q, _, _| (p - q).abs())
     } else {
-        let [sum_p, sum_q, head] = sums(po, pn, lo, ln, |p, _, a, b| p * (a - b));
-        let p_rest = (1.0 - sum_p).max(0.0);
-        let q_rest = (1.0 - sum_q).max(0.0);
-        let rest = if p_rest > 0.0 {
-            p_rest * (p_rest.ln() - q_rest.max(TOPK_KL_REST_FLOOR).ln())
-        } else {
-            0.0
-        };
-        (head + rest).max(0.0)
+        sums(po, pn, lo, ln, |p, _, a, b| p * (a - b))
     }
+}
+
+/// The masses outside the top K, P_rest and Q_rest, from Σ P and Σ Q.
+#[inline(always)]
+fn topk_rests(sum_p: f64, sum_q: f64) -> (f64, f64) {
+    ((1.0 - sum_p).max(0.0), (1.0 - sum_q).max(0.0))
 }
 
 /// D_t of the `m` tokens from column `j` (K ≤ [`TOPK_STACK`], m K ≤ [`TOPK_GROUP`]) into
@@ -749,16 +746,45 @@ fn topk_group<F: Float>(
     exp_to(&buf.logs[..2 * len], probs);
     let (po, pn) = probs.split_at(len);
     let (lo, ln) = buf.logs[..2 * len].split_at(len);
+    // Per token: the sums; then (KL) the two logarithms of the rest term for the whole
+    // group in one SIMD call.
+    let mut sums = [[0.0f64; 3]; BLK];
     for t in 0..m {
         // The next group's tokens, one per token here: spread out, the prefetches do not
         // crowd the memory pipeline.
         topk.prefetch(j + m + t, 1);
         let r = t * kk..(t + 1) * kk;
-        d[t] = if on[t] {
-            topk_from_probs(div, &po[r.clone()], &pn[r.clone()], &lo[r.clone()], &ln[r])
-        } else {
-            0.0
-        };
+        sums[t] = topk_sums(div, &po[r.clone()], &pn[r.clone()], &lo[r.clone()], &ln[r]);
+    }
+    if div == Divergence::TopkTv {
+        for t in 0..m {
+            let [sum_p, sum_q, l1] = sums[t];
+            let (p_rest, q_rest) = topk_rests(sum_p, sum_q);
+            d[t] = if on[t] {
+                (l1 + (p_rest - q_rest).abs()) / 2.0
+            } else {
+                0.0
+            };
+        }
+    } else {
+        // [P_rest of each token | max(Q_rest, floor) of each token], then their logs.
+        let mut rests = [1.0f64; 2 * BLK];
+        for t in 0..m {
+            let (p_rest, q_rest) = topk_rests(sums[t][0], sums[t][1]);
+            rests[t] = p_rest;
+            rests[m + t] = q_rest.max(TOPK_KL_REST_FLOOR);
+        }
+        let mut logs = [0.0f64; 2 * BLK];
+        ln_to(&rests[..2 * m], &mut logs[..2 * m]);
+        for t in 0..m {
+            let (head, p_rest) = (sums[t][2], rests[t]);
+            let rest = if p_rest > 0.0 {
+                p_rest * (logs[t] - logs[m + t])
+            } else {
+                0.0
+            };
+            d[t] = if on[t] { (head + rest).max(0.0) } else { 0.0 };
+        }
     }
     ok
 }
@@ -1459,9 +1485,20 @@ fn block_values<F: Float, M: MaskElem>(
             }
         }
         Divergence::BinaryKl => {
+            // The logarithms of the block in one SIMD call (1 off the mask: ln 1 = 0).
+            let mut ratio = [1.0f64; BLK];
+            for k in 0..n {
+                ratio[k] = if on[k] {
+                    binary_kl_rest_ratio(st.p[k], st.q[k])
+                } else {
+                    1.0
+                };
+            }
+            let mut ln_ratio = [0.0f64; BLK];
+            ln_to(&ratio[..n], &mut ln_ratio[..n]);
             for k in 0..n {
                 d[k] = if on[k] {
-                    binary_kl_from_probs(st.lp[k], st.lq[k], st.p[k], st.q[k])
+                    binary_kl_from_parts(st.lp[k], st.lq[k], st.q[k], ln_ratio[k])
                 } else {
                     0.0
                 };
