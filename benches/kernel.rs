@@ -6,7 +6,8 @@
 //!
 //! - `shapes`: [`evaluate_into`] (CPPO, binary TV, surrogate, token-mean) from 4 K to
 //!   4 M tokens, `f32` and `f64`, `Par::Seq` and `Par::Rayon`.
-//! - `divergences`, `rules`: one axis varied at a time, 64 × 8192 `f32`.
+//! - `divergences`, `rules`: one axis varied at a time (every divergence under CPPO,
+//!   every rule on binary TV), 64 × 8192 `f32`.
 //! - `stream`: the memory floor. Reads `logp`, `logp_old`, `mask` and writes one output;
 //!   no kernel that reads its inputs and writes a result can move fewer bytes.
 //! - `naive`: CPPO + binary TV + surrogate + token-mean written the way one would in
@@ -283,7 +284,7 @@ fn shapes<F: Float>(bencher: Bencher, Case(shape, par): Case) {
     run_engine::<F>(bencher, Config::cppo(), shape, 0, par);
 }
 
-const DIVERGENCES: [(Divergence, Par); 8] = [
+const DIVERGENCES: [(Divergence, Par); 12] = [
     (Divergence::BinaryTv, Par::Seq),
     (Divergence::BinaryTv, Par::Rayon),
     (Divergence::BinaryKl, Par::Seq),
@@ -292,6 +293,10 @@ const DIVERGENCES: [(Divergence, Par); 8] = [
     (Divergence::TopkTv, Par::Rayon),
     (Divergence::TopkKl, Par::Seq),
     (Divergence::TopkKl, Par::Rayon),
+    (Divergence::K2, Par::Seq),
+    (Divergence::K2, Par::Rayon),
+    (Divergence::K3, Par::Seq),
+    (Divergence::K3, Par::Rayon),
 ];
 
 /// Each divergence under CPPO, 64 × 8192 `f32` (top-K: K = 20).
@@ -305,7 +310,7 @@ fn divergences(bencher: Bencher, Named((div, par)): Named<(Divergence, Par)>) {
     run_engine::<f32>(bencher, cfg, MID, k, par);
 }
 
-const RULES: [(Rule, Par); 10] = [
+const RULES: [(Rule, Par); 14] = [
     (Rule::None, Par::Seq),
     (Rule::None, Par::Rayon),
     (RATIO, Par::Seq),
@@ -314,8 +319,12 @@ const RULES: [(Rule, Par); 10] = [
     (Rule::Dppo { delta: 0.2 }, Par::Rayon),
     (CPPO, Par::Seq),
     (CPPO, Par::Rayon),
+    (CPPO_SOFT, Par::Seq),
+    (CPPO_SOFT, Par::Rayon),
     (Rule::TrmMax { delta: 0.2 }, Par::Seq),
     (Rule::TrmMax { delta: 0.2 }, Par::Rayon),
+    (Rule::TrmAvg { delta: 0.05 }, Par::Seq),
+    (Rule::TrmAvg { delta: 0.05 }, Par::Rayon),
 ];
 const RATIO: Rule = Rule::Ratio {
     eps_low: 0.2,
@@ -327,6 +336,15 @@ const CPPO: Rule = Rule::Cppo {
     w_min: 0.8,
     horizon: None,
     shuffle_seed: None,
+};
+
+const CPPO_SOFT: Rule = Rule::CppoSoft {
+    delta: 0.2,
+    delta_b: Some(0.05),
+    w_min: 0.8,
+    horizon: None,
+    shuffle_seed: None,
+    tau: 0.01,
 };
 
 /// Each rule on binary TV, 64 × 8192 `f32`.

@@ -1377,12 +1377,18 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
             wk.m[k] = if kept { 1.0 } else { 0.0 };
         }
         if let Some(tau) = soft_tau {
-            // cppo_soft: an away-moving token keeps σ((c_t − w_t D_t)/τ) of its term.
+            // cppo_soft: an away-moving token keeps σ((c_t − w_t D_t)/τ) of its term; the
+            // block's e^−z in one SIMD call.
+            let mut neg_z = [0.0f64; BLK];
+            for k in 0..n {
+                neg_z[k] = -((wk.c[k] - wk.w[k] * wk.d[k]) / tau);
+            }
+            let mut e = [0.0f64; BLK];
+            exp_to(&neg_z[..n], &mut e[..n]);
             for k in 0..n {
                 let away = st.adv[k] * (st.rho[k] - 1.0) > 0.0;
-                if st.on[k] && away {
-                    let z = (wk.c[k] - wk.w[k] * wk.d[k]) / tau;
-                    wk.m[k] = 1.0 / (1.0 + (-z).exp());
+                if st.on[k] & away {
+                    wk.m[k] = 1.0 / (1.0 + e[k]);
                 }
             }
         }
