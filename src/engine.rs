@@ -453,13 +453,17 @@ pub(crate) fn batch_counts<F: Float>(batch: &Batch<'_, F>, par: Par) -> Counts {
         }
     };
     let b = batch.shape().0;
+    let leaf = leaf_rows(batch.shape());
     match par {
+        // A batch of one leaf block is counted where it is computed: on this thread.
         Par::Seq => (0..b).map(row).fold(Counts::default(), Counts::merge),
+        Par::Rayon if b <= leaf => (0..b).map(row).fold(Counts::default(), Counts::merge),
         Par::Rayon => {
             use rayon::prelude::*;
             // Integer sums: the same in any order.
             (0..b)
                 .into_par_iter()
+                .with_min_len(leaf)
                 .map(row)
                 .reduce(Counts::default, Counts::merge)
         }
