@@ -1974,7 +1974,43 @@ fn objective_terms(
                 clipped[k] = false;
             }
         }
-        Objective::Cispo { .. } | Objective::PpoClip { .. } | Objective::Sapo { .. } => {
+        Objective::PpoClip {
+            eps_low,
+            eps_high,
+            dual_clip,
+        } => {
+            // `Objective::eval`'s operations, written out so that the loop vectorizes;
+            // without a dual clip its cap is NaN and never taken.
+            let (lo, hi) = (1.0 - eps_low, 1.0 + eps_high);
+            let dual = dual_clip.unwrap_or(f64::NAN);
+            for k in 0..n {
+                let (rho, adv) = (st.rho[k], st.adv[k]);
+                let unclipped = -rho * adv;
+                let clipped_v = -rho.clamp(lo, hi) * adv;
+                let take = unclipped >= clipped_v;
+                let (l, g) = if take {
+                    (unclipped, unclipped)
+                } else {
+                    (clipped_v, 0.0)
+                };
+                let cap = -dual * adv;
+                let capped = (adv < 0.0) & (cap < l);
+                loss[k] = keep(k, if capped { cap } else { l });
+                grad[k] = keep(k, if capped { 0.0 } else { g });
+                clipped[k] = (!take | capped) & st.on[k];
+            }
+        }
+        Objective::Cispo { eps_high } => {
+            let cap = 1.0 + eps_high;
+            for k in 0..n {
+                let rho = st.rho[k];
+                let g = -rho.min(cap) * st.adv[k];
+                loss[k] = keep(k, g * st.lp[k]);
+                grad[k] = keep(k, g);
+                clipped[k] = (rho > cap) & st.on[k];
+            }
+        }
+        Objective::Sapo { .. } => {
             for k in 0..n {
                 let term = cfg.objective.eval(st.rho[k], st.adv[k], st.lp[k]);
                 loss[k] = keep(k, term.loss);
