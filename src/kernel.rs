@@ -1265,41 +1265,38 @@ pub(crate) fn run_row<'a, F: Float, M: MaskElem>(
     }
 }
 
-/// [`run_row_impl`] compiled for AVX2 and FMA, which vectorizes the block passes four
-/// doubles wide. The same IEEE operations in the same order as the baseline build (Rust
-/// fuses a multiply and an add only where the code asks, with `mul_add`, whose result
-/// is exactly defined), so the results are bit-identical.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn run_row_avx2<'a, F: Float, M: MaskElem>(
-    plan: &Plan<'_>,
-    batch: &Batch<'a, F>,
-    mask: ArrayView1<'a, M>,
-    i: usize,
-    facts: RowFacts,
-    prefix: &mut Prefix,
-    out: RowLanes<'_, F>,
-) -> Result<Tally> {
-    run_row_impl(plan, batch, mask, i, facts, prefix, out)
+/// Builds of [`run_row_impl`] for a set of target features: the same code, which the
+/// compiler vectorizes as wide as the features allow.
+macro_rules! row_builds {
+    ($($(#[$doc:meta])* $name:ident = $features:literal;)*) => {$(
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        fn $name<'a, F: Float, M: MaskElem>(
+            plan: &Plan<'_>,
+            batch: &Batch<'a, F>,
+            mask: ArrayView1<'a, M>,
+            i: usize,
+            facts: RowFacts,
+            prefix: &mut Prefix,
+            out: RowLanes<'_, F>,
+        ) -> Result<Tally> {
+            run_row_impl(plan, batch, mask, i, facts, prefix, out)
+        }
+    )*};
 }
 
-/// [`run_row_impl`] compiled for AVX-512 and FMA: eight doubles wide, and mask
-/// registers for the selects. Bit-identical to the other builds, as for
-/// [`run_row_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,fma")]
-#[allow(clippy::too_many_arguments)]
-fn run_row_avx512<'a, F: Float, M: MaskElem>(
-    plan: &Plan<'_>,
-    batch: &Batch<'a, F>,
-    mask: ArrayView1<'a, M>,
-    i: usize,
-    facts: RowFacts,
-    prefix: &mut Prefix,
-    out: RowLanes<'_, F>,
-) -> Result<Tally> {
-    run_row_impl(plan, batch, mask, i, facts, prefix, out)
+row_builds! {
+    /// [`run_row_impl`] compiled for AVX2 and FMA, which vectorizes the block passes four
+    /// doubles wide. The same IEEE operations in the same order as the baseline build
+    /// (Rust fuses a multiply and an add only where the code asks, with `mul_add`, whose
+    /// result is exactly defined), so the results are bit-identical.
+    run_row_avx2 = "avx2,fma";
+    /// [`run_row_impl`] compiled for AVX-512 and FMA: eight doubles wide, and mask
+    /// registers for the selects. Bit-identical to the other builds, as for
+    /// [`run_row_avx2`].
+    run_row_avx512 = "avx512f,avx512dq,avx512bw,avx512vl,fma";
 }
 
 #[inline(always)]
@@ -2403,7 +2400,8 @@ mod tests {
                     n += 1;
                 }
             }
-            objective_terms(&cfg, &facts, &st, &mut wk, n, &mut f64::INFINITY);
+            let mut min_ratio = f64::INFINITY;
+            objective_terms(&cfg, &facts, &st, &mut wk, n, &mut min_ratio);
             for k in 0..n {
                 let term = objective.eval(st.rho[k], st.adv[k], st.lp[k]);
                 let kept = |x: f64| if wk.m[k] > 0.0 { x } else { 0.0 };
