@@ -1,7 +1,8 @@
 //! The fused per-row kernel behind [`evaluate`](crate::evaluate).
 //!
 //! A row is swept once, left to right, in blocks of [`BLK`] columns staged in small
-//! stack arrays (nothing is allocated). Each block goes through short passes:
+//! stack arrays (nothing is allocated; about 50 KB of stack, most of it the top-K
+//! staging buffer). Each block goes through short passes:
 //!
 //! 1. **load** the block's mask, log-probs and advantages, widened to f64, and compute ρ
 //!    (and p, q for the binary divergences) as SIMD exponentials ([`crate::simd`]);
