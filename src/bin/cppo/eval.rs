@@ -2,7 +2,7 @@
 //! `.npz` file (SPEC section 9).
 //!
 //! Order of work: read and check the config, open the input, read the arrays the config
-//! uses (arrays it does not use are never read), build the [`Batch`], evaluate, then
+//! uses (arrays it does not use are never read), build the [`cppo::Batch`], evaluate, then
 //! write every output to a temporary file and rename them all into place.
 
 use std::fs;

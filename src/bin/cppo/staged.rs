@@ -4,7 +4,8 @@
 //! (`.NAME.cppo-PID-N.tmp`), flushed and synced, and renamed into place only after every
 //! output of the command has been written. A rename within one directory is atomic, so
 //! a reader never sees a half-written file, and a failed command leaves nothing behind:
-//! a [`Staged`] file that is dropped without [`commit`] removes its temporary file.
+//! a [`Staged`] file dropped without being committed (by [`commit_all`]) removes its
+//! temporary file.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
