@@ -2008,12 +2008,22 @@ fn objective_terms(
                 clipped[k] = (rho > cap) & st.on[k];
             }
         }
-        Objective::Sapo { .. } => {
+        Objective::Sapo { tau_pos, tau_neg } => {
+            // `Objective::eval`'s formula with the block's e^{−τ(ρ − 1)} in one SIMD call.
+            let mut neg_z = [0.0f64; BLK];
+            let mut tau = [0.0f64; BLK];
             for k in 0..n {
-                let term = cfg.objective.eval(st.rho[k], st.adv[k], st.lp[k]);
-                loss[k] = keep(k, term.loss);
-                grad[k] = keep(k, term.grad);
-                clipped[k] = term.clipped & st.on[k];
+                tau[k] = if st.adv[k] > 0.0 { tau_pos } else { tau_neg };
+                neg_z[k] = -tau[k] * (st.rho[k] - 1.0);
+            }
+            let mut e = [0.0f64; BLK];
+            exp_to(&neg_z[..n], &mut e[..n]);
+            for k in 0..n {
+                let (rho, adv) = (st.rho[k], st.adv[k]);
+                let sig = 1.0 / (1.0 + e[k]);
+                loss[k] = keep(k, -adv * (4.0 / tau[k]) * sig);
+                grad[k] = keep(k, -4.0 * adv * rho * sig * (1.0 - sig));
+                clipped[k] = false;
             }
         }
         Objective::Gspo { .. } => {
