@@ -49,9 +49,9 @@ use crate::divergence::{
 };
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem};
-use crate::objective::{LOG_RATIO_CLAMP, Objective};
+use crate::objective::{KlEstimator, LOG_RATIO_CLAMP, Objective};
 use crate::rule::{Reason, Rule};
-use crate::simd::{Isa, exp as simd_exp, exp_to, isa, ln as simd_ln, ln_to};
+use crate::simd::{Isa, exp as simd_exp, exp_to, expm1_to, isa, ln as simd_ln, ln_to};
 use crate::stats::Tally;
 
 /// Columns per block.
@@ -1393,11 +1393,28 @@ fn run_row_impl<'a, F: Float, M: MaskElem>(
 
         objective_terms(cfg, &facts, &st, &mut wk, n, &mut min_ratio);
         if let Some((kl, _)) = kl {
-            for k in 0..n {
-                if st.on[k] {
-                    let (lk, gk) = kl.eval(st.lp[k], wk.lref[k]);
-                    wk.loss[k] += lk;
-                    wk.grad[k] += gk;
+            if kl.estimator == KlEstimator::K3 {
+                // `KlPenalty::eval`'s k3 with the block's e^x − 1 in one SIMD call.
+                let mut x = [0.0f64; BLK];
+                for k in 0..n {
+                    x[k] = if st.on[k] { wk.lref[k] - st.lp[k] } else { 0.0 };
+                }
+                let mut em1 = [0.0f64; BLK];
+                expm1_to(&x[..n], &mut em1[..n]);
+                let beta = kl.coef;
+                for k in 0..n {
+                    if st.on[k] {
+                        wk.loss[k] += beta * (em1[k] - x[k]);
+                        wk.grad[k] += -beta * em1[k];
+                    }
+                }
+            } else {
+                for k in 0..n {
+                    if st.on[k] {
+                        let (lk, gk) = kl.eval(st.lp[k], wk.lref[k]);
+                        wk.loss[k] += lk;
+                        wk.grad[k] += gk;
+                    }
                 }
             }
         }
