@@ -51,8 +51,8 @@ mod common;
 use std::fmt::Debug;
 
 use common::{
-    Adv, Case, ConfigDraw, config_with, cppo_strategy, delta_strategy, garbage, mix,
-    objective_strategy, proptest_config, rule_strategy, unit,
+    Adv, Case, ConfigDraw, config_with, cppo_strategy, delta_strategy, garbage, mix, objective_mix,
+    proptest_config, rule_strategy, unit,
 };
 use cppo::ndarray::{Array1, Array2, Array3};
 use cppo::{
@@ -309,28 +309,6 @@ fn rule_mix() -> BoxedStrategy<Rule> {
             .prop_map(|(eps_low, eps_high)| Rule::Ratio { eps_low, eps_high }),
         2 => delta_strategy().prop_map(|delta| Rule::TrmMax { delta }),
         2 => rule_strategy(),
-    ]
-    .boxed()
-}
-
-/// Every objective, the whole-row ones included.
-fn objective_mix() -> BoxedStrategy<Objective> {
-    prop_oneof![
-        5 => objective_strategy(),
-        1 => (0.0f64..0.01, 0.0f64..0.01)
-            .prop_map(|(eps_low, eps_high)| Objective::Gspo { eps_low, eps_high }),
-        1 => (0.0f64..1.0, 0.0f64..1.0)
-            .prop_map(|(eps_low, eps_high)| Objective::Gmpo { eps_low, eps_high }),
-        1 => (
-            any::<bool>(),
-            prop_oneof![Just(None), (0.0f64..0.5).prop_map(Some)],
-            any::<bool>(),
-        )
-            .prop_map(|(include_current, clip, stop_gradient)| Objective::Minpro {
-                include_current,
-                clip,
-                stop_gradient,
-            }),
     ]
     .boxed()
 }

@@ -982,28 +982,6 @@ fn rule_mix() -> BoxedStrategy<Rule> {
     .boxed()
 }
 
-/// Every objective, the whole-row ones (GSPO, GMPO, MinPRO) included.
-fn objective_mix() -> BoxedStrategy<Objective> {
-    prop_oneof![
-        5 => objective_strategy(),
-        1 => (0.0f64..0.01, 0.0f64..0.01)
-            .prop_map(|(eps_low, eps_high)| Objective::Gspo { eps_low, eps_high }),
-        1 => (0.0f64..1.0, 0.0f64..1.0)
-            .prop_map(|(eps_low, eps_high)| Objective::Gmpo { eps_low, eps_high }),
-        1 => (
-            any::<bool>(),
-            prop_oneof![Just(None), (0.0f64..0.5).prop_map(Some)],
-            any::<bool>(),
-        )
-            .prop_map(|(include_current, clip, stop_gradient)| Objective::Minpro {
-                include_current,
-                clip,
-                stop_gradient,
-            }),
-    ]
-    .boxed()
-}
-
 /// Every divergence, rule, objective and aggregation, KL penalty on and off, count
 /// overrides.
 fn config_mix() -> impl Strategy<Value = ConfigDraw> {

@@ -966,6 +966,29 @@ pub fn objective_strategy() -> BoxedStrategy<Objective> {
     .boxed()
 }
 
+/// Every objective, the whole-row ones (GSPO, GMPO, MinPRO) included: the token-level
+/// ones of [`objective_strategy`] most of the time.
+pub fn objective_mix() -> BoxedStrategy<Objective> {
+    prop_oneof![
+        5 => objective_strategy(),
+        1 => (0.0f64..0.01, 0.0f64..0.01)
+            .prop_map(|(eps_low, eps_high)| Objective::Gspo { eps_low, eps_high }),
+        1 => (0.0f64..1.0, 0.0f64..1.0)
+            .prop_map(|(eps_low, eps_high)| Objective::Gmpo { eps_low, eps_high }),
+        1 => (
+            any::<bool>(),
+            prop_oneof![Just(None), (0.0f64..0.5).prop_map(Some)],
+            any::<bool>(),
+        )
+            .prop_map(|(include_current, clip, stop_gradient)| Objective::Minpro {
+                include_current,
+                clip,
+                stop_gradient,
+            }),
+    ]
+    .boxed()
+}
+
 pub fn aggregation_strategy() -> impl Strategy<Value = Aggregation> {
     prop_oneof![
         Just(Aggregation::TokenMean),
