@@ -51,8 +51,8 @@ mod common;
 use std::fmt::Debug;
 
 use common::{
-    Adv, Case, ConfigDraw, config_with, cppo_strategy, delta_strategy, garbage, mix, objective_mix,
-    proptest_config, rule_strategy, unit,
+    Adv, Case, ConfigDraw, config_with, cppo_strategy, delta_strategy, finish_drawn, mix,
+    objective_mix, proptest_config, rule_strategy, unit,
 };
 use cppo::ndarray::{Array1, Array2, Array3};
 use cppo::{
@@ -252,19 +252,8 @@ fn make_case(
         (old, new)
     });
 
-    let mut cfg = draw.cfg;
-    let lens: Vec<u64> = mask
-        .rows()
-        .into_iter()
-        .map(|r| r.iter().filter(|&&m| m).count() as u64)
-        .collect();
-    let tokens: u64 = lens.iter().sum();
-    let seqs = lens.iter().filter(|&&t| t > 0).count() as u64;
-    cfg.num_tokens = draw.extra_tokens.map(|e| tokens + e);
-    cfg.num_seqs = draw.extra_seqs.map(|e| seqs + e);
-    let mut case = Case {
-        logp_ref: (cfg.kl.is_some() || seed.is_multiple_of(3)).then_some(logp_ref),
-        cfg,
+    let case = Case {
+        cfg: draw.cfg,
         logp,
         logp_old,
         adv: if per_row {
@@ -274,9 +263,9 @@ fn make_case(
         },
         mask,
         topk,
+        logp_ref: None,
     };
-    case.fill_padding(|arr, i, j, k| garbage(seed, arr, i, j, k));
-    case
+    finish_drawn(case, &draw, logp_ref, seed)
 }
 
 /// Rules: cppo with and without a budget (and with shuffled weights), dppo, ratio,

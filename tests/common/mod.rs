@@ -1227,20 +1227,8 @@ fn build(
         (old, new)
     });
 
-    let mut cfg = draw.cfg;
-    let lens: Vec<usize> = mask
-        .rows()
-        .into_iter()
-        .map(|r| r.iter().filter(|&&m| m).count())
-        .collect();
-    let tokens_total: u64 = lens.iter().map(|&t| t as u64).sum();
-    let seqs_total = lens.iter().filter(|&&t| t > 0).count() as u64;
-    cfg.num_tokens = draw.extra_tokens.map(|e| tokens_total + e);
-    cfg.num_seqs = draw.extra_seqs.map(|e| seqs_total + e);
-
-    let mut case = Case {
-        logp_ref: (cfg.kl.is_some() || seed.is_multiple_of(3)).then_some(logp_ref),
-        cfg,
+    let case = Case {
+        cfg: draw.cfg,
         logp,
         logp_old,
         adv: if per_row {
@@ -1250,8 +1238,31 @@ fn build(
         },
         mask,
         topk,
+        logp_ref: None,
     };
-    // Trainers pad with anything.
+    finish_drawn(case, &draw, logp_ref, seed)
+}
+
+/// Completes a drawn case: the draw's count overrides on top of the case's own counts,
+/// `logp_ref` where the config reads it (and for one seed in three), and garbage in every
+/// padding slot (trainers pad with anything).
+pub fn finish_drawn(
+    mut case: Case<f64>,
+    draw: &ConfigDraw,
+    logp_ref: Array2<f64>,
+    seed: u64,
+) -> Case<f64> {
+    let lens: Vec<u64> = case
+        .mask
+        .rows()
+        .into_iter()
+        .map(|r| r.iter().filter(|&&m| m).count() as u64)
+        .collect();
+    let tokens: u64 = lens.iter().sum();
+    let seqs = lens.iter().filter(|&&t| t > 0).count() as u64;
+    case.cfg.num_tokens = draw.extra_tokens.map(|e| tokens + e);
+    case.cfg.num_seqs = draw.extra_seqs.map(|e| seqs + e);
+    case.logp_ref = (case.cfg.kl.is_some() || seed.is_multiple_of(3)).then_some(logp_ref);
     case.fill_padding(|arr, i, j, k| garbage(seed, arr, i, j, k));
     case
 }
