@@ -69,7 +69,9 @@ pub trait MaskElem: sealed::Sealed + Copy + Send + Sync + 'static {
     fn to_f64(self) -> f64;
     /// Whether the position is a response token.
     fn is_on(self) -> bool;
-    /// Whether the value is allowed at all (finite for floats, always for integers).
+    /// Whether the value is allowed at all (finite for floats, always for integers). An
+    /// invalid value is always [`is_on`](MaskElem::is_on) (NaN and ±∞ are nonzero): the
+    /// kernel relies on it to skip blocks of padding without missing one.
     fn is_valid(self) -> bool;
 }
 

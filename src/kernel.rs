@@ -378,8 +378,8 @@ impl InStage {
     }
 
     /// Loads columns `j0..j0 + n` and computes the exponentials; `false`, with only the
-    /// mask loaded, for a block with no response token and a valid mask (padding: it
-    /// has nothing to compute, check or tally).
+    /// mask loaded, for a block with no response token (padding: it has nothing to
+    /// compute, check or tally).
     #[inline(always)]
     fn load<F: Float, M: MaskElem>(
         &mut self,
@@ -393,9 +393,9 @@ impl InStage {
         if M::CAN_BE_INVALID {
             row.mask.load(j0, &mut self.mask_ok[..n], M::is_valid);
         }
-        let any_on = self.on[..n].iter().fold(false, |a, &o| a | o);
-        let all_ok = self.mask_ok[..n].iter().fold(true, |a, &o| a & o);
-        if !any_on && all_ok {
+        // An invalid mask value (non-finite float) counts as on, so a block without a
+        // response token has nothing to report either.
+        if !self.on[..n].iter().fold(false, |a, &o| a | o) {
             return false;
         }
         row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
