@@ -99,15 +99,10 @@
 //!
 //! - `synth`: [`synth`], realistic synthetic batches for demos, examples and benchmarks
 //!   (rand, rand_distr).
-//! - `cli`: the `cppo` command-line tool: `cppo eval`, `cppo inspect`, `cppo bench`
-//!   (clap, serde_json, ndarray-npy, zip, safetensors, indicatif); implies `synth`.
-//! - `plots`: the pictures of `cppo inspect` as SVG and PNG, drawn with an embedded font
-//!   (plotters without default features, png, ttf-noto-sans); implies `cli`.
-//! - `train`: `examples/train.rs`, a small RLVR trainer on candle (CPU) that learns with
-//!   this crate.
 //!
-//! All are off by default: the library itself depends only on ndarray, rayon, serde and
-//! thiserror.
+//! It is off by default: the library itself depends only on ndarray, rayon, serde and
+//! thiserror. The `cppo` command-line tool (`cppo-cli`) and the candle trainer
+//! (`cppo-train`) are crates of their own in the same workspace.
 
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]

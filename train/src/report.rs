@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::rl::IterLog;
+use crate::rl::IterLog;
 
 /// One finished run.
 pub struct RunSummary {

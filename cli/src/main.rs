@@ -1,4 +1,4 @@
-//! `cppo`: the command-line tool of SPEC section 9 (cargo feature `cli`).
+//! `cppo`: the crate's command-line tool (the `cppo-cli` crate).
 //!
 //! - `cppo eval` runs one batch from an `.npz` file through [`cppo::evaluate`] and
 //!   writes the per-token outputs, the loss and optionally the diagnostics;

@@ -12,10 +12,10 @@ use cppo::advantage::{GroupNorm, grpo};
 use cppo::ndarray::{Array1, Array2, Axis};
 use cppo::{Batch, Config, OutputsMut, Par, evaluate_into};
 
-use super::Res;
-use super::model::{Params, Policy};
-use super::rng::Rng;
-use super::task::{PAD, Task};
+use crate::Res;
+use crate::model::{Params, Policy};
+use crate::rng::Rng;
+use crate::task::{PAD, Task};
 
 /// Everything a run needs besides the rule, identical for every rule in a comparison.
 #[derive(Clone, Debug)]
@@ -145,7 +145,7 @@ pub fn generate(
                     None => argmax(row),
                 } as u32;
                 out[i].push(t);
-                done[i] = t == super::task::EOS;
+                done[i] = t == crate::task::EOS;
                 t
             };
             next.push(tok);

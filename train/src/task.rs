@@ -5,7 +5,7 @@
 //! most n + 1 tokens. The reward is 1 when the response is exactly the sorted digits
 //! followed by EOS, else 0.
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// Digits 0–9 are tokens 0–9.
 pub const SEP: u32 = 10;

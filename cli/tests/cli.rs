@@ -1,4 +1,4 @@
-//! End-to-end tests of the `cppo` binary (feature `cli`), driven as a user drives it:
+//! End-to-end tests of the `cppo` binary (the `cppo-cli` crate), driven as a user drives it:
 //! `.npz` and JSON files written here, the binary run as a child process, its exit code,
 //! stdout, stderr and output files checked.
 //!
@@ -1305,7 +1305,7 @@ const GOLDEN: [&str; 8] = [
 
 #[test]
 fn golden_fixtures() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
     for case in GOLDEN {
         let s = Scratch::new();
         let cfg = data.join(format!("{case}.config.json"));

@@ -1,4 +1,4 @@
-//! End-to-end tests of `cppo inspect` (feature `cli`; the plot tests need `plots`), run
+//! End-to-end tests of `cppo inspect` (the plot tests need the `plots` feature, on by default), run
 //! as a user runs it: batch files written here (npz with ndarray-npy, safetensors byte
 //! by byte), the binary run as a child process.
 //!

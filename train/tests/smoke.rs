@@ -1,16 +1,12 @@
-//! Smoke test of `examples/train.rs` (feature `train`): the trainer runs end to end,
-//! in-process, on a tiny setting, and writes its CSVs, table and plot.
+//! Smoke test of the trainer: it runs end to end, in-process, on a tiny setting, and
+//! writes its CSVs, table and plot.
 //!
-//! The full `--quick` comparison is `cargo run --release --features train --example
-//! train -- --compare --quick` (under a minute); this test shrinks it further, because
-//! `cargo test` builds candle without optimizations.
-#![cfg(feature = "train")]
+//! The full `--quick` comparison is `cargo run --release -p cppo-train -- --compare
+//! --quick` (under a minute); this test shrinks it further, because `cargo test` builds
+//! candle without optimizations.
 
 use clap::Parser;
-
-#[path = "../examples/train.rs"]
-#[allow(dead_code)]
-mod train;
+use cppo_train as train;
 
 #[test]
 fn trainer_runs_every_rule_end_to_end() {

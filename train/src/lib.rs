@@ -4,11 +4,11 @@
 //!
 //! ```sh
 //! # one run, one rule, a log line per iteration and a CSV
-//! cargo run --release --features train --example train -- --rule cppo
+//! cargo run --release -p cppo-train -- --rule cppo
 //! # GRPO-clip, DPPO and CPPO over several seeds: table, CSVs and an SVG plot
-//! cargo run --release --features train --example train -- --compare
+//! cargo run --release -p cppo-train -- --compare
 //! # a small version in seconds (smoke test)
-//! cargo run --release --features train --example train -- --compare --quick
+//! cargo run --release -p cppo-train -- --compare --quick
 //! ```
 //!
 //! Each run starts from a supervised warm start (the "pretrained model", shared by every
@@ -35,19 +35,14 @@ use clap::Parser;
 use cppo::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 
-#[path = "train/model.rs"]
 mod model;
-#[path = "train/report.rs"]
 mod report;
-#[path = "train/rl.rs"]
 mod rl;
-#[path = "train/rng.rs"]
 mod rng;
-#[path = "train/task.rs"]
 mod task;
 
 use model::{Arch, Params};
-use report::RunSummary;
+pub use report::RunSummary;
 use rl::{Hyper, IterLog, Sft};
 use rng::Rng;
 use task::Task;
@@ -220,19 +215,6 @@ fn config_for(rule: &str) -> Res<Config> {
         kind => serde_json::from_value(serde_json::json!({"rule": {"kind": kind}}))
             .map_err(|e| format!("rule {kind:?}: {e}"))?,
     })
-}
-
-fn main() {
-    // One thread per run: candle's matrix products are too small here to gain from
-    // threads, and runs in parallel use the cores better. candle reads this variable.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
 }
 
 /// Runs the trainer with `args`; returns the finished runs.

@@ -9,7 +9,7 @@
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::ops::{log_softmax, softmax};
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// Architecture sizes.
 #[derive(Clone, Copy, Debug)]
