@@ -31,7 +31,9 @@ use std::fmt;
 use std::sync::{LazyLock, Mutex};
 
 use cppo::ndarray::{Array1, Array2, Array3, ArrayView2, Axis, Zip};
-use cppo::{Batch, Config, Divergence, Float, Outputs, Par, Rule, evaluate, evaluate_into};
+use cppo::{
+    Batch, Config, CppoParams, Divergence, Float, Gate, Outputs, Par, Rule, evaluate, evaluate_into,
+};
 use divan::Bencher;
 use divan::counter::{BytesCount, ItemsCount};
 
@@ -278,10 +280,11 @@ fn run_engine<F: Float>(bencher: Bencher, cfg: Config, shape: Shape, k: usize, p
 // ---------------------------------------------------------------------------------------
 // The engine
 
-/// CPPO on binary TV at every shape, both float types, sequential and parallel.
+/// CPPO (a fixed budget, [`CPPO`]) on binary TV at every shape, both float types,
+/// sequential and parallel.
 #[divan::bench(types = [f32, f64], args = CASES, max_time = 1.5)]
 fn shapes<F: Float>(bencher: Bencher, Case(shape, par): Case) {
-    run_engine::<F>(bencher, Config::cppo(), shape, 0, par);
+    run_engine::<F>(bencher, Config::with_rule(CPPO), shape, 0, par);
 }
 
 const DIVERGENCES: [(Divergence, Par); 12] = [
@@ -304,13 +307,13 @@ const DIVERGENCES: [(Divergence, Par); 12] = [
 fn divergences(bencher: Bencher, Named((div, par)): Named<(Divergence, Par)>) {
     let cfg = Config {
         divergence: div,
-        ..Config::cppo()
+        ..Config::with_rule(CPPO)
     };
     let k = if div.needs_topk() { TOPK } else { 0 };
     run_engine::<f32>(bencher, cfg, MID, k, par);
 }
 
-const RULES: [(Rule, Par); 14] = [
+const RULES: [(Rule, Par); 16] = [
     (Rule::None, Par::Seq),
     (Rule::None, Par::Rayon),
     (RATIO, Par::Seq),
@@ -321,6 +324,8 @@ const RULES: [(Rule, Par); 14] = [
     (CPPO, Par::Rayon),
     (CPPO_SOFT, Par::Seq),
     (CPPO_SOFT, Par::Rayon),
+    (CPPO_CALIBRATED, Par::Seq),
+    (CPPO_CALIBRATED, Par::Rayon),
     (Rule::TrmMax { delta: 0.2 }, Par::Seq),
     (Rule::TrmMax { delta: 0.2 }, Par::Rayon),
     (Rule::TrmAvg { delta: 0.05 }, Par::Seq),
@@ -330,22 +335,25 @@ const RATIO: Rule = Rule::Ratio {
     eps_low: 0.2,
     eps_high: 0.2,
 };
-const CPPO: Rule = Rule::Cppo {
+/// CPPO with a fixed budget (δ 0.2, δ_b 0.05, w_min 0.8): the rule these benches
+/// measured before the calibrated budget existed, kept for comparison.
+const CPPO: Rule = Rule::Cppo(CppoParams {
     delta: 0.2,
     delta_b: Some(0.05),
-    w_min: 0.8,
-    horizon: None,
-    shuffle_seed: None,
-};
+    calibration: None,
+    ..CppoParams::PAPER
+});
 
-const CPPO_SOFT: Rule = Rule::CppoSoft {
-    delta: 0.2,
-    delta_b: Some(0.05),
-    w_min: 0.8,
-    horizon: None,
-    shuffle_seed: None,
-    tau: 0.01,
-};
+/// The paper's CPPO: a per-row calibrated budget (P90 in [δ_b, 2 δ_b]).
+const CPPO_CALIBRATED: Rule = Rule::Cppo(CppoParams::PAPER);
+
+const CPPO_SOFT: Rule = Rule::Cppo(CppoParams {
+    gate: Some(Gate::Sigmoid { tau: 0.01 }),
+    ..match CPPO {
+        Rule::Cppo(p) => p,
+        _ => CppoParams::PAPER,
+    }
+});
 
 /// Each rule on binary TV, 64 × 8192 `f32`.
 #[divan::bench(args = RULES.map(Named), max_time = 1.5)]
@@ -373,7 +381,16 @@ impl fmt::Display for Named<(Divergence, Par)> {
 
 impl fmt::Display for Named<(Rule, Par)> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{MID}/{}/{}", self.0.0.name(), par_name(self.0.1))
+        let calibrated = match self.0.0 {
+            Rule::Cppo(p) if p.calibration.is_some() => "_calibrated",
+            _ => "",
+        };
+        write!(
+            f,
+            "{MID}/{}{calibrated}/{}",
+            self.0.0.name(),
+            par_name(self.0.1)
+        )
     }
 }
 
@@ -467,7 +484,7 @@ fn naive_cppo<F: Float>(
 fn naive<F: Float>(bencher: Bencher, shape: Shape) {
     let d = data::<F>(shape, 0);
     let (loss, _) = naive_cppo(d.logp.view(), d.logp_old.view(), &d.adv, d.mask.view());
-    let engine = evaluate(&Config::cppo(), &d.batch(), Par::Seq)
+    let engine = evaluate(&Config::with_rule(CPPO), &d.batch(), Par::Seq)
         .unwrap()
         .loss;
     assert!(

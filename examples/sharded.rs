@@ -25,7 +25,10 @@
 //! 1. **Row partials**, all-gathered between the two column ranks of a row shard: each
 //!    rank reduces its block with `row_partials` and the two are merged in column order.
 //!    Both ranks then know each row's response-token count T (for the weights and the
-//!    per-sequence mean) and, under TRM, the row's max and sum of divergences.
+//!    per-sequence mean) and, under TRM, the row's max and sum of divergences. Under a
+//!    calibrated CPPO budget (the default), the ranks also all-gather their blocks'
+//!    divergences (`divergences_into`): δ_b^row is a quantile of the whole row's, and a
+//!    quantile is not a sum. `whole_rows` turns both into each row's `WholeRow`.
 //! 2. **Counts**, all-reduced between the two row shards: N_tok and N_seq of the shard,
 //!    taken from the merged partials (whole rows: a chunk's own counts would count a
 //!    row split across the halves as two sequences), summed over the shards and set as
@@ -44,7 +47,10 @@ use std::mem::size_of;
 use std::ops::Range;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
-use cppo::chunk::{Carry, ChunkPos, RowPartial, evaluate_chunk_into, row_partials};
+use cppo::chunk::{
+    Carry, ChunkPos, RowPartial, divergences_into, evaluate_chunk_into, needs_divergences,
+    row_counts, row_partials, whole_rows,
+};
 use cppo::ndarray::{Array1, Array2, ArrayView1, ArrayView2, s};
 use cppo::{Aggregation, Batch, Config, Counts, Diagnostics, Outputs, Par, Rule, Tally, evaluate};
 
@@ -61,6 +67,7 @@ const RANKS: usize = DATA_PARALLEL * CONTEXT_PARALLEL;
 /// What the ranks send each other: nothing else.
 enum Msg {
     Partials(Vec<RowPartial>),
+    Divergences(Array2<f64>),
     Counts(Counts),
     Carries(Vec<Carry>),
 }
@@ -69,6 +76,7 @@ enum Msg {
 #[derive(Clone, Copy, Debug, Default)]
 struct Sent {
     partials: usize,
+    divergences: usize,
     counts: usize,
     carries: usize,
 }
@@ -77,13 +85,14 @@ impl Sent {
     fn add(self, o: Sent) -> Sent {
         Sent {
             partials: self.partials + o.partials,
+            divergences: self.divergences + o.divergences,
             counts: self.counts + o.counts,
             carries: self.carries + o.carries,
         }
     }
 
     fn total(self) -> usize {
-        self.partials + self.counts + self.carries
+        self.partials + self.divergences + self.counts + self.carries
     }
 }
 
@@ -121,6 +130,7 @@ impl Comm {
     fn send(&mut self, to: usize, msg: Msg) {
         match &msg {
             Msg::Partials(p) => self.sent.partials += p.len() * size_of::<RowPartial>(),
+            Msg::Divergences(d) => self.sent.divergences += d.len() * size_of::<f64>(),
             Msg::Counts(_) => self.sent.counts += size_of::<Counts>(),
             Msg::Carries(c) => self.sent.carries += c.len() * size_of::<Carry>(),
         }
@@ -135,6 +145,13 @@ impl Comm {
         match self.recv(from) {
             Msg::Partials(p) => p,
             _ => unreachable!("the protocol sends partials first"),
+        }
+    }
+
+    fn recv_divergences(&self, from: usize) -> Array2<f64> {
+        match self.recv(from) {
+            Msg::Divergences(d) => d,
+            _ => unreachable!("divergences follow the partials"),
         }
     }
 
@@ -198,15 +215,33 @@ fn rank_main(cfg: &Config, mut comm: Comm, block: Block<'_>) -> cppo::Result<Ran
     } else {
         (&theirs, &mine)
     };
-    let rows: Vec<RowPartial> = left.iter().zip(right).map(|(l, r)| l.merge(r)).collect();
+    let partials: Vec<RowPartial> = left.iter().zip(right).map(|(l, r)| l.merge(r)).collect();
+    // A calibrated budget: all-gather the divergences too, and put the halves side by
+    // side (any column order would do).
+    let gathered = if needs_divergences(cfg) {
+        let mut mine = Array2::zeros(batch.shape());
+        divergences_into(cfg, &batch, pos, mine.view_mut(), Par::Seq)?;
+        comm.send(cp_peer, Msg::Divergences(mine.clone()));
+        let theirs = comm.recv_divergences(cp_peer);
+        let halves = if c == 0 {
+            [mine, theirs]
+        } else {
+            [theirs, mine]
+        };
+        Some(
+            cppo::ndarray::concatenate(
+                cppo::ndarray::Axis(1),
+                &[halves[0].view(), halves[1].view()],
+            )
+            .expect("same rows"),
+        )
+    } else {
+        None
+    };
+    let rows = whole_rows(cfg, &partials, gathered.as_ref().map(|d| d.view()))?;
 
     // 2. All-reduce the shard's counts (of whole rows) across the data-parallel ranks.
-    let shard = rows.iter().fold(Counts::default(), |acc, r| {
-        acc.merge(Counts {
-            tokens: r.tokens,
-            seqs: u64::from(r.tokens > 0),
-        })
-    });
+    let shard = row_counts(&rows);
     comm.send(dp_peer, Msg::Counts(shard));
     let global = shard.merge(comm.recv_counts(dp_peer));
     let cfg = Config {
@@ -467,17 +502,18 @@ fn main() -> Result<(), cppo::Error> {
             100.0 * diagnostics.masked_frac_prefix_budget,
         );
         println!(
-            "  exchanged {} bytes: row partials {} ({} B each, all-gathered), carries {} ({} B each, left to right), counts {} ({} B, all-reduced)",
+            "  exchanged {} bytes: row partials {} ({} B each, all-gathered), divergences {} (8 B a column, all-gathered for the calibrated budget), carries {} ({} B each, left to right), counts {} ({} B, all-reduced)",
             sent.total(),
             sent.partials,
             size_of::<RowPartial>(),
+            sent.divergences,
             sent.carries,
             size_of::<Carry>(),
             sent.counts,
             size_of::<Counts>(),
         );
         println!(
-            "  = {:.1} bytes per row, against {} bytes of logp, logp_old and mask per row that never moved",
+            "  = {:.1} bytes per row, against {} bytes of logp, logp_old and mask per row",
             sent.total() as f64 / ROWS as f64,
             WIDTH * (2 * size_of::<f32>() + size_of::<bool>()),
         );

@@ -1,4 +1,4 @@
-//! A borrowed view of one batch (SPEC section 1).
+//! A borrowed view of one batch: the inputs of [`evaluate`](crate::evaluate).
 //!
 //! | name | shape | meaning |
 //! |---|---|---|
@@ -9,6 +9,7 @@
 //! | `topk_logp_old` | (B, L, K) | optional: the rollout policy's top-K log-probs at each position |
 //! | `topk_logp` | (B, L, K) | optional: the current policy's log-probs of those K tokens |
 //! | `logp_ref` | (B, L) | optional: the reference policy, for the KL penalty |
+//! | `is_weights` | (B, L) | optional: rollout importance-sampling weights (verl's `rollout_is_weights`), constants ≥ 0 that multiply each token's objective term and its gradient (not the KL term) |
 //!
 //! A [`Batch`] borrows its arrays (no copies) and checks their shapes when it is built.
 //! Values are checked where they are read: at response positions only, since padding
@@ -16,10 +17,10 @@
 //! checks on their own; [`evaluate`](crate::evaluate) runs them inside its single pass,
 //! and reports the first bad value in row-major order, whatever the thread count.
 //!
-//! The value checks (SPEC section 2): a NaN or infinite log-prob, advantage or top-K
-//! log-prob at a response position is an error, as is a log-prob above 1e-4; a log-prob
-//! in (0, 1e-4] is read as 0 (bf16 rounding of a probability of 1). A float mask must be
-//! finite everywhere.
+//! The value checks: a NaN or infinite log-prob, advantage or top-K log-prob at a
+//! response position is an error, as is a log-prob above 1e-4; a log-prob in (0, 1e-4]
+//! is read as 0 (bf16 rounding of a probability of 1). An IS weight at a response
+//! position must be finite and ≥ 0. A float mask must be finite everywhere.
 //!
 //! ```
 //! use cppo::Batch;
@@ -183,6 +184,7 @@ pub struct Batch<'a, F> {
     pub(crate) mask: Mask<'a>,
     pub(crate) topk: Option<TopK<'a, F>>,
     pub(crate) logp_ref: Option<ArrayView2<'a, F>>,
+    pub(crate) is_weights: Option<ArrayView2<'a, F>>,
 }
 
 fn shape_err(array: &'static str, expected: String, got: &[usize]) -> Error {
@@ -237,6 +239,7 @@ impl<'a, F: Float> Batch<'a, F> {
             mask,
             topk: None,
             logp_ref: None,
+            is_weights: None,
         })
     }
 
@@ -295,6 +298,36 @@ impl<'a, F: Float> Batch<'a, F> {
         Ok(self)
     }
 
+    /// Adds rollout importance-sampling weights (B, L) (verl's `rollout_is_weights`):
+    /// each token's objective term and gradient are multiplied by its weight; the KL
+    /// term is not. Read at response positions only, where they must be finite and ≥ 0.
+    ///
+    /// ```
+    /// use cppo::{evaluate, Batch, Config, Par};
+    /// use cppo::ndarray::array;
+    /// let (lp, lq) = (array![[-0.5, -0.7]], array![[-0.5, -0.7]]);
+    /// let (adv, mask) = (array![1.0], array![[true, true]]);
+    /// let w = array![[2.0, 0.0]];
+    /// let plain = evaluate(&Config::cppo(), &Batch::new(&lp, &lq, &adv, &mask)?, Par::Seq)?;
+    /// let batch = Batch::new(&lp, &lq, &adv, &mask)?.with_is_weights(&w)?;
+    /// let weighted = evaluate(&Config::cppo(), &batch, Par::Seq)?;
+    /// assert_eq!(weighted.outputs.grad[[0, 0]], 2.0 * plain.outputs.grad[[0, 0]]);
+    /// assert_eq!(weighted.outputs.grad[[0, 1]], 0.0);
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
+    pub fn with_is_weights(mut self, is_weights: &'a ArrayRef2<F>) -> Result<Self> {
+        let (b, l) = self.shape();
+        if is_weights.dim() != (b, l) {
+            return Err(shape_err(
+                "is_weights",
+                format!("({b}, {l})"),
+                is_weights.shape(),
+            ));
+        }
+        self.is_weights = Some(is_weights.view());
+        Ok(self)
+    }
+
     /// (B, L).
     pub fn shape(&self) -> (usize, usize) {
         self.logp.dim()
@@ -308,6 +341,11 @@ impl<'a, F: Float> Batch<'a, F> {
     /// Whether a `logp_ref` is present.
     pub fn has_logp_ref(&self) -> bool {
         self.logp_ref.is_some()
+    }
+
+    /// Whether `is_weights` are present.
+    pub fn has_is_weights(&self) -> bool {
+        self.is_weights.is_some()
     }
 
     /// The number of response tokens in each row.
@@ -348,8 +386,9 @@ impl<'a, F: Float> Batch<'a, F> {
         })
     }
 
-    /// Runs every value check of SPEC section 2 on its own and reports the first bad
-    /// value in row-major order. [`evaluate`](crate::evaluate) runs the same checks
+    /// Runs every value check on its own and reports the first bad value in row-major
+    /// order (within a token: mask, logp, logp_old, advantages, the top-K pair, logp_ref,
+    /// is_weights). [`evaluate`](crate::evaluate) runs the same checks
     /// inside its pass; call this to check a batch without computing anything.
     pub fn validate(&self) -> Result<()> {
         let (b, l) = self.shape();
@@ -371,6 +410,9 @@ impl<'a, F: Float> Batch<'a, F> {
                     }
                     if let Some(r) = &self.logp_ref {
                         read_logprob(r[[i, j]], "logp_ref", At::new(i, j))?;
+                    }
+                    if let Some(w) = &self.is_weights {
+                        read_weight(w[[i, j]], "is_weights", At::new(i, j))?;
                     }
                 }
             }
@@ -437,6 +479,27 @@ impl<'a, F: Float> Batch<'a, F> {
     }
 }
 
+/// A weight read at a response position: finite and ≥ 0.
+#[inline(always)]
+pub(crate) fn read_weight<F: Float>(x: F, array: &'static str, at: At) -> Result<f64> {
+    let x = x.to_f64();
+    if !x.is_finite() {
+        Err(Error::NonFinite {
+            array,
+            at,
+            value: x,
+        })
+    } else if x < 0.0 {
+        Err(Error::Negative {
+            array,
+            at,
+            value: x,
+        })
+    } else {
+        Ok(x)
+    }
+}
+
 /// A log-prob read at a response position: finite, at most 1e-4, and (0, 1e-4] read as 0.
 #[inline(always)]
 pub(crate) fn read_logprob<F: Float>(x: F, array: &'static str, at: At) -> Result<f64> {
@@ -459,3 +522,28 @@ pub(crate) fn read_logprob<F: Float>(x: F, array: &'static str, at: At) -> Resul
         })
     }
 }
+
+/// Runs `$body` with `$m` bound to row `$i` of the batch's mask, whatever its type.
+macro_rules! with_mask_row {
+    ($batch:expr, $i:expr, |$m:ident| $body:expr) => {
+        match $batch.mask {
+            $crate::batch::Mask::Bool(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+            $crate::batch::Mask::U8(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+            $crate::batch::Mask::F32(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+            $crate::batch::Mask::F64(all) => {
+                let $m = all.index_axis_move(ndarray::Axis(0), $i);
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_mask_row;

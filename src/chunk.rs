@@ -1,51 +1,68 @@
-//! Column chunks: context parallelism and streaming (SPEC section 7).
+//! Column chunks: context parallelism and streaming.
 //!
 //! CPPO's prefix sums S_t = Σ_{s≤t} w_s D_s and W_t = Σ_{s≤t} w_s run left to right, so a
 //! row split into column chunks (one per context-parallel rank, or one at a time as a
 //! stream) is computed chunk by chunk from a [`Carry`]: the next column, the response
-//! tokens seen so far (the next token's position t), S and W. A chunk also needs two
-//! whole-row facts up front:
+//! tokens seen so far (the next token's position t), S, W and MinPRO's running minimum.
+//! A chunk also needs facts about the whole row up front, a [`WholeRow`]:
 //!
 //! - T, the row's response-token count (for the weights when the horizon is T, for the
 //!   per-sequence aggregation, for the position deciles) and the counts N_tok, N_seq;
-//! - for TRM only, the row's max or mean divergence.
+//! - for TRM, GSPO and GMPO, the row's sums (max or mean divergence, mean log-ratios);
+//! - for CPPO with a calibrated budget, δ_b^row, a quantile of the whole row's
+//!   divergences.
 //!
-//! Both come from a mergeable [`RowPartial`]: reduce each chunk with [`row_partials`],
-//! merge the chunks' partials of a row (any grouping: the merge is exact for counts and
-//! max, and for the sum in the order given), and pass the merged partials to
-//! [`evaluate_chunk_into`]. Chunk after chunk, in order, each with the carries the
-//! previous chunk left. The concatenated per-token outputs are bit-identical to the
-//! whole-row computation; the chunks' losses and tallies add up to the whole's (to
-//! rounding).
+//! The protocol:
 //!
-//! The carry and the partial are small `Copy` + serde types (40 and 80 bytes), what a
-//! context-parallel trainer sends from rank to rank. [`Carry::finish`] checks at the end
-//! that a row's chunks covered it exactly.
+//! 1. Each chunk's [`row_partials`]; merge a row's partials over its chunks
+//!    ([`RowPartial::merge`]: exact, in any grouping; or an all-reduce). When
+//!    [`needs_divergences`] says so (a calibrated budget), also each chunk's
+//!    [`divergences_into`]: D_t in f64 at response positions, NaN elsewhere, gathered
+//!    into one (B, L) array (an all-gather; any column order will do, a quantile does
+//!    not depend on it).
+//! 2. [`whole_rows`] turns the merged partials (and the gathered divergences) into each
+//!    row's [`WholeRow`]. Quantiles are not sums, so δ_b^row is computed there, from all
+//!    of the row's divergences at once, exactly as a whole row computes it.
+//! 3. [`evaluate_chunk_into`], chunk after chunk in column order, each with the carries
+//!    the previous chunk left, starting from `Carry::default()`.
+//!
+//! The concatenated per-token outputs are bit-identical to the whole-row computation;
+//! the chunks' losses and tallies add up to the whole's (to rounding). [`Carry::finish`]
+//! checks at the end that a row's chunks covered it exactly. Column positions
+//! (`positions: "column"`) count from [`ChunkPos::col0`], so they too are the whole
+//! row's.
+//!
+//! The carry and the partial are small `Copy` + serde types, what a context-parallel
+//! trainer sends from rank to rank. Their fields are private and a deserialized value is
+//! checked, so that no carry or partial the crate did not produce reaches the pass.
 //!
 //! ```
-//! use cppo::chunk::{evaluate_chunk_into, row_partials, Carry, ChunkPos, RowPartial};
+//! use cppo::chunk::{evaluate_chunk_into, row_partials, whole_rows, Carry, ChunkPos, RowPartial};
 //! use cppo::ndarray::{array, s, Array2};
 //! use cppo::{evaluate, Batch, Config, Outputs, Par};
 //!
 //! let logp = array![[-0.1, -0.7, -0.2, -1.5, -0.3, -0.05]];
 //! let logp_old = array![[-0.3, -0.2, -0.2, -0.4, -0.9, -0.1]];
 //! let (adv, mask) = (array![1.0], array![[true, true, false, true, true, true]]);
-//! let cfg = Config::cppo();
+//! let cfg = Config::cppo(); // a calibrated budget: the divergences are gathered
 //! let whole = evaluate(&cfg, &Batch::new(&logp, &logp_old, &adv, &mask)?, Par::Seq)?;
 //!
-//! // Two chunks of three columns. First pass: partials, merged per row.
+//! // Two chunks of three columns. First pass: partials, merged per row, and divergences.
 //! let chunk = |c: usize| s![.., 3 * c..3 * c + 3];
 //! let views: Vec<_> = (0..2)
 //!     .map(|c| (logp.slice(chunk(c)), logp_old.slice(chunk(c)), mask.slice(chunk(c))))
 //!     .collect();
-//! let mut rows = vec![RowPartial::default(); 1];
+//! let mut partials = vec![RowPartial::default(); 1];
+//! let mut divergences = Array2::<f64>::zeros((1, 6));
 //! for (c, (lp, lq, m)) in views.iter().enumerate() {
 //!     let b = Batch::new(lp, lq, &adv, m)?;
 //!     let pos = ChunkPos { col0: 3 * c, width: 6 };
-//!     for (r, p) in rows.iter_mut().zip(row_partials(&cfg, &b, pos, Par::Seq)?) {
+//!     for (r, p) in partials.iter_mut().zip(row_partials(&cfg, &b, pos, Par::Seq)?) {
 //!         *r = r.merge(&p);
 //!     }
+//!     cppo::chunk::divergences_into(&cfg, &b, pos, divergences.slice_mut(chunk(c)), Par::Seq)?;
 //! }
+//! let rows = whole_rows(&cfg, &partials, Some(divergences.view()))?;
 //! // Second pass: the chunks in order, handing the carries on.
 //! let mut carries = vec![Carry::default(); 1];
 //! let mut grad = Array2::<f64>::zeros((1, 6));
@@ -63,71 +80,132 @@
 //! # Ok::<(), cppo::Error>(())
 //! ```
 
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Counts;
-use crate::batch::Batch;
+use crate::batch::{Batch, with_mask_row};
 use crate::config::Config;
-use crate::engine::{
-    OutputsMut, Par, Summary, batch_counts, check_call, check_overrides, denominators, run_rows,
-    with_mask_row,
-};
+use crate::engine::{Summary, check_call, check_overrides, denominators};
 use crate::error::{Error, Result};
 use crate::float::{Float, MaskElem};
-pub use crate::kernel::FixedSum;
-use crate::kernel::{
-    Plan, Prefix, RowLanes, RowStats, needs_row_stats, row_facts, row_stats, run_row,
-};
+use crate::kernel::lanes::RowIn;
+use crate::kernel::row_stats::{RowStats, divergence_row, needs_row_stats, row_facts, row_stats};
+use crate::kernel::{Plan, Prefix, run_row};
+use crate::outputs::{OutputsMut, RowOut};
+use crate::rows::{Par, batch_counts, run_rows};
 use crate::stats::{Diagnostics, Tally};
 
-/// A row's state between column chunks. Start every row from `Carry::default()`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// A row's state between column chunks. Start every row from `Carry::default()`; only
+/// [`evaluate_chunk_into`] advances it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "CarryWire", into = "CarryWire")]
 pub struct Carry {
-    /// Columns of the row done so far: the next chunk must start at this column.
-    pub col: usize,
-    /// Response tokens seen so far: the next one has position t + 1.
-    pub t: usize,
-    /// S: Σ w_s D_s over the tokens seen so far (f64).
-    pub s: f64,
-    /// W: Σ w_s over the tokens seen so far (f64).
-    pub w: f64,
-    /// The minimum ratio ρ over the tokens seen so far (MinPRO); +∞ before the first.
-    pub min_ratio: f64,
+    col: usize,
+    prefix: Prefix,
 }
 
-impl Default for Carry {
-    /// The state before a row's first column.
-    fn default() -> Self {
+/// The wire form of a [`Carry`]: the same fields, checked on the way in.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename = "Carry", deny_unknown_fields)]
+struct CarryWire {
+    col: usize,
+    t: usize,
+    s: f64,
+    w: f64,
+    min_ratio: f64,
+}
+
+impl From<Carry> for CarryWire {
+    fn from(c: Carry) -> Self {
         Self {
-            col: 0,
-            t: 0,
-            s: 0.0,
-            w: 0.0,
-            min_ratio: f64::INFINITY,
+            col: c.col,
+            t: c.prefix.t,
+            s: c.prefix.s,
+            w: c.prefix.w,
+            min_ratio: c.prefix.min_ratio,
         }
     }
 }
 
+impl TryFrom<CarryWire> for Carry {
+    type Error = String;
+    fn try_from(c: CarryWire) -> std::result::Result<Self, String> {
+        if c.t > c.col {
+            return Err(format!(
+                "a carry at column {} cannot have seen {} response tokens",
+                c.col, c.t
+            ));
+        }
+        if !(c.s >= 0.0 && c.s.is_finite() && c.w >= 0.0 && c.w.is_finite()) {
+            return Err(format!(
+                "a carry's prefix sums must be finite and >= 0, got S = {} and W = {}",
+                c.s, c.w
+            ));
+        }
+        if c.min_ratio.is_nan() || c.min_ratio <= 0.0 {
+            return Err(format!(
+                "a carry's minimum ratio must be > 0 (or inf), got {}",
+                c.min_ratio
+            ));
+        }
+        Ok(Self {
+            col: c.col,
+            prefix: Prefix {
+                t: c.t,
+                s: c.s,
+                w: c.w,
+                min_ratio: c.min_ratio,
+            },
+        })
+    }
+}
+
 impl Carry {
+    /// The column the next chunk of the row must start at.
+    ///
+    /// ```
+    /// assert_eq!(cppo::chunk::Carry::default().col(), 0);
+    /// ```
+    pub fn col(&self) -> usize {
+        self.col
+    }
+
+    /// The response tokens seen so far.
+    ///
+    /// ```
+    /// assert_eq!(cppo::chunk::Carry::default().tokens(), 0);
+    /// ```
+    pub fn tokens(&self) -> usize {
+        self.prefix.t
+    }
+
     /// Checks, after the last chunk, that row `row`'s chunks covered its `width` columns
     /// and all of its response tokens.
     ///
     /// # Errors
     ///
     /// [`Error::ChunkMismatch`] when they did not.
-    pub fn finish(&self, row: usize, whole: &RowPartial, width: usize) -> Result<()> {
+    ///
+    /// ```
+    /// use cppo::chunk::{whole_rows, Carry, RowPartial};
+    /// let rows = whole_rows(&cppo::Config::dppo(), &[RowPartial::default()], None).unwrap();
+    /// assert!(Carry::default().finish(0, &rows[0], 0).is_ok());
+    /// assert!(Carry::default().finish(0, &rows[0], 8).is_err()); // 8 columns not covered
+    /// ```
+    pub fn finish(&self, row: usize, whole: &WholeRow, width: usize) -> Result<()> {
         if self.col != width {
             return Err(Error::ChunkMismatch {
                 row,
                 reason: format!("the chunks covered {} of its {width} columns", self.col),
             });
         }
-        if self.t as u64 != whole.tokens {
+        if self.prefix.t as u64 != whole.tokens {
             return Err(Error::ChunkMismatch {
                 row,
                 reason: format!(
                     "the chunks held {} response tokens, its partials {}",
-                    self.t, whole.tokens
+                    self.prefix.t, whole.tokens
                 ),
             });
         }
@@ -140,63 +218,133 @@ impl Carry {
 pub struct ChunkPos {
     /// The whole-row column of the chunk's first column.
     pub col0: usize,
-    /// The whole rows' padded width L (the default `norm_length`, and the bound the
-    /// chunks must not pass).
+    /// The whole rows' padded width L (the default `norm_length`, the `column`
+    /// positions' horizon, and the bound the chunks must not pass).
     pub width: usize,
 }
 
-/// A mergeable summary of a row's chunk: the row's response tokens and the sums that
-/// whole-row rules and objectives need (zero where the config needs none). The sums are
-/// exact fixed-point integers, so merging is associative and a chunked row gets exactly
-/// the whole row's decision (TRM) and sequence ratio (GSPO, GMPO).
+/// A mergeable summary of a row's chunk: its response tokens and the exact sums that
+/// whole-row rules and objectives need (zero where the config needs none). Merging is
+/// exact and associative, so a chunked row gets exactly the whole row's decision (TRM)
+/// and sequence ratio (GSPO, GMPO).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PartialWire", into = "PartialWire")]
 pub struct RowPartial {
-    /// Response tokens.
-    pub tokens: u64,
-    /// max D_t (TRM; 0 when empty).
-    pub divergence_max: f64,
-    /// Σ D_t (TRM-avg).
-    pub divergence_sum: FixedSum,
-    /// Σ r_t, the clamped log-ratios (GSPO).
-    pub log_ratio_sum: FixedSum,
-    /// Σ r̃_t, GMPO's clipped log-ratios.
-    pub clipped_log_ratio_sum: FixedSum,
-    /// Σ A_t (GMPO).
-    pub advantage_sum: FixedSum,
+    tokens: u64,
+    stats: RowStats,
 }
 
-impl RowPartial {
-    fn stats(&self) -> RowStats {
-        RowStats {
-            d_max: self.divergence_max,
-            d_sum: self.divergence_sum,
-            r_sum: self.log_ratio_sum,
-            r_clip_sum: self.clipped_log_ratio_sum,
-            adv_sum: self.advantage_sum,
-        }
-    }
+/// The wire form of a [`RowPartial`], checked on the way in.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename = "RowPartial", deny_unknown_fields)]
+struct PartialWire {
+    tokens: u64,
+    stats: RowStats,
+}
 
-    fn from_stats(tokens: u64, s: &RowStats) -> Self {
+impl From<RowPartial> for PartialWire {
+    fn from(p: RowPartial) -> Self {
         Self {
-            tokens,
-            divergence_max: s.d_max,
-            divergence_sum: s.d_sum,
-            log_ratio_sum: s.r_sum,
-            clipped_log_ratio_sum: s.r_clip_sum,
-            advantage_sum: s.adv_sum,
+            tokens: p.tokens,
+            stats: p.stats,
         }
     }
 }
 
+impl TryFrom<PartialWire> for RowPartial {
+    type Error = String;
+    fn try_from(p: PartialWire) -> std::result::Result<Self, String> {
+        let d_max = p.stats.d_max;
+        if !(d_max >= 0.0 && d_max.is_finite()) {
+            return Err(format!(
+                "a partial's max divergence must be finite and >= 0, got {d_max}"
+            ));
+        }
+        if p.stats.d_sum.is_negative() {
+            return Err("a partial's divergence sum must be >= 0".into());
+        }
+        Ok(Self {
+            tokens: p.tokens,
+            stats: p.stats,
+        })
+    }
+}
+
 impl RowPartial {
-    /// The partial of two pieces of a row (`other` after `self`).
+    /// The response tokens it counts.
+    ///
+    /// ```
+    /// assert_eq!(cppo::chunk::RowPartial::default().tokens(), 0);
+    /// ```
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// The partial of two pieces of a row (`other` after `self`; the order does not
+    /// change the result).
+    ///
+    /// ```
+    /// use cppo::chunk::RowPartial;
+    /// let a = RowPartial::default();
+    /// assert_eq!(a.merge(&a), a);
+    /// ```
     #[must_use]
     pub fn merge(&self, other: &Self) -> Self {
-        Self::from_stats(
-            self.tokens + other.tokens,
-            &self.stats().merge(&other.stats()),
-        )
+        Self {
+            tokens: self.tokens + other.tokens,
+            stats: self.stats.merge(&other.stats),
+        }
     }
+}
+
+/// What a chunk needs to know about its whole row: built by [`whole_rows`] from the
+/// row's merged partials (and, for a calibrated budget, its gathered divergences).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WholeRow {
+    tokens: u64,
+    stats: RowStats,
+    delta_b: Option<f64>,
+}
+
+impl WholeRow {
+    /// T: the row's response tokens.
+    ///
+    /// ```
+    /// use cppo::chunk::{whole_rows, RowPartial};
+    /// let rows = whole_rows(&cppo::Config::dppo(), &[RowPartial::default()], None).unwrap();
+    /// assert_eq!(rows[0].tokens(), 0);
+    /// ```
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// δ_b^row, or `None` where the rule has no budget.
+    ///
+    /// ```
+    /// use cppo::chunk::{whole_rows, RowPartial};
+    /// use cppo::ndarray::Array2;
+    /// let none = Array2::from_elem((1, 4), f64::NAN); // a row without response tokens
+    /// let rows = whole_rows(&cppo::Config::cppo(), &[RowPartial::default()], Some(none.view()))?;
+    /// assert_eq!(rows[0].delta_b_row(), Some(0.02)); // an empty row: the floor δ_b
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
+    pub fn delta_b_row(&self) -> Option<f64> {
+        self.delta_b
+    }
+}
+
+/// Whether the config's chunks need the row's gathered divergences ([`divergences_into`])
+/// to build their [`WholeRow`]s: a CPPO budget with a calibration.
+///
+/// ```
+/// assert!(cppo::chunk::needs_divergences(&cppo::Config::cppo()));
+/// assert!(!cppo::chunk::needs_divergences(&cppo::Config::dppo()));
+/// ```
+pub fn needs_divergences(cfg: &Config) -> bool {
+    cfg.rule
+        .cppo_params()
+        .and_then(|p| p.active_calibration())
+        .is_some()
 }
 
 /// Each row's [`RowPartial`] over this chunk's columns. The divergences are computed
@@ -205,8 +353,21 @@ impl RowPartial {
 ///
 /// # Errors
 ///
-/// A non-finite float mask value; under TRM, a bad value at a response position, named by
-/// its whole-row column.
+/// A non-finite float mask value; where the sums are computed, a bad value at a response
+/// position, named by its whole-row column; an array the config needs but the chunk
+/// lacks.
+///
+/// ```
+/// use cppo::chunk::{row_partials, ChunkPos};
+/// use cppo::{Batch, Config, Par};
+/// use cppo::ndarray::array;
+/// let (lp, lq) = (array![[-0.1, -0.2]], array![[-0.3, -0.2]]);
+/// let (adv, mask) = (array![1.0], array![[true, false]]);
+/// let b = Batch::new(&lp, &lq, &adv, &mask)?;
+/// let p = row_partials(&Config::cppo(), &b, ChunkPos { col0: 0, width: 2 }, Par::Seq)?;
+/// assert_eq!(p[0].tokens(), 1);
+/// # Ok::<(), cppo::Error>(())
+/// ```
 pub fn row_partials<F: Float>(
     cfg: &Config,
     chunk: &Batch<'_, F>,
@@ -223,6 +384,18 @@ pub fn row_partials<F: Float>(
 /// # Errors
 ///
 /// As [`row_partials`], and a slice whose length is not B.
+///
+/// ```
+/// use cppo::chunk::{row_partials_into, ChunkPos, RowPartial};
+/// use cppo::{Batch, Config, Par};
+/// use cppo::ndarray::array;
+/// let (lp, adv, mask) = (array![[-0.1]], array![1.0], array![[true]]);
+/// let b = Batch::new(&lp, &lp, &adv, &mask)?;
+/// let mut out = [RowPartial::default()];
+/// row_partials_into(&Config::cppo(), &b, ChunkPos { col0: 0, width: 1 }, &mut out, Par::Seq)?;
+/// assert_eq!(out[0].tokens(), 1);
+/// # Ok::<(), cppo::Error>(())
+/// ```
 pub fn row_partials_into<F: Float>(
     cfg: &Config,
     chunk: &Batch<'_, F>,
@@ -230,18 +403,33 @@ pub fn row_partials_into<F: Float>(
     out: &mut [RowPartial],
     par: Par,
 ) -> Result<()> {
-    cfg.validate()?;
+    check_call(cfg, chunk, &OutputsMut::default())?;
     check_len("row partials", out.len(), chunk.shape().0)?;
     let one = |i: usize| -> Result<RowPartial> {
         let tokens = chunk.mask.row_len(i)?;
         let stats = if needs_row_stats(cfg) && tokens > 0 {
-            with_mask_row!(chunk, i, |mask| row_stats(cfg, chunk, mask, i, pos.col0))?
+            with_mask_row!(chunk, i, |mask| {
+                row_stats(cfg, &RowIn::new(cfg, chunk, mask, i, pos.col0)?, None)
+            })?
         } else {
             RowStats::default()
         };
-        Ok(RowPartial::from_stats(tokens as u64, &stats))
+        Ok(RowPartial {
+            tokens: tokens as u64,
+            stats,
+        })
     };
-    let seq = |out: &mut [RowPartial]| {
+    for_each_row(out, par, &one)
+}
+
+/// Runs `one` for every row into `out`; on error, the first bad row's error (found again
+/// in row order, deterministically).
+fn for_each_row<T: Send>(
+    out: &mut [T],
+    par: Par,
+    one: &(dyn Fn(usize) -> Result<T> + Sync),
+) -> Result<()> {
+    let seq = |out: &mut [T]| {
         for (i, p) in out.iter_mut().enumerate() {
             *p = one(i)?;
         }
@@ -255,30 +443,202 @@ pub fn row_partials_into<F: Float>(
                 *p = one(i)?;
                 Ok(())
             });
-            // On error, find the first bad value deterministically.
             r.or_else(|_: Error| seq(out))
         }
     }
 }
 
+/// This chunk's divergences D_t into `out` (B, Lc), in f64: D at response positions, NaN
+/// elsewhere (as verl's own calibration masks them). Gather the chunks' arrays of a row
+/// for [`whole_rows`] when [`needs_divergences`] says so.
+///
+/// # Errors
+///
+/// A bad value at a response position (the first in row-major order, named by its
+/// whole-row column), an array the config needs but the chunk lacks, an `out` whose
+/// shape is not the chunk's.
+///
+/// ```
+/// use cppo::chunk::{divergences_into, ChunkPos};
+/// use cppo::{Batch, Config, Par};
+/// use cppo::ndarray::{array, Array2};
+/// let (lp, lq) = (array![[0.5f64.ln(), -0.2]], array![[0.4f64.ln(), -0.2]]);
+/// let (adv, mask) = (array![1.0], array![[true, false]]);
+/// let b = Batch::new(&lp, &lq, &adv, &mask)?;
+/// let mut d = Array2::<f64>::zeros((1, 2));
+/// divergences_into(&Config::cppo(), &b, ChunkPos { col0: 0, width: 2 }, d.view_mut(), Par::Seq)?;
+/// assert!((d[[0, 0]] - 0.1).abs() < 1e-15);
+/// assert!(d[[0, 1]].is_nan());
+/// # Ok::<(), cppo::Error>(())
+/// ```
+pub fn divergences_into<F: Float>(
+    cfg: &Config,
+    chunk: &Batch<'_, F>,
+    pos: ChunkPos,
+    mut out: ArrayViewMut2<'_, f64>,
+    par: Par,
+) -> Result<()> {
+    check_call(cfg, chunk, &OutputsMut::default())?;
+    if out.dim() != chunk.shape() {
+        let (b, l) = chunk.shape();
+        return Err(Error::ShapeMismatch {
+            array: "divergences",
+            expected: format!("({b}, {l}), as the chunk"),
+            got: out.shape().to_vec(),
+        });
+    }
+    let mut rows: Vec<_> = out.axis_iter_mut(Axis(0)).collect();
+    let one = |i: usize, dst: &mut ndarray::ArrayViewMut1<'_, f64>| -> Result<()> {
+        with_mask_row!(chunk, i, |mask| {
+            divergence_row(&RowIn::new(cfg, chunk, mask, i, pos.col0)?, dst)
+        })
+    };
+    let seq = |rows: &mut [ndarray::ArrayViewMut1<'_, f64>]| {
+        for (i, r) in rows.iter_mut().enumerate() {
+            one(i, r)?;
+        }
+        Ok(())
+    };
+    match par {
+        Par::Seq => seq(&mut rows),
+        Par::Rayon => {
+            use rayon::prelude::*;
+            let r = rows
+                .par_iter_mut()
+                .enumerate()
+                .try_for_each(|(i, r)| one(i, r));
+            r.or_else(|_: Error| seq(&mut rows))
+        }
+    }
+}
+
+/// Each row's [`WholeRow`], from its partials merged over all its chunks and, when
+/// [`needs_divergences`] says so, its divergences gathered from all its chunks
+/// (B rows, any width; NaN where there is no response token, as
+/// [`divergences_into`] writes them).
+///
+/// # Errors
+///
+/// [`Error::MissingArray`] for `divergences` the config needs but were not given;
+/// [`Error::ShapeMismatch`] for a `divergences` array that does not have B rows;
+/// [`Error::ChunkMismatch`] when a row's gathered divergences are not as many as its
+/// partials' response tokens; [`Error::NonFinite`] for an infinite or negative one.
+///
+/// ```
+/// use cppo::chunk::{whole_rows, RowPartial};
+/// use cppo::{Config, Error};
+/// let p = [RowPartial::default()];
+/// assert!(whole_rows(&Config::dppo(), &p, None).is_ok());
+/// // A calibrated budget needs the row's divergences.
+/// let err = whole_rows(&Config::cppo(), &p, None).unwrap_err();
+/// assert!(matches!(err, Error::MissingArray { array: "divergences", .. }));
+/// ```
+pub fn whole_rows(
+    cfg: &Config,
+    partials: &[RowPartial],
+    divergences: Option<ArrayView2<'_, f64>>,
+) -> Result<Vec<WholeRow>> {
+    cfg.validate()?;
+    let params = cfg.rule.cppo_params();
+    let floor = params.and_then(|p| p.delta_b);
+    let calibration = params.and_then(|p| p.active_calibration());
+    let d = match (calibration, divergences) {
+        (Some(_), None) => {
+            return Err(Error::MissingArray {
+                array: "divergences",
+                needed_by: "a calibrated budget under column chunks (chunk::divergences_into)",
+            });
+        }
+        (Some(_), Some(d)) if d.nrows() != partials.len() => {
+            return Err(Error::ShapeMismatch {
+                array: "divergences",
+                expected: format!("({}, L), one row per partial", partials.len()),
+                got: d.shape().to_vec(),
+            });
+        }
+        (Some(_), d) => d,
+        (None, _) => None,
+    };
+    let mut buf = Vec::new();
+    partials
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let delta_b = match (calibration, floor, &d) {
+                (Some(c), Some(db), Some(d)) => {
+                    buf.clear();
+                    for (j, &x) in d.row(i).iter().enumerate() {
+                        if x.is_nan() {
+                            continue;
+                        }
+                        if !(x >= 0.0 && x.is_finite()) {
+                            return Err(Error::NonFinite {
+                                array: "divergences",
+                                at: crate::error::At::new(i, j),
+                                value: x,
+                            });
+                        }
+                        buf.push(x);
+                    }
+                    if buf.len() as u64 != p.tokens {
+                        return Err(Error::ChunkMismatch {
+                            row: i,
+                            reason: format!(
+                                "its gathered divergences hold {} response tokens, its partials {}",
+                                buf.len(),
+                                p.tokens
+                            ),
+                        });
+                    }
+                    Some(c.row_budget(db, &mut buf))
+                }
+                _ => floor,
+            };
+            Ok(WholeRow {
+                tokens: p.tokens,
+                stats: p.stats,
+                delta_b,
+            })
+        })
+        .collect()
+}
+
 /// Computes one column chunk of a batch: the rows' columns `pos.col0..pos.col0 + Lc`.
 ///
-/// `rows` holds each row's [`RowPartial`] merged over all its chunks; `carries` each
-/// row's [`Carry`], which the call advances. Chunks of a row must come in column order,
-/// starting from `Carry::default()`. The aggregation's N_tok and N_seq come from `rows`
-/// (the whole rows), unless the config overrides them.
+/// `rows` holds each row's [`WholeRow`]; `carries` each row's [`Carry`], which the call
+/// advances. Chunks of a row must come in column order, starting from
+/// `Carry::default()`. The aggregation's N_tok and N_seq come from `rows` (the whole
+/// rows), unless the config overrides them.
 ///
 /// # Errors
 ///
 /// As [`evaluate_into`](crate::evaluate_into); [`Error::ChunkOutOfOrder`] when a row's
 /// carry is not at `pos.col0`; [`Error::ChunkMismatch`] when a chunk passes the row
-/// width or holds more response tokens than its row's partial; a `rows` or `carries`
-/// slice whose length is not B.
+/// width or holds more response tokens than its whole row; a `rows` or `carries` slice
+/// whose length is not B; [`Error::InvalidConfig`] for MinPRO without its stop-gradient,
+/// whose gradient may reach an earlier chunk.
+///
+/// ```
+/// use cppo::chunk::{evaluate_chunk_into, row_partials, whole_rows, Carry, ChunkPos};
+/// use cppo::{Batch, Config, Outputs, Par};
+/// use cppo::ndarray::array;
+/// let cfg = Config::dppo();
+/// let (lp, lq) = (array![[-0.1, -0.2]], array![[-0.3, -0.2]]);
+/// let (adv, mask) = (array![1.0], array![[true, true]]);
+/// let b = Batch::new(&lp, &lq, &adv, &mask)?;
+/// let pos = ChunkPos { col0: 0, width: 2 };
+/// let rows = whole_rows(&cfg, &row_partials(&cfg, &b, pos, Par::Seq)?, None)?;
+/// let mut carries = [Carry::default()];
+/// let mut out = Outputs::<f64>::zeros((1, 2));
+/// let s = evaluate_chunk_into(&cfg, &b, pos, &rows, &mut carries, out.view_mut(), Par::Seq)?;
+/// assert_eq!((carries[0].col(), s.counts.tokens), (2, 2));
+/// # Ok::<(), cppo::Error>(())
+/// ```
 pub fn evaluate_chunk_into<F: Float>(
     cfg: &Config,
     chunk: &Batch<'_, F>,
     pos: ChunkPos,
-    rows: &[RowPartial],
+    rows: &[WholeRow],
     carries: &mut [Carry],
     out: OutputsMut<'_, F>,
     par: Par,
@@ -305,18 +665,11 @@ pub fn evaluate_chunk_into<F: Float>(
         width: pos.width,
         col0: pos.col0,
     };
-    let row_fn = |i: usize, out: RowLanes<'_, F>, carry: Option<&mut Carry>| -> Result<Tally> {
-        let Some(carry) = carry else {
-            unreachable!("chunked calls pass a carry per row")
-        };
+    let row_fn = |i: usize, out: RowOut<'_, F>, carry: Option<&mut Carry>| -> Result<Tally> {
+        let mut fresh = Carry::default();
+        let carry = carry.unwrap_or(&mut fresh);
         with_mask_row!(chunk, i, |mask| chunk_row(
-            &plan,
-            chunk,
-            mask,
-            i,
-            (lc, &rows[i]),
-            carry,
-            out
+            &plan, chunk, mask, i, lc, &rows[i], carry, out
         ))
     };
     let tally = run_rows((b, lc), out, Some(carries), par, &row_fn)?;
@@ -330,14 +683,16 @@ pub fn evaluate_chunk_into<F: Float>(
 }
 
 /// One row of a chunk: check the carry, sweep from it, advance it.
+#[allow(clippy::too_many_arguments)]
 fn chunk_row<'a, F: Float, M: MaskElem>(
     plan: &Plan<'_>,
     chunk: &Batch<'a, F>,
     mask: ndarray::ArrayView1<'a, M>,
     i: usize,
-    (lc, whole): (usize, &RowPartial),
+    lc: usize,
+    whole: &WholeRow,
     carry: &mut Carry,
-    out: RowLanes<'_, F>,
+    out: RowOut<'_, F>,
 ) -> Result<Tally> {
     let col0 = plan.col0;
     if carry.col != col0 {
@@ -347,61 +702,51 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
             got: col0,
         });
     }
-    if col0 + lc > plan.width {
+    let end = col0.saturating_add(lc);
+    if end > plan.width {
         return Err(Error::ChunkMismatch {
             row: i,
             reason: format!(
-                "the chunk ends at column {}, past the row width {}",
-                col0 + lc,
+                "the chunk ends at column {end}, past the row width {}",
                 plan.width
             ),
         });
     }
     let here = mask.iter().filter(|m| m.is_on()).count();
-    if (carry.t + here) as u64 > whole.tokens {
+    if (carry.prefix.t + here) as u64 > whole.tokens {
         return Err(Error::ChunkMismatch {
             row: i,
             reason: format!(
-                "the chunks so far hold {} response tokens, its partials {}",
-                carry.t + here,
+                "the chunks so far hold {} response tokens, its whole row {}",
+                carry.prefix.t + here,
                 whole.tokens
             ),
         });
     }
+    let row = RowIn::new(plan.cfg, chunk, mask, i, col0)?;
     let facts = row_facts(
         plan.cfg,
         whole.tokens as usize,
-        &whole.stats(),
+        &whole.stats,
         chunk.row_advantage(i),
+        whole.delta_b,
     );
-    let mut prefix = Prefix {
-        t: carry.t,
-        s: carry.s,
-        w: carry.w,
-        min_ratio: carry.min_ratio,
-    };
-    let tally = run_row(plan, chunk, mask, i, facts, &mut prefix, out)?;
-    *carry = Carry {
-        col: col0 + lc,
-        t: prefix.t,
-        s: prefix.s,
-        w: prefix.w,
-        min_ratio: prefix.min_ratio,
-    };
+    let tally = run_row(plan, &row, &facts, &mut carry.prefix, out)?;
+    carry.col = col0 + lc;
     Ok(tally)
 }
 
-/// N_tok and N_seq of whole rows, from their merged partials: what a context-parallel
-/// rank contributes to the global counts. (A chunk's own [`Batch::counts`] would count a
-/// row split across chunks once per chunk.)
+/// N_tok and N_seq of whole rows: what a context-parallel rank contributes to the
+/// global counts. (A chunk's own [`Batch::counts`] would count a row split across
+/// chunks once per chunk.)
 ///
 /// ```
-/// use cppo::chunk::{row_counts, RowPartial};
-/// let rows = [RowPartial { tokens: 3, ..Default::default() }, RowPartial::default()];
+/// use cppo::chunk::{row_counts, whole_rows, RowPartial};
+/// let rows = whole_rows(&cppo::Config::dppo(), &[RowPartial::default(); 2], None).unwrap();
 /// let c = row_counts(&rows);
-/// assert_eq!((c.tokens, c.seqs), (3, 1));
+/// assert_eq!((c.tokens, c.seqs), (0, 0));
 /// ```
-pub fn row_counts(rows: &[RowPartial]) -> Counts {
+pub fn row_counts(rows: &[WholeRow]) -> Counts {
     rows.iter().fold(Counts::default(), |c, r| {
         c.merge(Counts {
             tokens: r.tokens,

@@ -1,43 +1,53 @@
-//! The full configuration: divergence, rule, objective, aggregation, KL penalty
-//! (SPEC section 9).
+//! The full configuration: divergence, rule, objective, aggregation, KL penalty.
 //!
-//! A [`Config`] deserializes from SPEC section 9's JSON. Omitted fields take their
-//! defaults, unknown fields are an error, and the values are checked while the config
-//! is deserialized, so a bad config never reaches the engine. A config assembled in code
-//! is checked by [`Config::validate`], which [`evaluate`](crate::evaluate) also calls.
+//! A [`Config`] deserializes from JSON (any serde format) in the schema of
+//! [the command-line contract](crate::doc::command_line). Omitted fields take their defaults,
+//! unknown fields are an error, and the values are checked while the config is
+//! deserialized, so a bad config never reaches the engine. A config assembled in code is
+//! checked by [`Config::validate`], which [`evaluate`](crate::evaluate) also calls.
 //!
-//! Presets, differing only in the rule (binary TV divergence, surrogate objective,
-//! token-mean), so that a comparison changes one thing at a time:
+//! A config may start from a named [`Preset`]: `{"preset": "verl_pr6731"}` takes that
+//! preset's values, and every other top-level field given replaces the preset's (a
+//! `rule` object replaces the preset's rule as a whole, its omitted fields taking the
+//! rule's defaults).
+//!
+//! The three presets that differ only in the rule (binary TV divergence, surrogate
+//! objective, token-mean), so that a comparison changes one thing at a time:
 //!
 //! | preset | rule | where the values come from |
 //! |---|---|---|
-//! | [`Config::cppo`] | `cppo` δ = 0.2, δ_b = 0.05, w_min = 0.8 | w_min is the paper's; δ is DPPO's binary-TV threshold; δ_b is ours (the paper's tuned values are not public) |
-//! | [`Config::dppo`] | `dppo` δ = 0.2 | the DPPO paper's binary-TV threshold |
-//! | [`Config::grpo`] | `ratio` ε_low = ε_high = 0.2 | PPO's and GRPO's clip range |
+//! | [`Config::cppo`] | `cppo` δ = 0.15, δ_b = 0.02 calibrated by P90 within [δ_b, 2 δ_b], w_min = 0.8 | the paper's Table 3 (dense models) and Eq. 22 |
+//! | [`Config::dppo`] | `dppo` δ = 0.15 | the same δ |
+//! | [`Config::grpo`] | `ratio` ε_low = 0.2, ε_high = 0.28 | the paper's GRPO baseline (DAPO's clip-higher) |
 //!
 //! Under the surrogate objective, the `ratio` rule gives exactly the gradient of PPO's
 //! clipped objective: a token outside the clip range that moves away is masked, and one
-//! that moves back keeps its gradient.
+//! that moves back keeps its gradient. The [`preset`](crate::preset) module has the
+//! paper's other settings and the official implementations' defaults.
 //!
 //! ```
 //! use cppo::Config;
 //! let json = r#"{"divergence": "binary_tv", "rule": {"kind": "cppo", "delta_b": null}}"#;
 //! # let parse = |s: &str| serde_json::from_str::<Config>(s);
 //! let cfg: Config = parse(json).unwrap();
-//! assert_eq!(cfg.rule, cppo::Rule::Cppo { delta: 0.2, delta_b: None, w_min: 0.8, horizon: None, shuffle_seed: None });
+//! assert_eq!(cfg.rule.cppo_params().unwrap().delta_b, None);
 //! // Unknown fields and bad values are refused at parse time:
 //! assert!(parse(r#"{"rule": {"kind": "dppo", "detla": 0.1}}"#).is_err());
 //! let err = parse(r#"{"rule": {"kind": "dppo", "delta": -1}}"#).unwrap_err();
 //! assert!(err.to_string().contains("rule.delta"));
+//! // A preset, with an override:
+//! let verl = parse(r#"{"preset": "verl_pr6731", "aggregation": "seq-mean-token-mean"}"#).unwrap();
+//! assert_eq!(verl.objective, cppo::Objective::DetachedIs { ratio_cap: 3.0 });
 //! ```
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::aggregate::Aggregation;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
 use crate::objective::{KlPenalty, Objective};
-use crate::rule::{DEFAULT_DELTA, DEFAULT_EPS, Rule};
+use crate::preset::Preset;
+use crate::rule::{DEFAULT_DELTA, DEFAULT_EPS_HIGH, DEFAULT_EPS_LOW, Rule};
 
 /// Everything that decides what [`evaluate`](crate::evaluate) computes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -60,40 +70,51 @@ pub struct Config {
     pub kl: Option<KlPenalty>,
 }
 
-/// The wire form: same fields, no checks. `Config` converts from it and checks.
+/// `null` and absent told apart: absent → `None`, `null` → `Some(None)`.
+fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The wire form: every field optional, so that a preset's values stay where a field
+/// is absent. `Config` converts from it and checks.
 #[derive(Deserialize)]
 #[serde(rename = "Config", deny_unknown_fields)]
 struct ConfigRepr {
     #[serde(default)]
-    divergence: Divergence,
+    preset: Option<Preset>,
     #[serde(default)]
-    rule: Rule,
+    divergence: Option<Divergence>,
     #[serde(default)]
-    objective: Objective,
+    rule: Option<Rule>,
     #[serde(default)]
-    aggregation: Aggregation,
+    objective: Option<Objective>,
     #[serde(default)]
-    norm_length: Option<usize>,
-    #[serde(default)]
-    num_tokens: Option<u64>,
-    #[serde(default)]
-    num_seqs: Option<u64>,
-    #[serde(default)]
-    kl: Option<KlPenalty>,
+    aggregation: Option<Aggregation>,
+    #[serde(default, deserialize_with = "nullable")]
+    norm_length: Option<Option<usize>>,
+    #[serde(default, deserialize_with = "nullable")]
+    num_tokens: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    num_seqs: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    kl: Option<Option<KlPenalty>>,
 }
 
 impl TryFrom<ConfigRepr> for Config {
     type Error = Error;
     fn try_from(r: ConfigRepr) -> Result<Self> {
+        let base = r.preset.map_or_else(Self::cppo, Preset::config);
         let cfg = Self {
-            divergence: r.divergence,
-            rule: r.rule,
-            objective: r.objective,
-            aggregation: r.aggregation,
-            norm_length: r.norm_length,
-            num_tokens: r.num_tokens,
-            num_seqs: r.num_seqs,
-            kl: r.kl,
+            divergence: r.divergence.unwrap_or(base.divergence),
+            rule: r.rule.unwrap_or(base.rule),
+            objective: r.objective.unwrap_or(base.objective),
+            aggregation: r.aggregation.unwrap_or(base.aggregation),
+            norm_length: r.norm_length.unwrap_or(base.norm_length),
+            num_tokens: r.num_tokens.unwrap_or(base.num_tokens),
+            num_seqs: r.num_seqs.unwrap_or(base.num_seqs),
+            kl: r.kl.unwrap_or(base.kl),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -101,9 +122,9 @@ impl TryFrom<ConfigRepr> for Config {
 }
 
 impl<'de> Deserialize<'de> for Config {
-    /// Reads a JSON object (not an array: serde would otherwise read a struct from a
+    /// Reads an object (not an array: serde would otherwise read a struct from a
     /// sequence of its fields), then checks every value.
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct Object;
         impl<'de> serde::de::Visitor<'de> for Object {
             type Value = ConfigRepr;
@@ -132,6 +153,11 @@ impl Default for Config {
 impl Config {
     /// A config with the given rule and the defaults for everything else: binary TV,
     /// surrogate objective, token-mean, no KL penalty, no count overrides.
+    ///
+    /// ```
+    /// let cfg = cppo::Config::with_rule(cppo::Rule::None);
+    /// assert_eq!(cfg.divergence, cppo::Divergence::BinaryTv);
+    /// ```
     pub const fn with_rule(rule: Rule) -> Self {
         Self {
             divergence: Divergence::BinaryTv,
@@ -145,7 +171,8 @@ impl Config {
         }
     }
 
-    /// The paper's method: CPPO, δ = 0.2, δ_b = 0.05, w_min = 0.8, on binary TV.
+    /// The paper's method at its dense setting, on binary TV: CPPO, δ = 0.15, δ_b = 0.02
+    /// calibrated per row by P90 within [δ_b, 2 δ_b], w_min = 0.8.
     ///
     /// ```
     /// let cfg = cppo::Config::cppo();
@@ -156,10 +183,10 @@ impl Config {
         Self::with_rule(Rule::default())
     }
 
-    /// DPPO's binary-TV trust region, δ = 0.2.
+    /// DPPO's binary-TV trust region at the same δ = 0.15.
     ///
     /// ```
-    /// assert_eq!(cppo::Config::dppo().rule, cppo::Rule::Dppo { delta: 0.2 });
+    /// assert_eq!(cppo::Config::dppo().rule, cppo::Rule::Dppo { delta: 0.15 });
     /// ```
     pub fn dppo() -> Self {
         Self::with_rule(Rule::Dppo {
@@ -167,20 +194,30 @@ impl Config {
         })
     }
 
-    /// GRPO's ratio clip as a mask, ε_low = ε_high = 0.2.
+    /// The paper's GRPO baseline: the ratio clip as a mask, ε_low = 0.2, ε_high = 0.28.
     ///
     /// ```
-    /// assert_eq!(cppo::Config::grpo().rule, cppo::Rule::Ratio { eps_low: 0.2, eps_high: 0.2 });
+    /// assert_eq!(cppo::Config::grpo().rule, cppo::Rule::Ratio { eps_low: 0.2, eps_high: 0.28 });
     /// ```
     pub fn grpo() -> Self {
         Self::with_rule(Rule::Ratio {
-            eps_low: DEFAULT_EPS,
-            eps_high: DEFAULT_EPS,
+            eps_low: DEFAULT_EPS_LOW,
+            eps_high: DEFAULT_EPS_HIGH,
         })
     }
 
+    /// A named preset's config (see [`crate::preset`]).
+    ///
+    /// ```
+    /// use cppo::{Config, Preset};
+    /// assert_eq!(Config::preset(Preset::Grpo), Config::grpo());
+    /// ```
+    pub fn preset(preset: Preset) -> Self {
+        preset.config()
+    }
+
     /// Checks every field: the rule's and objective's parameters, `norm_length` ≥ 1 and
-    /// the KL coefficient. Errors name the JSON field.
+    /// the KL coefficient. Errors name the config field.
     ///
     /// ```
     /// let mut cfg = cppo::Config::cppo();

@@ -1,5 +1,4 @@
-//! Per-token divergences D_t between the rollout policy μ and the current policy π_θ
-//! (SPEC section 2).
+//! Per-token divergences D_t between the rollout policy μ and the current policy π_θ.
 //!
 //! With p = exp(logp) (current) and q = exp(logp_old) (rollout):
 //!
@@ -10,7 +9,7 @@
 //! | `topk_tv` | (Σ_k \|P_k − Q_k\| + \|P_rest − Q_rest\|) / 2 |
 //! | `topk_kl` | max(0, Σ_k P_k (log P_k − log Q_k) + P_rest (log P_rest − log max(Q_rest, 1e-12))) |
 //! | `k2` | ½ r² |
-//! | `k3` | ρ − 1 − r |
+//! | `k3` | max(0, ρ − 1 − r) |
 //!
 //! where, for `k2` and `k3`, r = clamp(logp − logp_old, −20, 20) is the log-ratio the
 //! crate uses everywhere and ρ = eʳ. These are the log-ratio estimators of KL(μ ‖ π_θ)
@@ -27,7 +26,8 @@
 //! `binary_kl` and the 1e-12 floor of `topk_kl` are those of the DPPO reference code
 //! (the sail-sg/Stable-RL fork of verl), so that thresholds tuned there carry over.
 //!
-//! The divergence is a constant of the loss: it is never differentiated.
+//! The divergence is a constant of the loss: it is never differentiated. Every D_t is
+//! ≥ 0: where rounding would take a formula a few ulp below 0 (k3 for ρ ≈ 1), it is 0.
 //!
 //! Log-probabilities enter the formulas directly where a log appears (log q is
 //! `logp_old`, not `ln(exp(logp_old))`), which is exact and agrees with the reference to
@@ -44,7 +44,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Log-probabilities in (0, `LOGP_TOLERANCE`] are read as 0 (bf16 rounding of a
-/// probability of 1); anything larger is an error (SPEC section 2).
+/// probability of 1); anything larger is an error.
 pub const LOGP_TOLERANCE: f64 = 1e-4;
 
 /// The guard added to both Bernoulli "rest" masses in [`binary_kl`], as in the DPPO
@@ -55,8 +55,8 @@ pub const BINARY_KL_GUARD: f64 = 1e-8;
 /// reference code.
 pub const TOPK_KL_REST_FLOOR: f64 = 1e-12;
 
-/// Which per-token divergence to compute. Serialized as in SPEC section 9
-/// (`"binary_tv"`, `"binary_kl"`, `"topk_tv"`, `"topk_kl"`).
+/// Which per-token divergence to compute. Serialized as configs spell it
+/// (`"binary_tv"`, `"binary_kl"`, `"topk_tv"`, `"topk_kl"`, `"k2"`, `"k3"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Divergence {
@@ -111,7 +111,7 @@ pub fn k2(logp: f64, logp_old: f64) -> f64 {
     0.5 * r * r
 }
 
-/// The k3 estimator ρ − 1 − r, r = clamp(logp − logp_old, −20, 20), ρ = eʳ.
+/// The k3 estimator max(0, ρ − 1 − r), r = clamp(logp − logp_old, −20, 20), ρ = eʳ.
 ///
 /// ```
 /// let k = cppo::divergence::k3(0.5f64.ln(), 0.4f64.ln());
@@ -121,7 +121,7 @@ pub fn k2(logp: f64, logp_old: f64) -> f64 {
 #[inline]
 pub fn k3(logp: f64, logp_old: f64) -> f64 {
     let (rho, r) = crate::objective::ratio(logp, logp_old);
-    (rho - 1.0) - r
+    ((rho - 1.0) - r).max(0.0)
 }
 
 /// Binary total variation |exp(logp) − exp(logp_old)|.

@@ -70,7 +70,7 @@ pub enum Error {
     /// An array does not have the shape the batch requires.
     #[error("{array} has shape {got:?}, expected {expected}")]
     ShapeMismatch {
-        /// The array's name, as in SPEC section 1 (`logp`, `mask`, `topk_logp`, ...).
+        /// The array's name (`logp`, `mask`, `topk_logp`, ...).
         array: &'static str,
         /// What the shape should have been, in words (for example `(4, 16)` or `(4,) or (4, 16)`).
         expected: String,
@@ -95,7 +95,17 @@ pub enum Error {
         /// The offending value, widened to `f64`.
         value: f64,
     },
-    /// A log-probability above the 1e-4 tolerance (SPEC section 2).
+    /// A negative value where weights must be ≥ 0 (`is_weights`).
+    #[error("{array} at {at} is {value}, below 0; weights must be >= 0")]
+    Negative {
+        /// The array's name.
+        array: &'static str,
+        /// Where the value is.
+        at: At,
+        /// The offending value, widened to `f64`.
+        value: f64,
+    },
+    /// A log-probability above the 1e-4 tolerance.
     #[error("{array} at {at} is {value}, above the 1e-4 tolerance for a log-probability")]
     PositiveLogProb {
         /// The array's name.

@@ -109,8 +109,12 @@
 
 pub use ndarray;
 
-#[doc = include_str!("../docs/distributed.md")]
-pub mod distributed {}
+/// Guides that are not one module's: the math in one place, the command-line contract,
+/// where each convention comes from, distributed training, and how to extend the crate.
+pub mod doc {
+    #[doc = include_str!("../docs/distributed.md")]
+    pub mod distributed {}
+}
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[cfg(doctest)]
@@ -120,6 +124,7 @@ pub struct ReadmeDoctests;
 pub mod advantage;
 pub mod aggregate;
 pub mod batch;
+pub mod budget;
 pub mod chunk;
 pub mod config;
 pub mod divergence;
@@ -128,6 +133,9 @@ pub mod error;
 pub mod float;
 mod kernel;
 pub mod objective;
+pub mod outputs;
+pub mod preset;
+mod rows;
 pub mod rule;
 pub mod schedule;
 mod simd;
@@ -137,15 +145,15 @@ pub mod synth;
 
 pub use aggregate::{Aggregation, Counts};
 pub use batch::{Advantages, Batch, Mask, TopK};
+pub use budget::Calibration;
 pub use config::Config;
 pub use divergence::Divergence;
-pub use engine::{
-    Evaluation, MaskOutputs, Outputs, OutputsMut, Par, Summary, evaluate, evaluate_into,
-    trust_region,
-};
+pub use engine::{Evaluation, Par, Summary, evaluate, evaluate_into, trust_region};
 pub use error::{At, Error, Result};
 pub use float::{Float, MaskElem};
 pub use objective::{KlEstimator, KlPenalty, Objective};
-pub use rule::{Reason, Rule};
-pub use schedule::Schedule;
+pub use outputs::{Outputs, OutputsMut};
+pub use preset::Preset;
+pub use rule::{CppoParams, Gate, Reason, Rule};
+pub use schedule::{Positions, Schedule};
 pub use stats::{Diagnostics, Tally};

@@ -79,7 +79,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::rule::{DEFAULT_EPS, check, check_nonnegative, check_positive};
+use crate::rule::{check, check_nonnegative, check_positive};
 
 /// The default `ratio_cap` C of `detached_is` (the DPPO reference code's).
 pub const DEFAULT_RATIO_CAP: f64 = 10.0;
@@ -95,7 +95,7 @@ pub const LOG_RATIO_CLAMP: f64 = 20.0;
 pub enum Objective {
     /// The paper's importance-weighted surrogate −ρA.
     #[default]
-    #[serde(deserialize_with = "crate::rule::no_params")]
+    #[serde(deserialize_with = "no_params")]
     Surrogate,
     /// The DPPO reference code's REINFORCE path: −min(ρ, C) A logp, weight detached.
     DetachedIs {
@@ -166,6 +166,15 @@ pub enum Objective {
     },
 }
 
+/// A parameterless variant still refuses unknown fields (serde's internally tagged unit
+/// variants would ignore them).
+fn no_params<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    NoParams::deserialize(d).map(|_| ())
+}
+
 fn default_true() -> bool {
     true
 }
@@ -207,8 +216,11 @@ pub const DEFAULT_SAPO_TAU_NEG: f64 = 1.05;
 fn default_ratio_cap() -> f64 {
     DEFAULT_RATIO_CAP
 }
+/// The default ε_low = ε_high = 0.2 of `ppo_clip` (PPO's).
+pub const DEFAULT_PPO_EPS: f64 = 0.2;
+
 fn default_eps() -> f64 {
-    DEFAULT_EPS
+    DEFAULT_PPO_EPS
 }
 fn default_cispo_eps_high() -> f64 {
     DEFAULT_CISPO_EPS_HIGH
@@ -300,6 +312,20 @@ impl Objective {
 
     /// The loss and gradient of one kept token, from its ratio ρ, advantage A and
     /// current log-prob (which only the detached forms read).
+    ///
+    /// The whole-row objectives (`gspo`, `gmpo`, `minpro`) depend on the token's row; here
+    /// the token is a row of its own (T = 1): GSPO's s = exp(min(ln ρ, 10)), GMPO's
+    /// R = exp(r̃) with Ā = A, MinPRO's prefix minimum ρ (or 1 without
+    /// `include_current`). [`evaluate`](crate::evaluate) on a batch of one-token rows
+    /// gives exactly these values.
+    ///
+    /// ```
+    /// use cppo::Objective;
+    /// let gmpo = Objective::Gmpo { eps_low: 0.4, eps_high: 0.4 };
+    /// let t = gmpo.eval(2.0, 1.0, -0.1); // ln 2 = 0.69 > 0.4: clipped, no gradient
+    /// assert!((t.loss + 0.4f64.exp()).abs() < 1e-15);
+    /// assert_eq!((t.grad, t.clipped), (0.0, true));
+    /// ```
     #[inline(always)]
     pub fn eval(&self, rho: f64, adv: f64, logp: f64) -> TokenTerm {
         match *self {
@@ -360,16 +386,47 @@ impl Objective {
                     clipped: rho > cap,
                 }
             }
+            // The whole-row objectives, for a row of this one token.
             Self::Gspo { eps_low, eps_high } => Self::PpoClip {
                 eps_low,
                 eps_high,
                 dual_clip: None,
             }
-            .eval(rho, adv, logp),
-            Self::Gmpo { .. } | Self::Minpro { .. } => {
-                // Row-dependent objectives: the engine evaluates them with the row's R or
-                // the prefix minimum; alone, a token is its own row and its own prefix.
-                Self::Surrogate.eval(rho, adv, logp)
+            .eval(rho.ln().min(GSPO_LOG_RATIO_MAX).exp(), adv, logp),
+            Self::Gmpo { eps_low, eps_high } => {
+                let (r_clip, unclipped) = gmpo_log_ratio(rho.ln(), adv, eps_low, eps_high);
+                let big_r = r_clip.exp();
+                TokenTerm {
+                    loss: -adv * big_r,
+                    grad: if unclipped { -adv * big_r } else { 0.0 },
+                    clipped: !unclipped,
+                }
+            }
+            Self::Minpro {
+                include_current,
+                clip,
+                stop_gradient,
+            } => {
+                // The prefix of a first token is empty: its minimum is ρ itself, or 1.
+                let m = if include_current { rho } else { 1.0 };
+                let cap = clip.map_or(f64::INFINITY, |c| 1.0 + c);
+                let omega = m.min(cap);
+                let g = -omega * adv;
+                if stop_gradient {
+                    TokenTerm {
+                        loss: g * logp,
+                        grad: g,
+                        clipped: m > cap,
+                    }
+                } else {
+                    // −ω A with ω = ρ (uncapped, own ratio) varies with logp as ρ does.
+                    let flows = include_current && m <= cap;
+                    TokenTerm {
+                        loss: g,
+                        grad: if flows { g } else { 0.0 },
+                        clipped: m > cap,
+                    }
+                }
             }
             Self::Sapo { tau_pos, tau_neg } => {
                 let tau = if adv > 0.0 { tau_pos } else { tau_neg };
@@ -436,7 +493,38 @@ impl KlPenalty {
     }
 }
 
+/// GSPO's clamp on the sequence log-ratio, s = exp(min(mean r, 10)) (verl's).
+pub const GSPO_LOG_RATIO_MAX: f64 = 10.0;
+
+/// GMPO's clipped log-ratio r̃ = sgn(A) min(sgn(A) r, sgn(A) clamp(r, −ε_low, ε_high)),
+/// and whether the unclipped branch was taken (where the gradient flows). 0 and
+/// unclipped for A = 0.
+///
+/// ```
+/// use cppo::objective::gmpo_log_ratio;
+/// assert_eq!(gmpo_log_ratio(0.9, 1.0, 0.4, 0.4), (0.4, false)); // A > 0: capped above
+/// assert_eq!(gmpo_log_ratio(0.9, -1.0, 0.4, 0.4), (0.9, true)); // A < 0: floored only
+/// ```
+#[inline(always)]
+pub fn gmpo_log_ratio(r: f64, adv: f64, eps_low: f64, eps_high: f64) -> (f64, bool) {
+    let c = r.clamp(-eps_low, eps_high);
+    if adv > 0.0 {
+        if r <= c { (r, true) } else { (c, false) }
+    } else if adv < 0.0 {
+        if r >= c { (r, true) } else { (c, false) }
+    } else {
+        (0.0, true)
+    }
+}
+
 /// The ratio ρ = exp(clamp(logp − logp_old, −20, 20)) and the clamped log-ratio.
+///
+/// ```
+/// let (rho, r) = cppo::objective::ratio(-0.5, -1.0);
+/// assert_eq!(r, 0.5);
+/// assert!((rho - 0.5f64.exp()).abs() < 1e-15);
+/// assert_eq!(cppo::objective::ratio(0.0, -100.0).1, 20.0); // clamped
+/// ```
 #[inline(always)]
 pub fn ratio(logp: f64, logp_old: f64) -> (f64, f64) {
     let r = (logp - logp_old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);

@@ -10,9 +10,8 @@
 //!
 //! - `masked_frac` = (masked tokens)/n, split by reason: `masked_frac_token_threshold`
 //!   (reason 3) and `masked_frac_prefix_budget` (reason 4);
-//! - `masked_frac_pos_adv`, `masked_frac_neg_adv`: masked fraction among tokens with A > 0,
-//!   A < 0; `pg_clipfrac`: among tokens with A ≠ 0 (verl's name for this number when the
-//!   mask is a clip);
+//! - `masked_frac_pos_adv`, `masked_frac_neg_adv`, `masked_frac_nonzero_adv`: masked
+//!   fraction among tokens with A > 0, A < 0, A ≠ 0;
 //! - `bypass_frac` = (kept by the corrective bypass)/n;
 //! - `divergence_mean`, `divergence_max` of D_t;
 //! - `approx_kl_k1` = mean(−r), `approx_kl_k3` = mean(ρ − 1 − r): sample estimates of
@@ -25,10 +24,32 @@
 //!   a threshold;
 //! - `masked_frac_by_decile[k]`: the masked fraction among tokens in the k-th tenth of
 //!   their row's response, by relative position ⌊10 (t − 1)/T⌋. The paper's early/late
-//!   asymmetry shows up here.
+//!   asymmetry shows up here;
+//! - `delta_b_row`: CPPO's per-row budget δ_b^row over the rows with response tokens
+//!   (the paper's Fig. 7 plots it): mean, min, max, and the fractions of rows at the
+//!   floor (δ_b^row = δ_b, which every row of a fixed budget is) and at the ceiling
+//!   (δ_b^row = c δ_b); `None` for rules without a budget.
 //!
 //! Every fraction and mean is 0 when its denominator is 0: an empty batch logs zeros,
 //! never NaN.
+//!
+//! **The official trainers' names.** So that a dashboard lines up with a verl or UniRL
+//! run, [`Diagnostics::verl`] and [`Diagnostics::unirl`] hold the metrics those trainers
+//! log for CPPO, each defined as that code defines it:
+//!
+//! | name | definition | source |
+//! |---|---|---|
+//! | `verl.pg_clipfrac` | masked response tokens / (N + 1e-8) | verl PR #6731 (`actor/pg_clipfrac`) |
+//! | `verl.pg_clipfrac_lower` | tokens whose weight a cap truncates / (N + 1e-8): kept tokens with ρ > C under `detached_is` (verl PR #6731), tokens whose dual clip binds under `ppo_clip` (verl's PPO); 0 for the other objectives | verl (`actor/pg_clipfrac_lower`) |
+//! | `verl.ppo_kl` | Σ (logp_old − logp) / (N + 1e-8), the log-ratio clamped at ±20 | verl (`actor/ppo_kl`) |
+//! | `unirl.masked_fraction` | masked response tokens / N | UniRL `cppo.py` |
+//! | `unirl.approx_kl` | mean of ρ − 1 − r | UniRL `cppo.py` |
+//! | `unirl.ratio_mean`, `unirl.ratio_max` | mean and max of ρ | UniRL `cppo.py` |
+//!
+//! verl's `masked_mean` adds 1e-8 to its denominator; the crate's own fractions divide
+//! exactly. UniRL averages over every packed token of its sequences, holes in the loss
+//! mask included; the crate never reads values at holes, so its UniRL-named metrics
+//! average over response tokens (equal for rows without holes).
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +75,8 @@ pub struct Tally {
     pub neg_adv_masked: u64,
     /// Response tokens whose objective value came from a clip.
     pub clipped: u64,
+    /// Response tokens whose weight a cap truncates (verl's `pg_clipfrac_lower`).
+    pub lower_clipped: u64,
     /// Σ D_t.
     pub divergence_sum: f64,
     /// max D_t (0 when empty).
@@ -76,6 +99,18 @@ pub struct Tally {
     pub decile_tokens: [u64; 10],
     /// Masked response tokens per relative-position decile.
     pub decile_masked: [u64; 10],
+    /// Rows with a budget δ_b^row (rows with response tokens, under a budget).
+    pub budget_rows: u64,
+    /// Σ δ_b^row.
+    pub budget_sum: f64,
+    /// min δ_b^row (+∞ when empty).
+    pub budget_min: f64,
+    /// max δ_b^row (0 when empty).
+    pub budget_max: f64,
+    /// Rows whose δ_b^row is the floor δ_b.
+    pub budget_at_floor: u64,
+    /// Rows whose δ_b^row is the ceiling c δ_b.
+    pub budget_at_ceiling: u64,
     /// This part's contribution to the loss.
     pub loss: f64,
 }
@@ -91,6 +126,7 @@ impl Default for Tally {
             neg_adv: 0,
             neg_adv_masked: 0,
             clipped: 0,
+            lower_clipped: 0,
             divergence_sum: 0.0,
             divergence_max: 0.0,
             k1_sum: 0.0,
@@ -102,6 +138,12 @@ impl Default for Tally {
             threshold_count: 0,
             decile_tokens: [0; 10],
             decile_masked: [0; 10],
+            budget_rows: 0,
+            budget_sum: 0.0,
+            budget_min: f64::INFINITY,
+            budget_max: 0.0,
+            budget_at_floor: 0,
+            budget_at_ceiling: 0,
             loss: 0.0,
         }
     }
@@ -124,6 +166,7 @@ impl Tally {
         self.neg_adv += other.neg_adv;
         self.neg_adv_masked += other.neg_adv_masked;
         self.clipped += other.clipped;
+        self.lower_clipped += other.lower_clipped;
         self.divergence_sum += other.divergence_sum;
         self.divergence_max = self.divergence_max.max(other.divergence_max);
         self.k1_sum += other.k1_sum;
@@ -139,8 +182,24 @@ impl Tally {
         for (a, b) in self.decile_masked.iter_mut().zip(other.decile_masked) {
             *a += b;
         }
+        self.budget_rows += other.budget_rows;
+        self.budget_sum += other.budget_sum;
+        self.budget_min = self.budget_min.min(other.budget_min);
+        self.budget_max = self.budget_max.max(other.budget_max);
+        self.budget_at_floor += other.budget_at_floor;
+        self.budget_at_ceiling += other.budget_at_ceiling;
         self.loss += other.loss;
         self
+    }
+
+    /// Counts one row's δ_b^row.
+    pub(crate) fn book_budget(&mut self, delta_b: f64, at_floor: bool, at_ceiling: bool) {
+        self.budget_rows += 1;
+        self.budget_sum += delta_b;
+        self.budget_min = self.budget_min.min(delta_b);
+        self.budget_max = self.budget_max.max(delta_b);
+        self.budget_at_floor += u64::from(at_floor);
+        self.budget_at_ceiling += u64::from(at_ceiling);
     }
 
     /// Masked response tokens (reasons 3 and 4).
@@ -173,13 +232,13 @@ pub struct Diagnostics {
     pub masked_frac_pos_adv: f64,
     /// Masked fraction among tokens with A < 0.
     pub masked_frac_neg_adv: f64,
-    /// Masked fraction among tokens with A ≠ 0 (verl's `pg_clipfrac`).
-    pub pg_clipfrac: f64,
+    /// Masked fraction among tokens with A ≠ 0.
+    pub masked_frac_nonzero_adv: f64,
     /// Mean D_t.
     pub divergence_mean: f64,
     /// Max D_t.
     pub divergence_max: f64,
-    /// mean(logp_old − logp): the k1 estimate of KL(μ ‖ π_θ) (verl's `ppo_kl`).
+    /// mean(logp_old − logp): the k1 estimate of KL(μ ‖ π_θ).
     pub approx_kl_k1: f64,
     /// mean(ρ − 1 − log ρ): the k3 estimate of KL(μ ‖ π_θ).
     pub approx_kl_k3: f64,
@@ -195,6 +254,52 @@ pub struct Diagnostics {
     pub threshold_mean: Option<f64>,
     /// Masked fraction by tenth of relative position in the row.
     pub masked_frac_by_decile: [f64; 10],
+    /// CPPO's per-row budget over the rows with response tokens; `None` for rules
+    /// without a budget.
+    pub delta_b_row: Option<BudgetStats>,
+    /// The metrics verl logs, under its names.
+    pub verl: VerlMetrics,
+    /// The metrics UniRL's CPPO logs, under its names.
+    pub unirl: UnirlMetrics,
+}
+
+/// The per-row budgets δ_b^row of a batch (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BudgetStats {
+    /// Mean δ_b^row.
+    pub mean: f64,
+    /// Min δ_b^row.
+    pub min: f64,
+    /// Max δ_b^row.
+    pub max: f64,
+    /// Fraction of rows at the floor δ_b.
+    pub frac_at_floor: f64,
+    /// Fraction of rows at the ceiling c δ_b.
+    pub frac_at_ceiling: f64,
+}
+
+/// verl's metric names (see the [module docs](self) for the definitions).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerlMetrics {
+    /// `actor/pg_clipfrac`: masked response tokens / (N + 1e-8).
+    pub pg_clipfrac: f64,
+    /// `actor/pg_clipfrac_lower`: tokens whose weight a cap truncates / (N + 1e-8).
+    pub pg_clipfrac_lower: f64,
+    /// `actor/ppo_kl`: Σ (logp_old − logp) / (N + 1e-8).
+    pub ppo_kl: f64,
+}
+
+/// UniRL's metric names (see the [module docs](self) for the definitions).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnirlMetrics {
+    /// masked response tokens / N.
+    pub masked_fraction: f64,
+    /// mean of ρ − 1 − r (the k3 estimate).
+    pub approx_kl: f64,
+    /// mean of ρ.
+    pub ratio_mean: f64,
+    /// max of ρ.
+    pub ratio_max: f64,
 }
 
 fn frac(num: u64, den: u64) -> f64 {
@@ -203,6 +308,11 @@ fn frac(num: u64, den: u64) -> f64 {
     } else {
         num as f64 / den as f64
     }
+}
+
+/// verl's `masked_mean`: the sum over (count + 1e-8).
+fn verl_mean(sum: f64, den: u64) -> f64 {
+    sum / (den as f64 + 1e-8)
 }
 
 fn mean(sum: f64, den: u64) -> f64 {
@@ -229,7 +339,10 @@ impl Diagnostics {
             bypass_frac: frac(t.by_reason[Reason::Corrective as usize], n),
             masked_frac_pos_adv: frac(t.pos_adv_masked, t.pos_adv),
             masked_frac_neg_adv: frac(t.neg_adv_masked, t.neg_adv),
-            pg_clipfrac: frac(t.pos_adv_masked + t.neg_adv_masked, t.pos_adv + t.neg_adv),
+            masked_frac_nonzero_adv: frac(
+                t.pos_adv_masked + t.neg_adv_masked,
+                t.pos_adv + t.neg_adv,
+            ),
             divergence_mean: mean(t.divergence_sum, n),
             divergence_max: t.divergence_max,
             approx_kl_k1: mean(t.k1_sum, n),
@@ -243,6 +356,28 @@ impl Diagnostics {
                 .has_threshold()
                 .then(|| mean(t.threshold_sum, t.threshold_count)),
             masked_frac_by_decile: by_decile,
+            delta_b_row: cfg.rule.has_budget().then(|| BudgetStats {
+                mean: mean(t.budget_sum, t.budget_rows),
+                min: if t.budget_rows == 0 {
+                    0.0
+                } else {
+                    t.budget_min
+                },
+                max: t.budget_max,
+                frac_at_floor: frac(t.budget_at_floor, t.budget_rows),
+                frac_at_ceiling: frac(t.budget_at_ceiling, t.budget_rows),
+            }),
+            verl: VerlMetrics {
+                pg_clipfrac: verl_mean(t.masked() as f64, n),
+                pg_clipfrac_lower: verl_mean(t.lower_clipped as f64, n),
+                ppo_kl: verl_mean(t.k1_sum, n),
+            },
+            unirl: UnirlMetrics {
+                masked_fraction: frac(t.masked(), n),
+                approx_kl: mean(t.k3_sum, n),
+                ratio_mean: mean(t.ratio_sum, n),
+                ratio_max: t.ratio_max,
+            },
         }
     }
 }

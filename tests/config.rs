@@ -1,7 +1,10 @@
-//! The JSON config of SPEC section 9: defaults, presets, unknown fields, and every range
-//! check, each naming its field.
+//! The JSON config of the command-line contract: defaults, presets, unknown fields, and
+//! every range check, each naming its field.
 
-use cppo::{Aggregation, Config, Divergence, KlEstimator, KlPenalty, Objective, Rule};
+use cppo::{
+    Aggregation, Calibration, Config, CppoParams, Divergence, KlEstimator, KlPenalty, Objective,
+    Positions, Preset, Rule,
+};
 
 fn parse(s: &str) -> Result<Config, serde_json::Error> {
     serde_json::from_str(s)
@@ -20,45 +23,75 @@ fn spec_example_parses() {
         }"#,
     )
     .unwrap();
-    assert_eq!(cfg, Config::cppo());
+    // The contract's example: its own δ and δ_b; the paper's calibration, omitted, is on.
+    assert_eq!(
+        cfg,
+        Config::with_rule(Rule::Cppo(CppoParams {
+            delta: 0.2,
+            delta_b: Some(0.05),
+            ..CppoParams::default()
+        }))
+    );
 }
 
 #[test]
 fn omitted_fields_take_defaults() {
     assert_eq!(parse("{}").unwrap(), Config::cppo());
+    // The paper's Table 3 (dense) and Eq. 22.
     let cfg = parse(r#"{"rule": {"kind": "cppo"}}"#).unwrap();
     assert_eq!(
         cfg.rule,
-        Rule::Cppo {
-            delta: 0.2,
-            delta_b: Some(0.05),
+        Rule::Cppo(CppoParams {
+            delta: 0.15,
+            delta_b: Some(0.02),
             w_min: 0.8,
             horizon: None,
-            shuffle_seed: None
-        }
+            positions: Positions::Response,
+            calibration: Some(Calibration {
+                quantile: 0.9,
+                scale: 1.0,
+                ceiling: 2.0
+            }),
+            shuffle_seed: None,
+            gate: None,
+        })
     );
     // Explicit null is "no budget", which is not the same as omitted.
     let cfg = parse(r#"{"rule": {"kind": "cppo", "delta_b": null}}"#).unwrap();
+    assert_eq!(cfg.rule.cppo_params().unwrap().delta_b, None);
+    // A fixed budget; a partial calibration takes the paper's other values.
+    let fixed = parse(r#"{"rule": {"kind": "cppo", "calibration": null}}"#).unwrap();
+    assert_eq!(fixed.rule.cppo_params().unwrap().calibration, None);
+    let verl = parse(r#"{"rule": {"kind": "cppo", "calibration": {"ceiling": 5}}}"#).unwrap();
     assert_eq!(
-        cfg.rule,
-        Rule::Cppo {
-            delta: 0.2,
-            delta_b: None,
-            w_min: 0.8,
-            horizon: None,
-            shuffle_seed: None
-        }
+        verl.rule.cppo_params().unwrap().calibration,
+        Some(Calibration {
+            quantile: 0.9,
+            scale: 1.0,
+            ceiling: 5.0
+        })
     );
+    let column = parse(r#"{"rule": {"kind": "cppo", "positions": "column"}}"#).unwrap();
+    assert_eq!(
+        column.rule.cppo_params().unwrap().positions,
+        Positions::Column
+    );
+    // A bare string names a kind with its defaults.
+    assert_eq!(parse(r#"{"rule": "cppo"}"#).unwrap().rule, Rule::default());
     assert_eq!(
         parse(r#"{"rule": {"kind": "ratio"}}"#).unwrap().rule,
         Rule::Ratio {
             eps_low: 0.2,
-            eps_high: 0.2
+            eps_high: 0.28
         }
     );
     assert_eq!(
         parse(r#"{"rule": {"kind": "trm_avg"}}"#).unwrap().rule,
-        Rule::TrmAvg { delta: 0.2 }
+        Rule::TrmAvg { delta: 0.15 }
+    );
+    assert_eq!(
+        parse(r#"{"rule": {"kind": "dppo"}}"#).unwrap().rule,
+        Rule::Dppo { delta: 0.15 }
     );
     let o = |s: &str| {
         parse(&format!(r#"{{"objective": {s}}}"#))
@@ -134,7 +167,6 @@ fn unknown_fields_are_errors() {
     for s in [
         r#"{"divergance": "binary_tv"}"#,
         r#"{"rule": {"kind": "cppo", "detla": 0.1}}"#,
-        r#"{"rule": {"kind": "dppo", "w_min": 0.8}}"#,
         r#"{"objective": {"kind": "surrogate", "eps": 0.2}}"#,
         r#"{"kl": {"estimator": "k1", "coef": 0.1, "beta": 1}}"#,
         r#"{"rule": {"kind": "gspo"}}"#,
@@ -144,6 +176,164 @@ fn unknown_fields_are_errors() {
         let err = parse(s).expect_err(s).to_string();
         assert!(err.contains("unknown"), "{s}: {err}");
     }
+}
+
+/// A field of another rule kind is refused, naming the field and the kind's own.
+#[test]
+fn fields_of_other_kinds_are_errors() {
+    for (s, field) in [
+        (r#"{"rule": {"kind": "dppo", "w_min": 0.8}}"#, "rule.w_min"),
+        (r#"{"rule": {"kind": "cppo", "tau": 0.1}}"#, "rule.tau"),
+        (r#"{"rule": {"kind": "ratio", "delta": 0.1}}"#, "rule.delta"),
+        (r#"{"rule": {"kind": "none", "delta": 0.1}}"#, "rule.delta"),
+        (
+            r#"{"rule": {"kind": "trm_max", "calibration": null}}"#,
+            "rule.calibration",
+        ),
+    ] {
+        let err = parse(s).expect_err(s).to_string();
+        assert!(
+            err.contains(field) && err.contains("not a field"),
+            "{s}: {err}"
+        );
+    }
+}
+
+/// Presets by name, from JSON with overrides; an unknown name lists the known ones.
+#[test]
+fn presets_parse_and_override() {
+    for p in Preset::ALL {
+        let cfg = parse(&format!(r#"{{"preset": "{}"}}"#, p.name())).unwrap();
+        assert_eq!(cfg, p.config(), "{p}");
+        assert_eq!(p.name().parse::<Preset>().unwrap(), p);
+        assert!(!p.description().is_empty());
+        cfg.validate().unwrap();
+    }
+    let cfg = parse(r#"{"preset": "verl_pr6731_scripts", "aggregation": "token-mean"}"#).unwrap();
+    assert_eq!(cfg.aggregation, Aggregation::TokenMean);
+    assert_eq!(cfg.objective, Objective::DetachedIs { ratio_cap: 20.0 });
+    assert_eq!(cfg.rule.cppo_params().unwrap().positions, Positions::Column);
+    // A rule given replaces the preset's rule as a whole.
+    let cfg = parse(r#"{"preset": "verl_pr6731", "rule": {"kind": "dppo"}}"#).unwrap();
+    assert_eq!(cfg.rule, Rule::Dppo { delta: 0.15 });
+    assert_eq!(cfg.objective, Objective::DetachedIs { ratio_cap: 3.0 });
+    // null overrides too.
+    let cfg = parse(r#"{"preset": "unirl", "kl": null}"#).unwrap();
+    assert_eq!(cfg.kl, None);
+    let err = parse(r#"{"preset": "verl"}"#).unwrap_err().to_string();
+    assert!(
+        err.contains("unknown preset") && err.contains("verl_pr6731"),
+        "{err}"
+    );
+    let err = "paper".parse::<Preset>().unwrap_err();
+    assert!(matches!(
+        err,
+        cppo::Error::InvalidConfig {
+            field: "preset",
+            ..
+        }
+    ));
+}
+
+/// The presets' numbers, from the paper's Table 3 and the official code's defaults.
+#[test]
+fn presets_hold_the_published_values() {
+    let cppo = |p: Preset| *p.config().rule.cppo_params().unwrap();
+    let (dense, moe, post, kl) = (
+        cppo(Preset::PaperDense),
+        cppo(Preset::PaperMoe),
+        cppo(Preset::PaperPostTrained),
+        cppo(Preset::PaperKl),
+    );
+    assert_eq!(
+        (dense.delta, dense.delta_b, dense.w_min),
+        (0.15, Some(0.02), 0.8)
+    );
+    assert_eq!(dense.calibration, Some(Calibration::default()));
+    assert_eq!((moe.delta, moe.delta_b), (0.20, Some(0.02)));
+    assert_eq!(
+        (post.delta, post.delta_b, post.calibration),
+        (0.15, Some(0.015), None)
+    );
+    assert_eq!((kl.delta, kl.delta_b), (0.1, Some(0.002)));
+    assert_eq!(Preset::PaperDense.config().divergence, Divergence::TopkTv);
+    assert_eq!(Preset::PaperKl.config().divergence, Divergence::TopkKl);
+    let unirl = cppo(Preset::Unirl);
+    assert_eq!(
+        (unirl.delta, unirl.delta_b, unirl.w_min),
+        (0.2, Some(0.02), 0.8)
+    );
+    assert_eq!(unirl.positions, Positions::Response);
+    let verl = Preset::VerlPr6731.config();
+    let vp = *verl.rule.cppo_params().unwrap();
+    assert_eq!(
+        (vp.delta, vp.delta_b, vp.w_min, vp.positions),
+        (0.2, Some(0.02), 0.8, Positions::Column)
+    );
+    assert_eq!(vp.calibration.unwrap().ceiling, 5.0);
+    assert_eq!(verl.objective, Objective::DetachedIs { ratio_cap: 3.0 });
+    assert_eq!(
+        Preset::VerlPr6731Scripts.config().aggregation,
+        Aggregation::SeqMeanTokenSumNorm
+    );
+    // The three that differ only in the rule.
+    let strip = |mut c: Config| {
+        c.rule = Rule::None;
+        c
+    };
+    assert_eq!(strip(Config::cppo()), strip(Config::dppo()));
+    assert_eq!(strip(Config::cppo()), strip(Config::grpo()));
+    assert_eq!(
+        Config::grpo().rule,
+        Rule::Ratio {
+            eps_low: 0.2,
+            eps_high: 0.28
+        }
+    );
+}
+
+/// The calibration's and the soft gate's ranges.
+#[test]
+fn calibration_and_gate_values_are_checked() {
+    for (s, field) in [
+        (
+            r#"{"rule": {"kind": "cppo", "calibration": {"quantile": 0}}}"#,
+            "rule.calibration.quantile",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "calibration": {"quantile": 1.5}}}"#,
+            "rule.calibration.quantile",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "calibration": {"scale": -1}}}"#,
+            "rule.calibration.scale",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "calibration": {"ceiling": 0.5}}}"#,
+            "rule.calibration.ceiling",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid", "tau": -1}}"#,
+            "rule.tau",
+        ),
+        (r#"{"rule": {"kind": "cppo_soft", "tau": 0.1}}"#, "rule.tau"),
+    ] {
+        let err = parse(s).expect_err(s).to_string();
+        assert!(err.contains(field), "{s}: {err}");
+    }
+    for s in [
+        r#"{"rule": {"kind": "cppo", "calibration": {"q": 0.9}}}"#,
+        r#"{"rule": {"kind": "cppo", "positions": "columns"}}"#,
+        r#"{"rule": {"kind": "cppo_soft", "gate": "hard"}}"#,
+    ] {
+        let err = parse(s).expect_err(s).to_string();
+        assert!(err.contains("unknown"), "{s}: {err}");
+    }
+    // q = 1 (the max) and k = 0 (the fixed budget) are valid.
+    parse(
+        r#"{"rule": {"kind": "cppo", "calibration": {"quantile": 1, "scale": 0, "ceiling": 1}}}"#,
+    )
+    .unwrap();
 }
 
 #[test]

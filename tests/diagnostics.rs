@@ -55,9 +55,10 @@ use common::{
     objective_mix, proptest_config, rule_strategy, unit,
 };
 use cppo::ndarray::{Array1, Array2, Array3};
+use cppo::stats::{BudgetStats, UnirlMetrics, VerlMetrics};
 use cppo::{
-    Aggregation, Config, Diagnostics, Divergence, Evaluation, Float, Objective, Outputs, Par, Rule,
-    Tally,
+    Aggregation, Config, CppoParams, Diagnostics, Divergence, Evaluation, Float, Objective,
+    Outputs, Par, Rule, Tally,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -264,6 +265,7 @@ fn make_case(
         mask,
         topk,
         logp_ref: None,
+        is_weights: None,
     };
     finish_drawn(case, &draw, logp_ref, seed)
 }
@@ -272,18 +274,11 @@ fn make_case(
 /// trm_max, and a share of every rule.
 fn rule_mix() -> BoxedStrategy<Rule> {
     let with_budget = |rule: Rule, delta_b: Option<f64>, seed: Option<u64>| match rule {
-        Rule::Cppo {
-            delta,
-            w_min,
-            horizon,
-            ..
-        } => Rule::Cppo {
-            delta,
+        Rule::Cppo(p) => Rule::Cppo(CppoParams {
             delta_b,
-            w_min,
-            horizon,
             shuffle_seed: seed,
-        },
+            ..p
+        }),
         other => other,
     };
     prop_oneof![
@@ -359,6 +354,12 @@ struct Recount {
     threshold_count: u64,
     decile_tokens: [u64; 10],
     decile_masked: [u64; 10],
+    /// Tokens whose weight a cap truncates: kept ones with ρ > C under `detached_is`,
+    /// any whose dual clip binds under `ppo_clip`.
+    lower_clipped: u64,
+    /// δ_b^row of each row with response tokens (the `delta_b_row` output), under a
+    /// budget.
+    budgets: Vec<f64>,
     loss: f64,
     loss_abs: f64,
 }
@@ -401,6 +402,8 @@ fn recount<F: Float>(case: &Case<F>, out: &Outputs<F>) -> Result<Recount, String
         threshold_count: 0,
         decile_tokens: [0; 10],
         decile_masked: [0; 10],
+        lower_clipped: 0,
+        budgets: Vec::new(),
         loss: 0.0,
         loss_abs: 0.0,
     };
@@ -411,6 +414,9 @@ fn recount<F: Float>(case: &Case<F>, out: &Outputs<F>) -> Result<Recount, String
             Aggregation::SeqMeanTokenSum => inv(n_seq),
             Aggregation::SeqMeanTokenSumNorm => inv(n_seq * z),
         };
+        if row_len > 0 && cfg.rule.has_budget() {
+            rc.budgets.push(out.delta_b_row[i].to_f64());
+        }
         let mut t = 0usize;
         let mut row_loss = 0.0;
         for j in 0..l {
@@ -461,6 +467,18 @@ fn recount<F: Float>(case: &Case<F>, out: &Outputs<F>) -> Result<Recount, String
             rc.ratio_sum += rho;
             rc.ratio_min = rc.ratio_min.min(rho);
             rc.ratio_max = rc.ratio_max.max(rho);
+            rc.lower_clipped += u64::from(match cfg.objective {
+                Objective::DetachedIs { ratio_cap } => out.keep[[i, j]] && rho > ratio_cap,
+                Objective::PpoClip {
+                    eps_low,
+                    eps_high,
+                    dual_clip: Some(c),
+                } => {
+                    let l = (-rho * a).max(-rho.clamp(1.0 - eps_low, 1.0 + eps_high) * a);
+                    a < 0.0 && -c * a < l
+                }
+                _ => false,
+            });
 
             let c = out.threshold[[i, j]].to_f64();
             if c.is_finite() {
@@ -556,7 +574,7 @@ fn expected_diagnostics(t: &Tally, cfg: &Config) -> Diagnostics {
         bypass_frac: frac(t.by_reason[2], n),
         masked_frac_pos_adv: frac(t.pos_adv_masked, t.pos_adv),
         masked_frac_neg_adv: frac(t.neg_adv_masked, t.neg_adv),
-        pg_clipfrac: frac(t.pos_adv_masked + t.neg_adv_masked, t.pos_adv + t.neg_adv),
+        masked_frac_nonzero_adv: frac(t.pos_adv_masked + t.neg_adv_masked, t.pos_adv + t.neg_adv),
         divergence_mean: mean(t.divergence_sum, n),
         divergence_max: t.divergence_max,
         approx_kl_k1: mean(t.k1_sum, n),
@@ -568,6 +586,29 @@ fn expected_diagnostics(t: &Tally, cfg: &Config) -> Diagnostics {
         threshold_mean: (!matches!(cfg.rule, Rule::None | Rule::Ratio { .. }))
             .then(|| mean(t.threshold_sum, t.threshold_count)),
         masked_frac_by_decile: by_decile,
+        delta_b_row: cfg.rule.has_budget().then(|| BudgetStats {
+            mean: mean(t.budget_sum, t.budget_rows),
+            min: if t.budget_rows == 0 {
+                0.0
+            } else {
+                t.budget_min
+            },
+            max: t.budget_max,
+            frac_at_floor: frac(t.budget_at_floor, t.budget_rows),
+            frac_at_ceiling: frac(t.budget_at_ceiling, t.budget_rows),
+        }),
+        // verl's `masked_mean`: the sum over (count + 1e-8).
+        verl: VerlMetrics {
+            pg_clipfrac: masked as f64 / (n as f64 + 1e-8),
+            pg_clipfrac_lower: t.lower_clipped as f64 / (n as f64 + 1e-8),
+            ppo_kl: t.k1_sum / (n as f64 + 1e-8),
+        },
+        unirl: UnirlMetrics {
+            masked_fraction: frac(masked, n),
+            approx_kl: mean(t.k3_sum, n),
+            ratio_mean: mean(t.ratio_sum, n),
+            ratio_max: t.ratio_max,
+        },
     }
 }
 
@@ -606,6 +647,33 @@ fn check_eval<F: Float>(case: &Case<F>, e: &Evaluation<F>) -> Result<(), String>
     m.exact("decile_tokens", t.decile_tokens, rc.decile_tokens);
     m.exact("decile_masked", t.decile_masked, rc.decile_masked);
     m.exact("threshold_count", t.threshold_count, rc.threshold_count);
+    m.exact("lower_clipped", t.lower_clipped, rc.lower_clipped);
+    m.exact("budget_rows", t.budget_rows, rc.budgets.len() as u64);
+    if F::DTYPE == "float64" {
+        // The outputs hold δ_b^row exactly in f64.
+        let (lo, hi) = rc
+            .budgets
+            .iter()
+            .fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        m.exact("budget_min", t.budget_min, lo);
+        m.exact("budget_max", t.budget_max, hi);
+        let sum: f64 = rc.budgets.iter().sum();
+        m.near("budget_sum", t.budget_sum, sum, REL * sum);
+        if let Some(p) = case.cfg.rule.cppo_params() {
+            let floor = p.delta_b.unwrap_or(0.0);
+            let at_floor = rc.budgets.iter().filter(|&&x| x == floor).count() as u64;
+            m.exact("budget_at_floor", t.budget_at_floor, at_floor);
+            let at_ceiling = match p.active_calibration() {
+                Some(c) => rc
+                    .budgets
+                    .iter()
+                    .filter(|&&x| x == c.ceiling * floor)
+                    .count(),
+                None => 0,
+            } as u64;
+            m.exact("budget_at_ceiling", t.budget_at_ceiling, at_ceiling);
+        }
+    }
     if t.clipped > t.tokens {
         m.0.push(format!("clipped {} > tokens {}", t.clipped, t.tokens));
     }
@@ -750,6 +818,7 @@ fn deciles_of_a_hand_counted_batch() {
         mask,
         topk: None,
         logp_ref: None,
+        is_weights: None,
     };
     for par in [Par::Seq, Par::Rayon] {
         let e = case.eval(par).unwrap();
@@ -795,7 +864,12 @@ fn several_leaf_blocks() {
     let configs = [
         (
             Divergence::BinaryTv,
-            Rule::cppo(0.2, Some(0.05), 0.8).unwrap(),
+            Rule::Cppo(CppoParams {
+                delta: 0.2,
+                delta_b: Some(0.05),
+                calibration: None,
+                ..CppoParams::default()
+            }),
         ),
         (Divergence::TopkTv, Rule::Dppo { delta: 0.05 }),
         (Divergence::K3, Rule::TrmMax { delta: 0.3 }),
@@ -865,10 +939,10 @@ fn generator_covers_the_tally_paths() {
             }
         }
         match case.cfg.rule {
-            Rule::Cppo {
+            Rule::Cppo(CppoParams {
                 delta_b: Some(_), ..
-            } => cppo_budget += 1,
-            Rule::Cppo { delta_b: None, .. } => cppo_plain += 1,
+            }) => cppo_budget += 1,
+            Rule::Cppo(CppoParams { delta_b: None, .. }) => cppo_plain += 1,
             Rule::Dppo { .. } => dppo += 1,
             Rule::Ratio { .. } => ratio += 1,
             Rule::TrmMax { .. } => trm_max += 1,

@@ -100,20 +100,20 @@ fn engine_reads_topk_and_tolerance() {
     let rule = Rule::None;
     let kl = trust_region(Divergence::TopkKl, &rule, &batch, Par::Seq).unwrap();
     assert_relative_eq!(
-        kl.divergence[[0, 0]],
+        kl.outputs.divergence[[0, 0]],
         0.5 * ln(0.5 / 0.9) + 0.5 * ln(5.0),
         max_relative = 1e-12
     );
     // Slot 1: P = (1, 1e-20), Q = (.5, 1e-20): 1·ln(1/.5) + 1e-20·0 + rest 0.
-    assert_relative_eq!(kl.divergence[[0, 1]], ln(2.0), max_relative = 1e-12);
+    assert_relative_eq!(kl.outputs.divergence[[0, 1]], ln(2.0), max_relative = 1e-12);
     let tv = trust_region(Divergence::TopkTv, &rule, &batch, Par::Seq).unwrap();
-    assert_relative_eq!(tv.divergence[[0, 0]], 0.4, max_relative = 1e-12);
-    assert_relative_eq!(tv.divergence[[0, 1]], 0.5, max_relative = 1e-12);
+    assert_relative_eq!(tv.outputs.divergence[[0, 0]], 0.4, max_relative = 1e-12);
+    assert_relative_eq!(tv.outputs.divergence[[0, 1]], 0.5, max_relative = 1e-12);
     // Binary forms on the same batch: slot 1 has p = q = 1 (5e-5 read as 0).
     let btv = trust_region(Divergence::BinaryTv, &rule, &batch, Par::Seq).unwrap();
-    assert_relative_eq!(btv.divergence[[0, 0]], 0.4, max_relative = 1e-12);
-    assert_eq!(btv.divergence[[0, 1]], 0.0);
-    assert_eq!(btv.divergence[[0, 2]], 0.0);
+    assert_relative_eq!(btv.outputs.divergence[[0, 0]], 0.4, max_relative = 1e-12);
+    assert_eq!(btv.outputs.divergence[[0, 1]], 0.0);
+    assert_eq!(btv.outputs.divergence[[0, 2]], 0.0);
 }
 
 /// Probabilities below e^−708 (subnormal, flushed to 0 by the SIMD exp): the ratio

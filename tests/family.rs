@@ -4,7 +4,7 @@
 
 use approx::assert_relative_eq;
 use cppo::ndarray::{Array1, Array2, s};
-use cppo::{Batch, Config, Divergence, Objective, Par, Rule, evaluate};
+use cppo::{Batch, Config, CppoParams, Divergence, Gate, Objective, Par, Rule, evaluate};
 
 fn batch_of<'a>(
     lp: &'a Array2<f64>,
@@ -63,16 +63,27 @@ fn new_names_parse() {
             tau_neg: 1.05
         }
     );
+    // cppo_soft: the paper's inverse gate by default, the sigmoid with its τ on request.
     assert_eq!(
-        parse(r#"{"rule": {"kind": "cppo_soft", "tau": 0.05}}"#).rule,
-        Rule::CppoSoft {
-            delta: 0.2,
-            delta_b: Some(0.05),
-            w_min: 0.8,
-            horizon: None,
-            shuffle_seed: None,
-            tau: 0.05
-        }
+        parse(r#"{"rule": {"kind": "cppo_soft"}}"#).rule,
+        Rule::Cppo(CppoParams {
+            gate: Some(Gate::Inverse),
+            ..CppoParams::default()
+        })
+    );
+    assert_eq!(
+        parse(r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid", "tau": 0.05}}"#).rule,
+        Rule::Cppo(CppoParams {
+            gate: Some(Gate::Sigmoid { tau: 0.05 }),
+            ..CppoParams::default()
+        })
+    );
+    assert_eq!(
+        parse(r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid"}}"#).rule,
+        Rule::Cppo(CppoParams {
+            gate: Some(Gate::Sigmoid { tau: 0.01 }),
+            ..CppoParams::default()
+        })
     );
     assert_eq!(
         parse(r#"{"rule": {"kind": "cppo", "shuffle_seed": 7}}"#)
@@ -83,7 +94,11 @@ fn new_names_parse() {
         Some(7)
     );
     for bad in [
-        r#"{"rule": {"kind": "cppo_soft", "tau": 0}}"#,
+        r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid", "tau": 0}}"#,
+        r#"{"rule": {"kind": "cppo_soft", "tau": 0.05}}"#,
+        r#"{"rule": {"kind": "cppo_soft", "gate": "inverse", "tau": 0.05}}"#,
+        r#"{"rule": {"kind": "cppo_soft", "gate": "logistic"}}"#,
+        r#"{"rule": {"kind": "cppo", "gate": "inverse"}}"#,
         r#"{"objective": {"kind": "sapo", "tau_pos": -1}}"#,
         r#"{"objective": {"kind": "sapo", "tau": 1}}"#,
     ] {
@@ -188,14 +203,16 @@ fn cppo_soft_gate_by_hand() {
     let lq = Array2::from_elem((1, 2), 0.5f64.ln());
     let (adv, mask) = (Array1::from_elem(1, 1.0), Array2::from_elem((1, 2), true));
     let b = batch_of(&lp, &lq, &adv, &mask);
-    let soft = Config::with_rule(Rule::CppoSoft {
+    let soft = Config::with_rule(Rule::Cppo(CppoParams {
         delta: 0.2,
         delta_b: None,
         w_min: 1.0,
         horizon: None,
         shuffle_seed: None,
-        tau: 0.1,
-    });
+        gate: Some(Gate::Sigmoid { tau: 0.1 }),
+        calibration: None,
+        ..CppoParams::default()
+    }));
     let e = evaluate(&soft, &b, Par::Seq).unwrap();
     let gate = 1.0 / (1.0 + 2f64.exp());
     // token-mean over 2 tokens: grad = share · (−ρ A) / 2.
@@ -208,14 +225,16 @@ fn cppo_soft_gate_by_hand() {
     assert_eq!(e.outputs.reason, cppo::ndarray::array![[3u8, 1]]);
     assert_eq!(e.outputs.keep, cppo::ndarray::array![[false, true]]);
     // τ → 0 recovers the hard mask.
-    let hard = Config::with_rule(Rule::CppoSoft {
+    let hard = Config::with_rule(Rule::Cppo(CppoParams {
         delta: 0.2,
         delta_b: None,
         w_min: 1.0,
         horizon: None,
         shuffle_seed: None,
-        tau: 1e-9,
-    });
+        gate: Some(Gate::Sigmoid { tau: 1e-9 }),
+        calibration: None,
+        ..CppoParams::default()
+    }));
     let h = evaluate(&hard, &b, Par::Seq).unwrap();
     assert_eq!(h.outputs.grad[[0, 0]], 0.0);
 }
@@ -239,20 +258,24 @@ fn long_batch(b: usize, l: usize) -> (Array2<f64>, Array2<f64>, Array1<f64>, Arr
 fn shuffled_weights_are_a_permutation() {
     let (lp, lq, adv, mask) = long_batch(6, 80);
     let b = batch_of(&lp, &lq, &adv, &mask);
-    let ordered = Config::with_rule(Rule::Cppo {
+    let ordered = Config::with_rule(Rule::Cppo(CppoParams {
         delta: 0.2,
         delta_b: Some(0.05),
         w_min: 0.6,
         horizon: None,
         shuffle_seed: None,
-    });
-    let shuffled = Config::with_rule(Rule::Cppo {
+        calibration: None,
+        ..CppoParams::default()
+    }));
+    let shuffled = Config::with_rule(Rule::Cppo(CppoParams {
         delta: 0.2,
         delta_b: Some(0.05),
         w_min: 0.6,
         horizon: None,
         shuffle_seed: Some(42),
-    });
+        calibration: None,
+        ..CppoParams::default()
+    }));
     let o = evaluate(&ordered, &b, Par::Seq).unwrap();
     let sh = evaluate(&shuffled, &b, Par::Rayon).unwrap();
     for i in 0..6 {
@@ -276,13 +299,15 @@ fn shuffled_weights_are_a_permutation() {
         );
     }
     // Another seed gives another order.
-    let other = Config::with_rule(Rule::Cppo {
+    let other = Config::with_rule(Rule::Cppo(CppoParams {
         delta: 0.2,
         delta_b: Some(0.05),
         w_min: 0.6,
         horizon: None,
         shuffle_seed: Some(43),
-    });
+        calibration: None,
+        ..CppoParams::default()
+    }));
     assert_ne!(
         evaluate(&other, &b, Par::Seq).unwrap().outputs.weight,
         sh.outputs.weight
@@ -322,6 +347,7 @@ fn shuffled_weights_are_a_permutation() {
             *r = r.merge(&p);
         }
     }
+    let rows = cppo::chunk::whole_rows(&shuffled, &rows, None).unwrap();
     let mut carries = vec![Carry::default(); 6];
     for w in cuts.windows(2) {
         let (lpc, lqc, mc) = (
@@ -530,6 +556,7 @@ fn minpro_through_the_minimum() {
     let b1 = batch_of(&lp, &lq, &adv, &mask);
     let pos = ChunkPos { col0: 0, width: l };
     let rows = row_partials(&cfg, &b1, pos, Par::Seq).unwrap();
+    let rows = cppo::chunk::whole_rows(&cfg, &rows, None).unwrap();
     let mut out = cppo::Outputs::<f64>::zeros((b, l));
     let mut carries = vec![Carry::default(); b];
     let err = evaluate_chunk_into(

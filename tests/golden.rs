@@ -1,17 +1,21 @@
-//! The fixtures in `tests/data/`, copied from `../shared/golden/` (see
-//! `tests/data/README.md`): inputs, configs, and outputs computed by an independent
-//! float64 reference written from SPEC.md with plain loops.
+//! The fixtures in `tests/data/`, copied from the project's shared golden fixtures (see
+//! `tests/data/README.md`): inputs, configs, and outputs computed by independent float64
+//! references, one written from the crate's specification with plain loops, one of the
+//! official CPPO code (UniRL, verl PR #6731) for the `official_*` cases.
 //!
-//! Masks and reason codes must match exactly; floats to 1e-9 relative.
+//! Every array an expected file holds is compared: `reason` and `keep` exactly, the
+//! floats (`divergence`, `weight`, `threshold`, `token_loss`, `grad`, `delta_b_row`) and
+//! the loss to 1e-9 relative. Each case must hold at least the loss and the gradient.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use cppo::ndarray::{Array0, Array2, Array3, ArrayD, Ix1, Ix2};
-use cppo::{Batch, Config, Par, evaluate};
+use cppo::ndarray::{Array0, Array1, Array2, Array3, ArrayD, Ix1, Ix2};
+use cppo::{Batch, Config, Evaluation, Par, evaluate};
 use ndarray_npy::NpzReader;
 
-const CASES: [&str; 8] = [
+/// Every case of `tests/data/`.
+const CASES: [&str; 12] = [
     "cppo_binary_kl_detached",
     "cppo_binary_tv_surrogate",
     "cppo_no_budget_kl_k3",
@@ -20,12 +24,25 @@ const CASES: [&str; 8] = [
     "ratio_grpo_cispo",
     "trm_avg_binary_kl",
     "trm_max_binary_tv",
+    "official_fixed_budget",
+    "official_soft_gate",
+    "official_unirl_p90",
+    "official_verl_column",
 ];
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(name)
+}
+
+/// The names an npz holds, without the `.npy` suffix.
+fn names(npz: &mut NpzReader<File>) -> Vec<String> {
+    npz.names()
+        .unwrap()
+        .into_iter()
+        .map(|n| n.trim_end_matches(".npy").to_string())
+        .collect()
 }
 
 struct Case {
@@ -36,15 +53,15 @@ struct Case {
     mask: Array2<bool>,
     topk: Option<(Array3<f64>, Array3<f64>)>,
     logp_ref: Option<Array2<f64>>,
-    expected: NpzReader<File>,
+    is_weights: Option<Array2<f64>>,
 }
 
-fn load(name: &str) -> Case {
+fn load(name: &str) -> (Case, NpzReader<File>) {
     let cfg: Config =
         serde_json::from_reader(File::open(data(&format!("{name}.config.json"))).unwrap()).unwrap();
     let mut inp = NpzReader::new(File::open(data(&format!("{name}.input.npz"))).unwrap()).unwrap();
-    let names = inp.names().unwrap();
-    let has = |n: &str| names.iter().any(|x| x == n || x == &format!("{n}.npy"));
+    let has = names(&mut inp);
+    let has = |n: &str| has.iter().any(|x| x == n);
     let topk = has("topk_logp_old").then(|| {
         (
             inp.by_name("topk_logp_old").unwrap(),
@@ -52,7 +69,8 @@ fn load(name: &str) -> Case {
         )
     });
     let logp_ref = has("logp_ref").then(|| inp.by_name("logp_ref").unwrap());
-    Case {
+    let is_weights = has("is_weights").then(|| inp.by_name("is_weights").unwrap());
+    let case = Case {
         cfg,
         logp: inp.by_name("logp").unwrap(),
         logp_old: inp.by_name("logp_old").unwrap(),
@@ -60,25 +78,13 @@ fn load(name: &str) -> Case {
         mask: inp.by_name("mask").unwrap(),
         topk,
         logp_ref,
-        expected: NpzReader::new(File::open(data(&format!("{name}.expected.npz"))).unwrap())
-            .unwrap(),
-    }
+        is_weights,
+    };
+    let expected = NpzReader::new(File::open(data(&format!("{name}.expected.npz"))).unwrap());
+    (case, expected.unwrap())
 }
 
-fn assert_close(name: &str, what: &str, got: &Array2<f64>, want: &Array2<f64>, rel: f64) {
-    assert_eq!(got.dim(), want.dim(), "{name}: {what} shape");
-    for ((ij, &g), &w) in got.indexed_iter().zip(want.iter()) {
-        let ok = if w.is_nan() {
-            g.is_nan()
-        } else {
-            (g - w).abs() <= rel * w.abs().max(1e-300) || (g - w).abs() <= 1e-15
-        };
-        assert!(ok, "{name}: {what}{ij:?} = {g:e}, reference {w:e}");
-    }
-}
-
-fn run(name: &str, f: impl FnOnce(&str, &cppo::Evaluation<f64>, &mut NpzReader<File>)) {
-    let mut c = load(name);
+fn evaluate_case(c: &Case) -> Evaluation<f64> {
     let adv1;
     let adv2;
     let mut batch = if c.adv.ndim() == 1 {
@@ -95,53 +101,90 @@ fn run(name: &str, f: impl FnOnce(&str, &cppo::Evaluation<f64>, &mut NpzReader<F
     if let Some(r) = &c.logp_ref {
         batch = batch.with_logp_ref(r).unwrap();
     }
-    let eval = evaluate(&c.cfg, &batch, Par::Rayon).unwrap();
-    f(name, &eval, &mut c.expected);
+    if let Some(w) = &c.is_weights {
+        batch = batch.with_is_weights(w).unwrap();
+    }
+    evaluate(&c.cfg, &batch, Par::Rayon).unwrap()
 }
 
-#[test]
-fn golden_mask_outputs() {
-    for name in CASES {
-        run(name, |name, eval, exp| {
-            let o = &eval.outputs;
-            let reason: Array2<u8> = exp.by_name("reason").unwrap();
-            assert_eq!(o.reason, reason, "{name}: reason");
-            let keep: Array2<f64> = exp.by_name("keep").unwrap();
-            assert_eq!(
-                o.keep.mapv(|k| f64::from(u8::from(k))),
-                keep,
-                "{name}: keep"
-            );
-            for what in ["divergence", "weight", "threshold"] {
-                let want: Array2<f64> = exp.by_name(what).unwrap();
-                let got = match what {
-                    "divergence" => &o.divergence,
-                    "weight" => &o.weight,
-                    _ => &o.threshold,
-                };
-                // Non-response positions: the reference writes 0 everywhere, threshold included.
-                let got = got.clone();
-                assert_close(name, what, &got, &want, 1e-9);
-            }
-        });
+/// |got − want| ≤ rel |want| (or 1e-15 absolute, for zeros); NaN only for NaN.
+fn close(got: f64, want: f64, rel: f64) -> bool {
+    if want.is_nan() {
+        return got.is_nan();
+    }
+    (got - want).abs() <= rel * want.abs().max(1e-300) || (got - want).abs() <= 1e-15
+}
+
+fn assert_close2(name: &str, what: &str, got: &Array2<f64>, want: &Array2<f64>) {
+    assert_eq!(got.dim(), want.dim(), "{name}: {what} shape");
+    for ((ij, &g), &w) in got.indexed_iter().zip(want.iter()) {
+        assert!(
+            close(g, w, 1e-9),
+            "{name}: {what}{ij:?} = {g:e}, reference {w:e}"
+        );
     }
 }
 
+/// Every case: whatever its expected file holds, against the crate.
 #[test]
-fn golden_loss_token_loss_grad() {
+fn golden_cases() {
     for name in CASES {
-        run(name, |name, eval, exp| {
-            let loss: Array0<f64> = exp.by_name("loss").unwrap();
-            let want = loss.into_scalar();
-            assert!(
-                (eval.loss - want).abs() <= 1e-9 * want.abs().max(1e-12),
-                "{name}: loss {} vs reference {want}",
-                eval.loss
-            );
-            let tl: Array2<f64> = exp.by_name("token_loss").unwrap();
-            assert_close(name, "token_loss", &eval.outputs.token_loss, &tl, 1e-9);
-            let g: Array2<f64> = exp.by_name("grad").unwrap();
-            assert_close(name, "grad", &eval.outputs.grad, &g, 1e-9);
-        });
+        let (case, mut exp) = load(name);
+        let eval = evaluate_case(&case);
+        let o = &eval.outputs;
+        let held = names(&mut exp);
+        assert!(
+            held.iter().any(|n| n == "loss") && held.iter().any(|n| n == "grad"),
+            "{name}: a fixture holds the loss and the gradient"
+        );
+        for what in &held {
+            match what.as_str() {
+                "loss" => {
+                    let want: Array0<f64> = exp.by_name("loss").unwrap();
+                    let want = want.into_scalar();
+                    assert!(
+                        (eval.loss - want).abs() <= 1e-9 * want.abs().max(1e-12),
+                        "{name}: loss {} vs reference {want}",
+                        eval.loss
+                    );
+                }
+                "reason" => {
+                    let want: Array2<u8> = exp.by_name("reason").unwrap();
+                    assert_eq!(o.reason, want, "{name}: reason");
+                }
+                "keep" => {
+                    // Stored as 0/1 floats by the older cases, as bools by the newer.
+                    let as_f64: Result<Array2<f64>, _> = exp.by_name("keep");
+                    let want: Array2<bool> = match as_f64 {
+                        Ok(k) => k.mapv(|x| x != 0.0),
+                        Err(_) => exp.by_name("keep").unwrap(),
+                    };
+                    assert_eq!(o.keep, want, "{name}: keep");
+                }
+                "delta_b_row" => {
+                    let want: Array1<f64> = exp.by_name("delta_b_row").unwrap();
+                    assert_eq!(o.delta_b_row.len(), want.len(), "{name}: delta_b_row shape");
+                    for (i, (&g, &w)) in o.delta_b_row.iter().zip(&want).enumerate() {
+                        assert!(
+                            close(g, w, 1e-9),
+                            "{name}: delta_b_row[{i}] = {g}, reference {w}"
+                        );
+                    }
+                }
+                float => {
+                    let want: Array2<f64> = exp.by_name(float).unwrap();
+                    let got = match float {
+                        "divergence" => &o.divergence,
+                        "weight" => &o.weight,
+                        "threshold" => &o.threshold,
+                        "token_loss" => &o.token_loss,
+                        "grad" => &o.grad,
+                        other => panic!("{name}: unexpected array {other}"),
+                    };
+                    // Non-response positions: the references write 0 everywhere.
+                    assert_close2(name, float, got, &want);
+                }
+            }
+        }
     }
 }

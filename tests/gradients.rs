@@ -25,7 +25,8 @@ use approx::relative_eq;
 use common::*;
 use cppo::ndarray::{Array2, Array3};
 use cppo::{
-    Aggregation, Config, Evaluation, KlEstimator, KlPenalty, Objective, Par, Rule, evaluate,
+    Aggregation, Config, CppoParams, Evaluation, KlEstimator, KlPenalty, Objective, Par, Rule,
+    evaluate,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -269,14 +270,8 @@ fn check_case(
         // cppo_soft's gate, like every mask, is a constant of the gradient, but it moves
         // with logp, so finite differences cannot hold it still: check the hard rule
         // here, and the gate in tests/family.rs.
-        if let Some(p) = c.cfg.rule.cppo_params().filter(|p| p.soft_tau.is_some()) {
-            c.cfg.rule = Rule::Cppo {
-                delta: p.delta,
-                delta_b: p.delta_b,
-                w_min: p.w_min,
-                horizon: p.horizon,
-                shuffle_seed: p.shuffle_seed,
-            };
+        if let Some(p) = c.cfg.rule.cppo_params().filter(|p| p.gate.is_some()) {
+            c.cfg.rule = Rule::Cppo(CppoParams { gate: None, ..*p });
         }
         for &pick in picks {
             let (i, j) = cols[pick % cols.len()];
@@ -345,6 +340,7 @@ fn check_zero_tokens(
             .k()
             .map(|k| (Array3::zeros((b, l, k)), Array3::zeros((b, l, k))));
         z.logp_ref = Some(Array2::zeros((b, l)));
+        z.is_weights = case.is_weights.as_ref().map(|_| Array2::zeros((b, l)));
         cases.push(z);
     }
     for c in &cases {

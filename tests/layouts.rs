@@ -52,14 +52,18 @@
 mod common;
 
 use common::*;
-use cppo::chunk::{Carry, ChunkPos, RowPartial, evaluate_chunk_into, row_partials};
+use cppo::chunk::{
+    Carry, ChunkPos, RowPartial, divergences_into, evaluate_chunk_into, needs_divergences,
+    row_partials, whole_rows,
+};
 use cppo::ndarray::{
     Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2,
     ArrayViewMut3, ShapeBuilder, s,
 };
 use cppo::{
-    Advantages, Aggregation, Batch, Config, Divergence, Evaluation, Float, KlEstimator, KlPenalty,
-    Mask, Objective, Outputs, OutputsMut, Par, Rule, evaluate, evaluate_into,
+    Advantages, Aggregation, Batch, Config, CppoParams, Divergence, Evaluation, Float, Gate,
+    KlEstimator, KlPenalty, Mask, Objective, Outputs, OutputsMut, Par, Rule, evaluate,
+    evaluate_into,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
@@ -454,6 +458,8 @@ struct Held<F> {
     mask: HeldMask,
     topk: Option<(Held3<F>, Held3<F>)>,
     logp_ref: Option<Held2<F>>,
+    /// In `logp_ref`'s layout.
+    is_weights: Option<Held2<F>>,
 }
 
 impl<F: Float> Held<F> {
@@ -477,6 +483,10 @@ impl<F: Float> Held<F> {
                 .logp_ref
                 .as_ref()
                 .map(|r| Held2::new(lay.logp_ref, r.view(), nan)),
+            is_weights: case
+                .is_weights
+                .as_ref()
+                .map(|w| Held2::new(lay.logp_ref, w.view(), nan)),
         }
     }
 
@@ -491,6 +501,7 @@ impl<F: Float> Held<F> {
             mask: self.mask.view(),
             topk: self.topk.as_ref().map(|(o, n)| (o.view(), n.view())),
             logp_ref: self.logp_ref.as_ref().map(Held2::view),
+            is_weights: self.is_weights.as_ref().map(Held2::view),
         }
     }
 }
@@ -504,6 +515,7 @@ struct Views<'a, F> {
     mask: Mask<'a>,
     topk: Option<(ArrayView3<'a, F>, ArrayView3<'a, F>)>,
     logp_ref: Option<ArrayView2<'a, F>>,
+    is_weights: Option<ArrayView2<'a, F>>,
 }
 
 impl<'a, F: Float> Views<'a, F> {
@@ -525,8 +537,12 @@ impl<'a, F: Float> Views<'a, F> {
             Some((o, n)) => b.with_topk(o, n).expect("top-K shapes"),
             None => b,
         };
-        match &self.logp_ref {
+        let b = match &self.logp_ref {
             Some(r) => b.with_logp_ref(r).expect("logp_ref shape"),
+            None => b,
+        };
+        match &self.is_weights {
+            Some(w) => b.with_is_weights(w).expect("is_weights shape"),
             None => b,
         }
     }
@@ -554,6 +570,7 @@ impl<'a, F: Float> Views<'a, F> {
                 )
             }),
             logp_ref: self.logp_ref.map(cols2),
+            is_weights: self.is_weights.map(cols2),
         }
     }
 }
@@ -591,6 +608,17 @@ struct OutBufs<F> {
     reason: Option<Held2<u8>>,
     token_loss: Option<Held2<F>>,
     grad: Option<Held2<F>>,
+    /// (B,), requested with `grad`, in the (B,) layout nearest grad's.
+    delta_b_row: Option<Held1<F>>,
+}
+
+/// The (B,) layout for a per-row output beside a (B, L) one of layout `k`.
+fn row_layout(k: L2) -> L1 {
+    match k {
+        L2::Reversed | L2::Flipped => L1::Reversed,
+        L2::EveryOther | L2::Transposed => L1::EveryOther,
+        _ => L1::Standard,
+    }
 }
 
 impl<F: Float> OutBufs<F> {
@@ -599,7 +627,8 @@ impl<F: Float> OutBufs<F> {
         let f = Array2::from_elem(shape, F::from_f64(SENTINEL));
         let keep = Array2::from_elem(shape, KEEP_SENTINEL);
         let reason = Array2::from_elem(shape, REASON_SENTINEL);
-        Self::holding([&f, &f, &f, &f, &f], &keep, &reason, kinds)
+        let rows = Array1::from_elem(shape.0, F::from_f64(SENTINEL));
+        Self::holding([&f, &f, &f, &f, &f], &keep, &reason, &rows, kinds)
     }
 
     /// What `new`'s buffers must hold after a call that computed `o`: its values in the
@@ -615,6 +644,7 @@ impl<F: Float> OutBufs<F> {
             ],
             &o.keep,
             &o.reason,
+            &o.delta_b_row,
             kinds,
         )
     }
@@ -624,6 +654,7 @@ impl<F: Float> OutBufs<F> {
         floats: [&Array2<F>; 5],
         keep: &Array2<bool>,
         reason: &Array2<u8>,
+        rows: &Array1<F>,
         kinds: &OutKinds,
     ) -> Self {
         let fl = |a: &Array2<F>, k: Option<L2>| {
@@ -637,6 +668,8 @@ impl<F: Float> OutBufs<F> {
             reason: kinds[4].map(|k| Held2::new(k, reason.view(), REASON_SENTINEL)),
             token_loss: fl(floats[3], kinds[5]),
             grad: fl(floats[4], kinds[6]),
+            delta_b_row: kinds[6]
+                .map(|k| Held1::new(row_layout(k), rows.view(), F::from_f64(SENTINEL))),
         }
     }
 
@@ -649,6 +682,7 @@ impl<F: Float> OutBufs<F> {
             reason: self.reason.as_mut().map(Held2::view_mut),
             token_loss: self.token_loss.as_mut().map(Held2::view_mut),
             grad: self.grad.as_mut().map(Held2::view_mut),
+            delta_b_row: self.delta_b_row.as_mut().map(Held1::view_mut),
         }
     }
 
@@ -667,6 +701,11 @@ impl<F: Float> OutBufs<F> {
             reason: take(self.reason),
             token_loss: take(self.token_loss),
             grad: take(self.grad),
+            delta_b_row: {
+                let h = self.delta_b_row.expect("every output requested");
+                assert_eq!(h.kind, L1::Standard);
+                h.data
+            },
         }
     }
 
@@ -704,7 +743,16 @@ impl<F: Float> OutBufs<F> {
         exact(OUT_NAMES[3], &self.keep, &want.keep)?;
         exact(OUT_NAMES[4], &self.reason, &want.reason)?;
         floats(OUT_NAMES[5], &self.token_loss, &want.token_loss)?;
-        floats(OUT_NAMES[6], &self.grad, &want.grad)
+        floats(OUT_NAMES[6], &self.grad, &want.grad)?;
+        match (&self.delta_b_row, &want.delta_b_row) {
+            (Some(g), Some(w)) => same_bits_1d(
+                &format!("delta_b_row ({:?} buffer)", g.kind),
+                &g.data,
+                &w.data,
+            ),
+            (None, None) => Ok(()),
+            _ => Err("delta_b_row: buffers requested differently".into()),
+        }
     }
 }
 
@@ -740,6 +788,8 @@ fn out_columns<F>(o: OutputsMut<'_, F>, c0: usize, c1: usize) -> OutputsMut<'_, 
         reason: cols(o.reason, c0, c1),
         token_loss: cols(o.token_loss, c0, c1),
         grad: cols(o.grad, c0, c1),
+        // Per-row: every chunk writes its rows' values.
+        delta_b_row: o.delta_b_row,
     }
 }
 
@@ -875,20 +925,26 @@ fn run_chunked<F: Float>(
     par: Par,
 ) -> cppo::Result<String> {
     let (b, l) = views.logp.dim();
-    let mut rows = vec![RowPartial::default(); b];
+    let mut partials = vec![RowPartial::default(); b];
+    let mut divergences = Array2::<f64>::from_elem((b, l), f64::NAN);
     for w in cuts.windows(2) {
         let chunk = views.columns(w[0], w[1]);
         let pos = ChunkPos {
             col0: w[0],
             width: l,
         };
-        for (r, p) in rows
+        for (r, p) in partials
             .iter_mut()
             .zip(row_partials(cfg, &chunk.batch(), pos, par)?)
         {
             *r = r.merge(&p);
         }
+        if needs_divergences(cfg) {
+            let d = divergences.slice_mut(s![.., w[0]..w[1]]);
+            divergences_into(cfg, &chunk.batch(), pos, d, par)?;
+        }
     }
+    let rows = whole_rows(cfg, &partials, Some(divergences.view()))?;
     let mut log = format!("partials {rows:?}\n");
     let mut carries = vec![Carry::default(); b];
     for w in cuts.windows(2) {
@@ -965,18 +1021,8 @@ fn check_in(
 fn rule_mix() -> BoxedStrategy<Rule> {
     prop_oneof![
         6 => rule_strategy(),
-        1 => (cppo_strategy(), any::<u64>(), any::<bool>(), 0.001f64..0.5).prop_map(
-            |(r, seed, soft, tau)| {
-                let Rule::Cppo { delta, delta_b, w_min, horizon, .. } = r else {
-                    unreachable!("cppo_strategy")
-                };
-                let shuffle_seed = Some(seed);
-                if soft {
-                    Rule::CppoSoft { delta, delta_b, w_min, horizon, shuffle_seed, tau }
-                } else {
-                    Rule::Cppo { delta, delta_b, w_min, horizon, shuffle_seed }
-                }
-            }
+        1 => (cppo_params_strategy(), any::<u64>(), prop::option::of(gate_strategy())).prop_map(
+            |(p, seed, gate)| Rule::Cppo(CppoParams { shuffle_seed: Some(seed), gate, ..p })
         ),
     ]
     .boxed()
@@ -1274,14 +1320,16 @@ fn every_layout_kind_on_fixed_batches() {
                 stop_gradient: false,
             },
             kl: kl(KlEstimator::K2),
-            ..Config::with_rule(Rule::CppoSoft {
+            ..Config::with_rule(Rule::Cppo(CppoParams {
                 delta: 0.1,
                 delta_b: Some(0.05),
                 w_min: 0.5,
                 horizon: None,
                 shuffle_seed: Some(7),
-                tau: 0.05,
-            })
+                gate: Some(Gate::Sigmoid { tau: 0.05 }),
+                calibration: None,
+                ..CppoParams::default()
+            }))
         },
         Config {
             divergence: Divergence::K3,

@@ -55,10 +55,11 @@ mod common;
 use std::sync::OnceLock;
 
 use common::*;
+use cppo::budget::Calibration;
 use cppo::ndarray::{Array1, Array2, Array3};
 use cppo::{
-    At, Batch, Config, Divergence, Error, Evaluation, KlEstimator, KlPenalty, Objective, Outputs,
-    Par, Rule, evaluate, evaluate_into, trust_region,
+    At, Batch, Config, CppoParams, Divergence, Error, Evaluation, KlEstimator, KlPenalty,
+    Objective, Outputs, Par, Rule, evaluate, evaluate_into, trust_region,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -129,19 +130,18 @@ fn cppo_case() -> impl Strategy<Value = Case<f64>> {
 /// Every output and the loss, bit for bit: weight (1 for both) and threshold (δ for
 /// both) included.
 fn check_cppo_without_decay_or_budget_is_dppo(case: &Case<f64>) -> TestCaseResult {
-    let Rule::Cppo { delta, horizon, .. } = case.cfg.rule else {
+    let Rule::Cppo(p) = case.cfg.rule else {
         unreachable!("cppo_case")
     };
+    // Any horizon, positions and calibration (ignored without a budget).
     let mut cppo = case.clone();
-    cppo.cfg.rule = Rule::Cppo {
-        delta,
+    cppo.cfg.rule = Rule::Cppo(CppoParams {
         delta_b: None,
         w_min: 1.0,
-        horizon,
-        shuffle_seed: None,
-    };
+        ..p
+    });
     let mut dppo = case.clone();
-    dppo.cfg.rule = Rule::Dppo { delta };
+    dppo.cfg.rule = Rule::Dppo { delta: p.delta };
     let a = cppo.eval(Par::Seq).unwrap();
     let b = dppo.eval(Par::Seq).unwrap();
     same_eval(&a, &b).map_err(TestCaseError::fail)
@@ -154,24 +154,13 @@ fn check_larger_budget_never_masks_more(
     db: f64,
     more: Option<f64>,
 ) -> TestCaseResult {
-    let Rule::Cppo {
-        delta,
-        w_min,
-        horizon,
-        ..
-    } = case.cfg.rule
-    else {
+    let Rule::Cppo(p) = case.cfg.rule else {
         unreachable!("cppo_case")
     };
+    // The case's own calibration: δ_b^row = min(c δ_b, max(δ_b, k Q)) grows with δ_b.
     let with_budget = |delta_b| {
         let mut c = case.clone();
-        c.cfg.rule = Rule::Cppo {
-            delta,
-            delta_b,
-            w_min,
-            horizon,
-            shuffle_seed: None,
-        };
+        c.cfg.rule = Rule::Cppo(CppoParams { delta_b, ..p });
         c.eval(Par::Seq).unwrap().outputs
     };
     let small = with_budget(Some(db));
@@ -190,6 +179,53 @@ fn check_larger_budget_never_masks_more(
     }
     same_bits("divergence", &small.divergence, &large.divergence).map_err(TestCaseError::fail)?;
     same_bits("weight", &small.weight, &large.weight).map_err(TestCaseError::fail)
+}
+
+/// A calibration with scale k = 0 gives δ_b^row = min(c δ_b, max(δ_b, 0)) = δ_b: the
+/// fixed budget, bit for bit.
+fn check_zero_scale_is_the_fixed_budget(
+    case: &Case<f64>,
+    db: f64,
+    q: f64,
+    c: f64,
+) -> TestCaseResult {
+    let Rule::Cppo(p) = case.cfg.rule else {
+        unreachable!("cppo_case")
+    };
+    let with = |calibration| {
+        let mut k = case.clone();
+        k.cfg.rule = Rule::Cppo(CppoParams {
+            delta_b: Some(db),
+            calibration,
+            ..p
+        });
+        k.eval(Par::Seq).unwrap()
+    };
+    let zero = Calibration {
+        quantile: q,
+        scale: 0.0,
+        ceiling: c,
+    };
+    same_eval(&with(Some(zero)), &with(None)).map_err(TestCaseError::fail)
+}
+
+/// IS weights of exactly 1 change no bit; weights of 0 leave only the KL term.
+fn check_unit_is_weights_change_nothing(case: &Case<f64>) -> TestCaseResult {
+    let mut plain = case.clone();
+    plain.is_weights = None;
+    let mut ones = case.clone();
+    ones.is_weights = Some(Array2::ones(case.shape()));
+    let (a, b) = (plain.eval(Par::Seq).unwrap(), ones.eval(Par::Seq).unwrap());
+    same_eval(&a, &b).map_err(TestCaseError::fail)?;
+    let mut zeros = case.clone();
+    zeros.is_weights = Some(Array2::zeros(case.shape()));
+    zeros.cfg.kl = None;
+    let z = zeros.eval(Par::Seq).unwrap();
+    prop_assert!(z.outputs.grad.iter().all(|&g| g == 0.0));
+    prop_assert!(z.outputs.token_loss.iter().all(|&l| l == 0.0));
+    // The mask does not look at the weights.
+    prop_assert_eq!(&z.outputs.reason, &a.outputs.reason);
+    Ok(())
 }
 
 /// A (ρ − 1) ≤ 0, computed here from the inputs, implies keep.
@@ -551,6 +587,8 @@ fn bad_value(p: &Plant) -> f64 {
         0 => f64::NAN,
         1 => f64::INFINITY,
         2 => f64::NEG_INFINITY,
+        // A negative weight.
+        _ if p.arr == Arr::IsWeights => -(1e-3 + p.u),
         _ if p.arr.is_logprob() => {
             // Above the tolerance, by a little or a lot (f32-representably above it).
             if p.kind == 3 {
@@ -568,8 +606,7 @@ type Bad = (Arr, At, f64);
 
 /// Where a bad value ranks in the order values are checked: row-major over tokens, and
 /// within a token logp, logp_old, advantages, the top-K pair (k by k, old before new),
-/// logp_ref. SPEC leaves the order within a token open; this is the crate's documented
-/// order, that of `Batch::validate`.
+/// logp_ref, is_weights: the crate's documented order, that of `Batch::validate`.
 fn rank(&(arr, at, _): &Bad) -> (usize, usize, usize, usize, usize) {
     let (a, sub) = match arr {
         Arr::Logp => (0, 0),
@@ -578,6 +615,7 @@ fn rank(&(arr, at, _): &Bad) -> (usize, usize, usize, usize, usize) {
         Arr::TopkOld => (3, 0),
         Arr::TopkNew => (3, 1),
         Arr::LogpRef => (4, 0),
+        Arr::IsWeights => (5, 0),
     };
     (at.row, at.col, a, at.k.unwrap_or(0), sub)
 }
@@ -605,6 +643,7 @@ fn plant_all(case: &mut Case<f64>, plants: &[Plant]) -> Vec<Bad> {
         let at = match p.arr {
             Arr::TopkOld | Arr::TopkNew if !reads_topk => continue,
             Arr::LogpRef if !reads_ref => continue,
+            Arr::IsWeights if case.is_weights.is_none() => continue,
             Arr::TopkOld | Arr::TopkNew => At::with_k(i, j, p.k % case.k().unwrap()),
             // A per-row advantage is read at each of the row's response tokens: it is
             // first bad at the row's first response column.
@@ -646,6 +685,11 @@ fn check_error(err: &Error, &(arr, at, v): &Bad) -> Result<(), String> {
             at: w,
             value,
         } => v.is_finite() && *a == array && *w == at && *value == v,
+        Error::Negative {
+            array: a,
+            at: w,
+            value,
+        } => v.is_finite() && v < 0.0 && *a == array && *w == at && *value == v,
         _ => false,
     };
     if ok {
@@ -873,12 +917,14 @@ fn check_bad_config_values_name_the_field(
     v: f64,
 ) -> TestCaseResult {
     let neg = if v == 0.0 { -1e-3 } else { v }; // for fields where 0 is valid
-    let cppo = |delta, delta_b, w_min, horizon| Rule::Cppo {
-        delta,
-        delta_b,
-        w_min,
-        horizon,
-        shuffle_seed: None,
+    let cppo = |delta, delta_b, w_min, horizon| {
+        Rule::Cppo(CppoParams {
+            delta,
+            delta_b,
+            w_min,
+            horizon,
+            ..CppoParams::default()
+        })
     };
     let mut cfg = case.cfg;
     let field = match which {
@@ -981,6 +1027,23 @@ proptest! {
         more in prop_oneof![Just(None), (0.0f64..0.3).prop_map(Some)],
     ) {
         check_larger_budget_never_masks_more(&case, db, more)?;
+    }
+
+    /// A calibration with scale 0 is the fixed budget, bit for bit.
+    #[test]
+    fn zero_scale_calibration_is_the_fixed_budget(
+        case in cppo_case(),
+        db in 0.0f64..0.3,
+        q in 0.01f64..=1.0,
+        c in 1.0f64..5.0,
+    ) {
+        check_zero_scale_is_the_fixed_budget(&case, db, q, c)?;
+    }
+
+    /// IS weights of 1 are no weights; weights of 0 zero the objective's terms.
+    #[test]
+    fn unit_is_weights_change_nothing(case in any_case()) {
+        check_unit_is_weights_change_nothing(&case)?;
     }
 
     /// A token that does not move away from the anchor is kept, under every rule but TRM.
@@ -1122,13 +1185,14 @@ fn reference_reproduces_the_spec_worked_example() {
     ];
     for (a, reasons, grads, loss) in cases {
         let case = Case {
-            cfg: Config::cppo(),
+            cfg: worked_example_config(),
             logp: Array2::from_shape_fn((1, 6), |(_, j)| p[j].ln()),
             logp_old: Array2::from_shape_fn((1, 6), |(_, j)| q[j].ln()),
             adv: Adv::Row(Array1::from_elem(1, a)),
             mask: Array2::from_shape_fn((1, 6), |(_, j)| j != 3),
             topk: None,
             logp_ref: None,
+            is_weights: None,
         };
         let r = reference(&case);
         for j in 0..6 {

@@ -50,11 +50,15 @@ mod common;
 use std::ops::Range;
 
 use common::*;
-use cppo::chunk::{Carry, ChunkPos, RowPartial, evaluate_chunk_into, row_partials};
+use cppo::chunk::{
+    Carry, ChunkPos, RowPartial, WholeRow, divergences_into, evaluate_chunk_into,
+    needs_divergences, row_partials, whole_rows,
+};
 use cppo::ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayView3, Axis, array, s};
 use cppo::{
-    Aggregation, Batch, Config, Counts, Diagnostics, Divergence, Error, Evaluation, Float,
-    KlEstimator, KlPenalty, Objective, Outputs, Par, Rule, Tally, evaluate,
+    Aggregation, Batch, Calibration, Config, Counts, CppoParams, Diagnostics, Divergence, Error,
+    Evaluation, Float, Gate, KlEstimator, KlPenalty, Objective, Outputs, Par, Positions, Rule,
+    Tally, evaluate,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -98,6 +102,7 @@ fn sub_case<F: Float>(case: &Case<F>, rows: &[usize], cols: Range<usize>) -> Cas
             .to_owned(),
         topk: case.topk.as_ref().map(|(o, n)| (r3(o), r3(n))),
         logp_ref: case.logp_ref.as_ref().map(r2),
+        is_weights: case.is_weights.as_ref().map(r2),
     }
 }
 
@@ -117,6 +122,7 @@ struct ChunkView<'a, F> {
     mask: ArrayView2<'a, bool>,
     topk: Option<(ArrayView3<'a, F>, ArrayView3<'a, F>)>,
     logp_ref: Option<ArrayView2<'a, F>>,
+    is_weights: Option<ArrayView2<'a, F>>,
 }
 
 impl<'a, F: Float> ChunkView<'a, F> {
@@ -137,6 +143,7 @@ impl<'a, F: Float> ChunkView<'a, F> {
                 )
             }),
             logp_ref: case.logp_ref.as_ref().map(c2),
+            is_weights: case.is_weights.as_ref().map(c2),
         }
     }
 
@@ -149,8 +156,12 @@ impl<'a, F: Float> ChunkView<'a, F> {
             Some((o, n)) => b.with_topk(o, n)?,
             None => b,
         };
-        match &self.logp_ref {
-            Some(r) => b.with_logp_ref(r),
+        let b = match &self.logp_ref {
+            Some(r) => b.with_logp_ref(r)?,
+            None => b,
+        };
+        match &self.is_weights {
+            Some(w) => b.with_is_weights(w),
             None => Ok(b),
         }
     }
@@ -172,6 +183,9 @@ fn scatter<F: Float>(full: &mut Outputs<F>, part: &Outputs<F>, rows: &[usize], c
     put(&mut full.reason, &part.reason, rows, &cols);
     put(&mut full.token_loss, &part.token_loss, rows, &cols);
     put(&mut full.grad, &part.grad, rows, &cols);
+    for (r, &i) in rows.iter().enumerate() {
+        full.delta_b_row[i] = part.delta_b_row[r];
+    }
 }
 
 /// Every per-token output bit for bit.
@@ -184,7 +198,7 @@ fn same_outputs<F: Float>(got: &Outputs<F>, want: &Outputs<F>) -> Result<(), Tes
     bits("threshold", &got.threshold, &want.threshold)?;
     prop_assert_eq!(&got.keep, &want.keep, "keep");
     prop_assert_eq!(&got.reason, &want.reason, "reason");
-    Ok(())
+    same_bits_1d("delta_b_row", &got.delta_b_row, &want.delta_b_row).map_err(TestCaseError::fail)
 }
 
 fn fail(e: cppo::Error) -> TestCaseError {
@@ -212,32 +226,41 @@ struct Run<F> {
 
 /// A case computed column chunk by column chunk (the chunks' bounds are `bounds`, from 0
 /// to L), as a stream or as context-parallel ranks would: first each chunk's
-/// [`RowPartial`]s, merged per row in column order; then the chunks in order, each
-/// handing its carries to the next; then [`Carry::finish`] on every row.
+/// [`RowPartial`]s, merged per row in column order, and, for a calibrated budget, each
+/// chunk's divergences, gathered into whole rows; the rows' [`WholeRow`]s from those;
+/// then the chunks in order, each handing its carries to the next; then
+/// [`Carry::finish`] on every row.
 fn run_chunks<F: Float>(
     cfg: &Config,
     case: &Case<F>,
     bounds: &[usize],
     par: Par,
-) -> cppo::Result<(Run<F>, Vec<RowPartial>)> {
+) -> cppo::Result<(Run<F>, Vec<WholeRow>)> {
     let (b, l) = case.shape();
     let chunks: Vec<(Range<usize>, ChunkView<'_, F>)> = bounds
         .windows(2)
         .map(|w| (w[0]..w[1], ChunkView::new(case, w[0]..w[1])))
         .collect();
-    let mut rows = vec![RowPartial::default(); b];
+    let mut partials = vec![RowPartial::default(); b];
+    let mut divergences = Array2::<f64>::from_elem((b, l), -1.0);
     for (cols, view) in &chunks {
         let pos = ChunkPos {
             col0: cols.start,
             width: l,
         };
-        for (r, p) in rows
+        for (r, p) in partials
             .iter_mut()
             .zip(row_partials(cfg, &view.batch()?, pos, par)?)
         {
             *r = r.merge(&p);
         }
+        if needs_divergences(cfg) {
+            let d = divergences.slice_mut(s![.., cols.clone()]);
+            divergences_into(cfg, &view.batch()?, pos, d, par)?;
+        }
     }
+    let gathered = needs_divergences(cfg).then_some(divergences.view());
+    let rows = whole_rows(cfg, &partials, gathered)?;
     let mut carries = vec![Carry::default(); b];
     let all: Vec<usize> = (0..b).collect();
     let mut run = Run {
@@ -245,6 +268,10 @@ fn run_chunks<F: Float>(
         loss: 0.0,
         tally: Tally::default(),
     };
+    // δ_b^row as the whole rows hold it (a row of zero chunks writes none).
+    for (x, r) in run.outputs.delta_b_row.iter_mut().zip(&rows) {
+        *x = F::from_f64(r.delta_b_row().unwrap_or(f64::NAN));
+    }
     for (cols, view) in &chunks {
         let pos = ChunkPos {
             col0: cols.start,
@@ -263,6 +290,8 @@ fn run_chunks<F: Float>(
         run.loss += s.loss;
         run.tally = run.tally.merge(&s.tally);
         scatter(&mut run.outputs, &out, &all, cols.clone());
+        // Per-row outputs: every chunk writes its row's value.
+        run.outputs.delta_b_row.assign(&out.delta_b_row);
     }
     for (i, (c, r)) in carries.iter().zip(&rows).enumerate() {
         c.finish(i, r, l)?;
@@ -348,7 +377,27 @@ fn check_diagnostics(got: &Diagnostics, want: &Diagnostics, sc: &Scales) -> Test
             got.masked_frac_neg_adv,
             want.masked_frac_neg_adv,
         ),
-        ("pg_clipfrac", got.pg_clipfrac, want.pg_clipfrac),
+        (
+            "masked_frac_nonzero_adv",
+            got.masked_frac_nonzero_adv,
+            want.masked_frac_nonzero_adv,
+        ),
+        (
+            "verl.pg_clipfrac",
+            got.verl.pg_clipfrac,
+            want.verl.pg_clipfrac,
+        ),
+        (
+            "verl.pg_clipfrac_lower",
+            got.verl.pg_clipfrac_lower,
+            want.verl.pg_clipfrac_lower,
+        ),
+        (
+            "unirl.masked_fraction",
+            got.unirl.masked_fraction,
+            want.unirl.masked_fraction,
+        ),
+        ("unirl.ratio_max", got.unirl.ratio_max, want.unirl.ratio_max),
         ("divergence_max", got.divergence_max, want.divergence_max),
         ("ratio_min", got.ratio_min, want.ratio_min),
         ("ratio_max", got.ratio_max, want.ratio_max),
@@ -369,9 +418,32 @@ fn check_diagnostics(got: &Diagnostics, want: &Diagnostics, sc: &Scales) -> Test
         ("approx_kl_k1", got.approx_kl_k1, want.approx_kl_k1, sc.k1),
         ("approx_kl_k3", got.approx_kl_k3, want.approx_kl_k3, sc.k3),
         ("ratio_mean", got.ratio_mean, want.ratio_mean, 0.0),
+        ("verl.ppo_kl", got.verl.ppo_kl, want.verl.ppo_kl, sc.k1),
+        (
+            "unirl.approx_kl",
+            got.unirl.approx_kl,
+            want.unirl.approx_kl,
+            sc.k3,
+        ),
+        (
+            "unirl.ratio_mean",
+            got.unirl.ratio_mean,
+            want.unirl.ratio_mean,
+            0.0,
+        ),
     ];
     for (what, g, w, scale) in rounded {
         prop_assert!(close(g, w, 1e-12, 1e-12 * scale), "{what}: {g:e} vs {w:e}");
+    }
+    match (got.delta_b_row, want.delta_b_row) {
+        (Some(g), Some(w)) => {
+            prop_assert_eq!(g.min.to_bits(), w.min.to_bits(), "delta_b_row.min");
+            prop_assert_eq!(g.max.to_bits(), w.max.to_bits(), "delta_b_row.max");
+            prop_assert_eq!(g.frac_at_floor, w.frac_at_floor);
+            prop_assert_eq!(g.frac_at_ceiling, w.frac_at_ceiling);
+            prop_assert!(close(g.mean, w.mean, 1e-12, 0.0), "delta_b_row.mean");
+        }
+        (g, w) => prop_assert_eq!(g, w),
     }
     match (got.threshold_mean, want.threshold_mean) {
         (Some(g), Some(w)) => prop_assert!(
@@ -506,12 +578,22 @@ fn row_shards<F: Float>(
     case: &Case<F>,
     split: &Split,
 ) -> Result<(Vec<Piece<F>>, Counts), TestCaseError> {
+    // Column positions count from the padded row's first column over its width: a shard
+    // keeps the batch's columns (re-padding would move them).
+    let columns = matches!(
+        case.cfg.rule.cppo_params(),
+        Some(p) if p.positions == Positions::Column
+    );
     let pieces: Vec<Piece<F>> = split
         .shards(case.shape().0)
         .into_iter()
         .enumerate()
         .map(|(s, rows)| {
-            let cols = split.columns(s, &case.mask, &rows);
+            let cols = if columns {
+                0..case.shape().1
+            } else {
+                split.columns(s, &case.mask, &rows)
+            };
             let sub = sub_case(case, &rows, cols.clone());
             (rows, cols, sub)
         })
@@ -558,19 +640,18 @@ fn check_column_chunks<F: Float>(case: &Case<F>, split: &Split) -> TestCaseResul
     let whole = case.eval(split.par).map_err(fail)?;
     let bounds = split.bounds(0, l);
     let (run, rows) = run_chunks(&case.cfg, case, &bounds, split.par).map_err(fail)?;
-    // The merged partials hold each whole row's token count and TRM statistics.
-    for (i, p) in rows.iter().enumerate() {
-        let cols: Vec<usize> = (0..l).filter(|&j| case.mask[[i, j]]).collect();
-        prop_assert_eq!(p.tokens, cols.len() as u64, "row {}", i);
-        if case.cfg.rule.is_sequence_level() {
-            let max = cols
-                .iter()
-                .map(|&j| whole.outputs.divergence[[i, j]].to_f64())
-                .fold(0.0, f64::max);
-            if F::DTYPE == "float64" {
-                prop_assert_eq!(p.divergence_max.to_bits(), max.to_bits(), "row {}", i);
-            }
-        }
+    // The whole rows hold each row's token count and budget.
+    for (i, r) in rows.iter().enumerate() {
+        let cols = (0..l).filter(|&j| case.mask[[i, j]]).count();
+        prop_assert_eq!(r.tokens(), cols as u64, "row {}", i);
+        let budget = r
+            .delta_b_row()
+            .map_or(f64::NAN, |x| F::from_f64(x).to_f64());
+        let want = whole.outputs.delta_b_row[i].to_f64();
+        prop_assert!(
+            budget.to_bits() == want.to_bits(),
+            "row {i}: {budget} vs {want}"
+        );
     }
     same_outputs(&run.outputs, &whole.outputs)?;
     let sc = scales(case);
@@ -799,13 +880,28 @@ fn every_aggregation_mode_and_rule_composes() {
         },
         Rule::Dppo { delta: 0.15 },
         Rule::default(),
-        Rule::Cppo {
+        Rule::Cppo(CppoParams {
             delta: 0.1,
             delta_b: None,
             w_min: 0.5,
             horizon: Some(24),
-            shuffle_seed: None,
-        },
+            ..CppoParams::default()
+        }),
+        Rule::Cppo(CppoParams {
+            delta: 0.1,
+            positions: Positions::Column,
+            calibration: Some(Calibration {
+                ceiling: 5.0,
+                ..Calibration::default()
+            }),
+            gate: Some(Gate::Inverse),
+            ..CppoParams::default()
+        }),
+        Rule::Cppo(CppoParams {
+            calibration: None,
+            gate: Some(Gate::Sigmoid { tau: 0.02 }),
+            ..CppoParams::default()
+        }),
         Rule::TrmMax { delta: 0.5 },
         Rule::TrmAvg { delta: 0.08 },
     ];
@@ -1012,13 +1108,9 @@ fn pitfall_a_chunks_own_counts_over_count_sequences() {
     assert_eq!(summed.tokens, whole.tokens);
     assert_eq!(summed.seqs, whole.seqs + 1);
     // The merged partials count whole rows.
-    let from_rows = rows.iter().fold(Counts::default(), |c, r| {
-        c.merge(Counts {
-            tokens: r.tokens,
-            seqs: u64::from(r.tokens > 0),
-        })
-    });
-    assert_eq!(from_rows, whole);
+    // (The counts do not depend on the config.)
+    let rows = whole_rows(&Config::dppo(), &rows, None).unwrap();
+    assert_eq!(cppo::chunk::row_counts(&rows), whole);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1071,7 +1163,9 @@ fn a_micro_batch_without_response_tokens_contributes_zero() {
                     assert!(no_nan(&e.diagnostics), "{:?}", e.diagnostics);
                 }
                 // The same micro-batch as a column chunk of rows without tokens.
-                let rows = vec![RowPartial::default(); 3];
+                let none = Array2::from_elem((3, 5), f64::NAN);
+                let rows =
+                    whole_rows(&cfg, &vec![RowPartial::default(); 3], Some(none.view())).unwrap();
                 let mut carries = vec![Carry::default(); 3];
                 let mut out = Outputs::<f64>::zeros((3, 5));
                 let pos = ChunkPos { col0: 0, width: 5 };
@@ -1176,7 +1270,7 @@ impl Small {
         cfg: &Config,
         cols: Range<usize>,
         width: usize,
-        rows: &[RowPartial],
+        rows: &[WholeRow],
         carries: &mut [Carry],
     ) -> cppo::Result<f64> {
         let col0 = cols.start;
@@ -1187,8 +1281,14 @@ impl Small {
         Ok(evaluate_chunk_into(cfg, &b, pos, rows, carries, out.view_mut(), Par::Seq)?.loss)
     }
 
+    /// The rows' whole-row facts from their partials merged over the chunks between
+    /// consecutive `bounds` (a config without a calibrated budget).
+    fn partials(&self, cfg: &Config, bounds: &[usize]) -> Vec<WholeRow> {
+        whole_rows(cfg, &self.raw_partials(cfg, bounds), None).unwrap()
+    }
+
     /// The rows' partials merged over the chunks between consecutive `bounds`.
-    fn partials(&self, cfg: &Config, bounds: &[usize]) -> Vec<RowPartial> {
+    fn raw_partials(&self, cfg: &Config, bounds: &[usize]) -> Vec<RowPartial> {
         let mut rows = vec![RowPartial::default(); 2];
         for w in bounds.windows(2) {
             let cols = w[0]..w[1];
@@ -1209,10 +1309,18 @@ impl Small {
     }
 }
 
+/// CPPO with a fixed budget: its chunks need no gathered divergences.
+fn fixed_budget() -> Config {
+    Config::with_rule(Rule::Cppo(CppoParams {
+        calibration: None,
+        ..CppoParams::default()
+    }))
+}
+
 #[test]
 fn chunks_out_of_order_are_refused() {
     let s = Small::new();
-    let cfg = Config::cppo();
+    let cfg = fixed_budget();
     let rows = s.partials(&cfg, &[0, 3, 6]);
     // The second chunk first.
     let mut carries = vec![Carry::default(); 2];
@@ -1252,7 +1360,7 @@ fn chunks_out_of_order_are_refused() {
 #[test]
 fn chunks_that_do_not_add_up_are_refused() {
     let s = Small::new();
-    let cfg = Config::cppo();
+    let cfg = fixed_budget();
     let rows = s.partials(&cfg, &[0, 3, 6]);
     let mismatch = |e: Error, row: usize, words: &str| match e {
         Error::ChunkMismatch { row: r, reason } => {
@@ -1274,7 +1382,7 @@ fn chunks_that_do_not_add_up_are_refused() {
     let mut carries = vec![Carry::default(); 2];
     s.run(&cfg, 0..3, 6, &first_only, &mut carries).unwrap();
     let e = s.run(&cfg, 3..6, 6, &first_only, &mut carries).unwrap_err();
-    mismatch(e, 0, "hold 5 response tokens, its partials 2");
+    mismatch(e, 0, "hold 5 response tokens, its whole row 2");
 
     // A missing chunk, caught by finish.
     let mut carries = vec![Carry::default(); 2];
@@ -1286,7 +1394,13 @@ fn chunks_that_do_not_add_up_are_refused() {
     );
 
     // Partials merged twice (T doubled): the chunks run, finish refuses.
-    let twice: Vec<RowPartial> = rows.iter().map(|r| r.merge(r)).collect();
+    let raw = s.raw_partials(&cfg, &[0, 3, 6]);
+    let twice = whole_rows(
+        &cfg,
+        &raw.iter().map(|r| r.merge(r)).collect::<Vec<_>>(),
+        None,
+    )
+    .unwrap();
     let mut carries = vec![Carry::default(); 2];
     s.run(&cfg, 0..3, 6, &twice, &mut carries).unwrap();
     s.run(&cfg, 3..6, 6, &twice, &mut carries).unwrap();
@@ -1337,11 +1451,11 @@ fn count_overrides_below_the_shards_own_are_refused() {
     );
     // A chunk is checked against its whole rows' counts (from the partials), not its own:
     // columns 0..3 hold 4 tokens, the rows 8.
-    let rows = s.partials(&Config::cppo(), &[0, 3, 6]);
+    let rows = s.partials(&fixed_budget(), &[0, 3, 6]);
     let mut carries = vec![Carry::default(); 2];
     let cfg = Config {
         num_tokens: Some(5),
-        ..Config::cppo()
+        ..fixed_budget()
     };
     assert_eq!(
         s.run(&cfg, 0..3, 6, &rows, &mut carries).unwrap_err(),
@@ -1392,6 +1506,7 @@ fn trm_avg_chunked_decision_at_the_threshold() {
         mask,
         topk: None,
         logp_ref: None,
+        is_weights: None,
     };
     let whole = case.eval(Par::Seq).unwrap();
     let (chunked, _) = run_chunks(&cfg, &case, &[0, 2, 4], Par::Seq).unwrap();

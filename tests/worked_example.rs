@@ -1,4 +1,4 @@
-//! SPEC section 8's worked example: binary TV, CPPO δ = 0.2, δ_b = 0.05, w_min = 0.8,
+//! The worked example of the crate's math guide (`cppo::doc::math`): binary TV, CPPO δ = 0.2, δ_b = 0.05, w_min = 0.8,
 //! surrogate objective, token-mean; one row of 6 slots whose 4th slot is a hole.
 //!
 //! The expected numbers are worked out by hand from the probabilities, as exact
@@ -7,7 +7,7 @@
 
 use approx::assert_abs_diff_eq;
 use cppo::ndarray::{Array1, Array2, array};
-use cppo::{Batch, Config, Par, evaluate};
+use cppo::{Batch, Config, CppoParams, Par, Rule, evaluate};
 
 const P: [f64; 6] = [0.50, 0.90, 0.30, f64::NAN, 0.60, 0.95];
 const Q: [f64; 6] = [0.40, 0.95, 0.45, f64::NAN, 0.30, 0.90];
@@ -17,10 +17,15 @@ fn logs(x: &[f64; 6]) -> Array2<f64> {
     Array2::from_shape_fn((1, 6), |(_, j)| x[j].ln())
 }
 
+/// The example's own parameters: a fixed budget (no calibration).
 fn config() -> Config {
-    let mut cfg = Config::cppo();
-    cfg.rule = cppo::Rule::cppo(0.2, Some(0.05), 0.8).unwrap();
-    cfg
+    Config::with_rule(Rule::Cppo(CppoParams {
+        delta: 0.2,
+        delta_b: Some(0.05),
+        w_min: 0.8,
+        calibration: None,
+        ..CppoParams::default()
+    }))
 }
 
 fn run(adv: f64) -> cppo::Evaluation<f64> {

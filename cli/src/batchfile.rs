@@ -1,4 +1,4 @@
-//! A batch read from a file for `cppo inspect`: an `.npz` archive (SPEC section 9, read
+//! A batch read from a file for `cppo eval` and `cppo inspect`: an `.npz` archive (read
 //! by [`crate::npz`]) or a `.safetensors` file holding the same tensors by the same names.
 //!
 //! # Safetensors
@@ -12,8 +12,8 @@
 //! computes log-probs in float32, so `.float()` them before saving.
 //!
 //! Which arrays are read depends on the configs: the top-K pair only when a config's
-//! divergence needs it, `logp_ref` only when a config has a KL penalty. Others are
-//! ignored, as in `cppo eval`.
+//! divergence needs it, `logp_ref` only when a config has a KL penalty; `is_weights`
+//! whenever the file holds it (it multiplies every objective). Others are ignored.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,6 +36,7 @@ pub struct Arrays<F> {
     pub mask: OwnedMask,
     pub topk: Option<(Array3<F>, Array3<F>)>,
     pub logp_ref: Option<Array2<F>>,
+    pub is_weights: Option<Array2<F>>,
 }
 
 impl<F: NpyFloat> Arrays<F> {
@@ -52,6 +53,9 @@ impl<F: NpyFloat> Arrays<F> {
         }
         if let Some(r) = &self.logp_ref {
             batch = batch.with_logp_ref(r)?;
+        }
+        if let Some(w) = &self.is_weights {
+            batch = batch.with_is_weights(w)?;
         }
         Ok(batch)
     }
@@ -130,6 +134,7 @@ pub fn demo(needs: Needs) -> Loaded {
         mask: OwnedMask::Bool(d.mask),
         topk: d.topk_logp_old.zip(d.topk_logp),
         logp_ref: d.logp_ref,
+        is_weights: None,
     })
 }
 
@@ -147,6 +152,8 @@ pub fn demo_spec(needs: Needs) -> SynthSpec {
 
 /// A source of named arrays: an npz archive or a safetensors file.
 trait Source {
+    /// Whether the file holds an array of this name.
+    fn has(&self, name: &str) -> bool;
     fn logp(&mut self) -> Result<FloatArray, Failure>;
     fn float<F: NpyFloat, D: Dimension>(
         &mut self,
@@ -159,6 +166,9 @@ trait Source {
 }
 
 impl Source for Input {
+    fn has(&self, name: &str) -> bool {
+        Input::has(self, name)
+    }
     fn logp(&mut self) -> Result<FloatArray, Failure> {
         Input::logp(self)
     }
@@ -209,6 +219,11 @@ fn read_rest<F: NpyFloat>(
     } else {
         None
     };
+    let is_weights = if src.has("is_weights") {
+        Some(src.float::<F, Ix2>("is_weights", ALWAYS, BL)?)
+    } else {
+        None
+    };
     Ok(Arrays {
         logp,
         logp_old,
@@ -216,6 +231,7 @@ fn read_rest<F: NpyFloat>(
         mask,
         topk,
         logp_ref,
+        is_weights,
     })
 }
 
@@ -379,6 +395,9 @@ fn st_float<F: NpyFloat, D: Dimension>(
 }
 
 impl Source for StInput {
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
     fn logp(&mut self) -> Result<FloatArray, Failure> {
         let t = self.tensor("logp", ALWAYS)?;
         const BL: &str = "(B, L)";

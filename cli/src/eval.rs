@@ -1,33 +1,44 @@
-//! `cppo eval`: one batch from an `.npz` file through [`cppo::evaluate`], outputs to an
-//! `.npz` file (SPEC section 9).
+//! `cppo eval`: one batch from a file through [`cppo::evaluate`], outputs to an `.npz`
+//! file.
 //!
-//! Order of work: read and check the config, open the input, read the arrays the config
-//! uses (arrays it does not use are never read), build the [`cppo::Batch`], evaluate, then
-//! write every output to a temporary file and rename them all into place.
+//! Order of work: read and check the config (or the preset), open the input, read the
+//! arrays the config uses (arrays it does not use are never read; see
+//! [`crate::batchfile`]), build the [`cppo::Batch`], evaluate, then write every output to
+//! a temporary file and rename them all into place.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use cppo::ndarray::{Array2, Ix2, Ix3};
-use cppo::{Config, Par};
+use cppo::{Config, Par, Preset};
 
-use crate::batchfile::Arrays;
+use crate::batchfile::{self, Loaded, Needs};
 use crate::failure::Failure;
-use crate::npz::{FloatArray, Input, NpyFloat, write_outputs};
+use crate::npz::{NpyFloat, write_outputs};
 use crate::staged::{Staged, commit_all};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// The config: JSON in SPEC section 9's schema. Omitted fields take their defaults;
-    /// unknown fields and out-of-range values are errors.
-    #[arg(long, value_name = "CFG.json")]
-    config: PathBuf,
+    /// The config: JSON, as the command-line contract describes (`cppo::doc::command_line`).
+    /// Omitted fields take their defaults; unknown fields and out-of-range values are
+    /// errors. `{"preset": NAME, ...}` starts from a preset.
+    #[arg(
+        long,
+        value_name = "CFG.json",
+        required_unless_present = "preset",
+        conflicts_with = "preset"
+    )]
+    config: Option<PathBuf>,
 
-    /// The batch: an .npz (numpy.savez or numpy.savez_compressed) holding logp, logp_old,
-    /// advantages and mask, plus topk_logp_old and topk_logp for top-K divergences and
-    /// logp_ref for the KL penalty. Other arrays are ignored.
+    /// A named preset instead of a config file (`cppo presets` lists them).
+    #[arg(long, value_name = "NAME")]
+    preset: Option<String>,
+
+    /// The batch: an .npz (numpy.savez or numpy.savez_compressed) or a .safetensors file
+    /// holding logp, logp_old, advantages and mask, plus topk_logp_old and topk_logp for
+    /// top-K divergences, logp_ref for the KL penalty, and optionally is_weights. Other
+    /// arrays are ignored.
     #[arg(long, value_name = "BATCH.npz")]
     input: PathBuf,
 
@@ -36,7 +47,8 @@ pub struct EvalArgs {
     output: PathBuf,
 
     /// Also write the diagnostics (masked fractions, divergence and ratio statistics,
-    /// masked fraction by position decile, ...) as pretty-printed JSON.
+    /// masked fraction by position decile, the per-row budgets, and the metrics verl and
+    /// UniRL log under their names) as pretty-printed JSON.
     #[arg(long, value_name = "STATS.json")]
     stats: Option<PathBuf>,
 }
@@ -49,12 +61,23 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             args.output.display()
         )));
     }
-    let cfg = read_config(&args.config)?;
-    let mut input = Input::open(&args.input)?;
-    match input.logp()? {
-        FloatArray::F32(logp) => eval_as(&cfg, &mut input, logp, args),
-        FloatArray::F64(logp) => eval_as(&cfg, &mut input, logp, args),
+    let cfg = match (&args.config, &args.preset) {
+        (Some(path), _) => read_config(path)?,
+        (None, Some(name)) => preset(name)?,
+        (None, None) => return Err(Failure::Input("give --config or --preset".into())),
+    };
+    match batchfile::load(&args.input, Needs::of(&[cfg]))? {
+        Loaded::F32(a) => eval_as(&cfg, &a, args),
+        Loaded::F64(a) => eval_as(&cfg, &a, args),
     }
+}
+
+/// A preset by name; the error lists the known ones.
+pub fn preset(name: &str) -> Result<Config, Failure> {
+    let p: Preset = name
+        .parse()
+        .map_err(|e: cppo::Error| Failure::Input(format!("--preset {name:?}: {e}")))?;
+    Ok(p.config())
 }
 
 /// Reads and checks a JSON config.
@@ -72,18 +95,16 @@ pub fn read_config(path: &Path) -> Result<Config, Failure> {
     serde_json::from_str(&text).map_err(|e| Failure::input(context, &e))
 }
 
-/// The rest of `eval`, once `logp` has fixed the float type `F`.
+/// The rest of `eval`, once the file has fixed the float type `F`.
 fn eval_as<F: NpyFloat>(
     cfg: &Config,
-    input: &mut Input,
-    logp: Array2<F>,
+    arrays: &batchfile::Arrays<F>,
     args: &EvalArgs,
 ) -> Result<(), Failure> {
-    let arrays = read_arrays(cfg, input, logp)?;
     let eval = arrays
         .batch()
         .and_then(|batch| cppo::evaluate(cfg, &batch, Par::Rayon))
-        .map_err(|e| Failure::Input(input.context(e)))?;
+        .map_err(|e| Failure::Input(format!("{}: {e}", args.input.display())))?;
 
     let mut staged = vec![Staged::write(&args.output, |w| write_outputs(w, &eval))?];
     if let Some(path) = &args.stats {
@@ -107,38 +128,4 @@ fn eval_as<F: NpyFloat>(
         d.masked_frac
     );
     Ok(())
-}
-
-/// The input arrays the config uses, read from the npz (only those: an unused array is
-/// never read, so its contents cannot fail the run).
-fn read_arrays<F: NpyFloat>(
-    cfg: &Config,
-    input: &mut Input,
-    logp: Array2<F>,
-) -> Result<Arrays<F>, Failure> {
-    const BL: &str = "(B, L)";
-    const BLK: &str = "(B, L, K)";
-    let logp_old = input.float::<F, Ix2>("logp_old", crate::npz::ALWAYS, BL)?;
-    let advantages = input.advantages()?;
-    let mask = input.mask()?;
-    let topk = if cfg.divergence.needs_topk() {
-        let by = format!("divergence {}", cfg.divergence.name());
-        let old = input.float::<F, Ix3>("topk_logp_old", &by, BLK)?;
-        let new = input.float::<F, Ix3>("topk_logp", &by, BLK)?;
-        Some((old, new))
-    } else {
-        None
-    };
-    let logp_ref = match cfg.kl {
-        Some(_) => Some(input.float::<F, Ix2>("logp_ref", "the kl penalty", BL)?),
-        None => None,
-    };
-    Ok(Arrays {
-        logp,
-        logp_old,
-        advantages,
-        mask,
-        topk,
-        logp_ref,
-    })
 }

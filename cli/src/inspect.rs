@@ -39,10 +39,16 @@ pub struct InspectArgs {
     #[arg(long = "config", value_name = "CFG.json")]
     configs: Vec<PathBuf>,
 
-    /// Also run the built-in set: GRPO ratio clip, DPPO, CPPO budget-only (w_min = 1,
-    /// delta_b = 0.05), CPPO weight-only (w_min = 0.8, no budget), the paper's ablations
-    /// CPPO soft gate (tau = 0.01) and CPPO shuffled weights, and full CPPO, on one
-    /// divergence. The default when no --config is given.
+    /// A named preset to run (`cppo presets` lists them); repeat for several. Each is
+    /// named after the preset.
+    #[arg(long = "preset", value_name = "NAME")]
+    presets: Vec<String>,
+
+    /// Also run the built-in set: GRPO ratio clip (0.2, 0.28), DPPO, CPPO budget-only
+    /// (w_min = 1), CPPO weight-only (no budget), the paper's ablations (the soft gate
+    /// and shuffled weights), CPPO with a fixed budget, and full CPPO (the paper's
+    /// calibrated budget), at the paper's defaults (delta 0.15, delta_b 0.02, w_min 0.8)
+    /// on one divergence. The default when no --config or --preset is given.
     #[arg(long)]
     compare: bool,
 
@@ -223,7 +229,7 @@ fn needs(rules: &[RuleSpec]) -> Needs {
 /// The rules: each --config (named after its file), then the built-in set with
 /// --compare or when no config is given.
 fn rules(args: &InspectArgs) -> Result<Vec<RuleSpec>, Failure> {
-    let builtin = args.compare || args.configs.is_empty();
+    let builtin = args.compare || (args.configs.is_empty() && args.presets.is_empty());
     let divergence = match &args.divergence {
         None => Divergence::default(),
         Some(_) if !builtin => {
@@ -247,6 +253,16 @@ fn rules(args: &InspectArgs) -> Result<Vec<RuleSpec>, Failure> {
         let mut k = 2;
         while !names.insert(name.clone()) {
             name = format!("{stem} ({k})");
+            k += 1;
+        }
+        rules.push(RuleSpec { name, config });
+    }
+    for p in &args.presets {
+        let config = crate::eval::preset(p)?;
+        let mut name = p.clone();
+        let mut k = 2;
+        while !names.insert(name.clone()) {
+            name = format!("{p} ({k})");
             k += 1;
         }
         rules.push(RuleSpec { name, config });

@@ -4,7 +4,8 @@
 //!   writes the per-token outputs, the loss and optionally the diagnostics;
 //! - `cppo bench` times the engine on a synthetic batch made in-process;
 //! - `cppo inspect` reports what trust regions do on a batch (or across the steps of a
-//!   run), with plots under the `plots` feature.
+//!   run), with plots under the `plots` feature;
+//! - `cppo presets` lists the named presets.
 //!
 //! Modules: [`eval`], [`mod@bench`] and [`inspect`] are the commands, [`npz`] reads and
 //! writes the arrays, [`batchfile`] reads a batch from npz or safetensors, [`report`]
@@ -57,15 +58,19 @@ enum Command {
     ///                                     nonzero = response token
     ///   topk_logp_old, topk_logp  (B, L, K)  needed by topk_tv and topk_kl
     ///   logp_ref              (B, L)      needed by a `kl` penalty
+    ///   is_weights            (B, L)      optional: rollout IS weights (verl's
+    ///                                     rollout_is_weights), >= 0, multiplying each
+    ///                                     token's objective term
     /// Values at non-response positions are never read. Arrays the config does not use
-    /// are ignored. The archive may be compressed (numpy.savez_compressed); arrays may be
-    /// little- or big-endian, C or Fortran order.
+    /// are ignored. An .npz may be compressed (numpy.savez_compressed); arrays may be
+    /// little- or big-endian, C or Fortran order. A .safetensors file works too.
     ///
     /// Output arrays: divergence, weight, threshold, keep (0/1), token_loss, grad, all
     /// (B, L) in the input's float type and 0 at non-response positions (threshold is NaN
     /// where the rule has none); reason (B, L) uint8 (0 not a response token, 1 kept,
     /// 2 kept by the corrective bypass, 3 masked by the token threshold, 4 masked by the
-    /// prefix budget); loss, a 0-d float64.
+    /// prefix budget); delta_b_row (B,) in the float type, CPPO's per-row prefix budget
+    /// (NaN where the rule has none); loss, a 0-d float64.
     ///
     /// On success, prints one summary line to stdout (output path, loss, response tokens,
     /// sequences, masked fraction) and exits with 0. On failure, prints one line to
@@ -130,6 +135,41 @@ enum Command {
     /// output cannot be written), and no output file left behind.
     #[command(verbatim_doc_comment)]
     Inspect(inspect::InspectArgs),
+
+    /// List the named presets (--preset), one line each on what it reproduces
+    ///
+    /// Each preset is a complete config: the paper's settings (its Table 3: dense, MoE,
+    /// post-trained, KL), UniRL's defaults and verl PR #6731's (its defaults and its
+    /// scripts'). --json prints them as JSON configs.
+    #[command(verbatim_doc_comment)]
+    Presets(PresetsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PresetsArgs {
+    /// Print each preset's full config as JSON, one object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `cppo presets`.
+fn presets(args: &PresetsArgs) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for p in cppo::Preset::ALL {
+        let line = if args.json {
+            let cfg =
+                serde_json::to_string(&p.config()).map_err(|e| Failure::input("presets", &e))?;
+            format!("{{\"name\": \"{}\", \"config\": {cfg}}}", p.name())
+        } else {
+            format!("{:<20} {}", p.name(), p.description())
+        };
+        // A closed stdout is not worth failing over.
+        if writeln!(out, "{line}").is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -154,6 +194,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Presets(args) => presets(args),
     }
 }
 

@@ -255,6 +255,11 @@ impl Input {
         })
     }
 
+    /// Whether the archive holds an array of this name.
+    pub fn has(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
     /// Prefixes a message with the input's path.
     pub fn context(&self, msg: impl fmt::Display) -> String {
         format!("{}: {msg}", self.path.display())
@@ -849,8 +854,9 @@ impl Parser<'_> {
 // Writing
 // ---------------------------------------------------------------------------------------
 
-/// Writes SPEC section 9's output arrays: the six (B, L) float arrays in the input's
-/// type (`keep` as 0/1), `reason` as uint8 and `loss` as a 0-d float64.
+/// Writes `cppo eval`'s output arrays: the six (B, L) float arrays in the input's type
+/// (`keep` as 0/1), `reason` as uint8, `delta_b_row` (B,) in the input's type and `loss`
+/// as a 0-d float64.
 pub fn write_outputs<F: NpyFloat, W: Write + Seek>(
     writer: W,
     eval: &Evaluation<F>,
@@ -865,6 +871,7 @@ pub fn write_outputs<F: NpyFloat, W: Write + Seek>(
     npz.add_array("token_loss", &o.token_loss)?;
     npz.add_array("grad", &o.grad)?;
     npz.add_array("reason", &o.reason)?;
+    npz.add_array("delta_b_row", &o.delta_b_row)?;
     npz.add_array("loss", &arr0(eval.loss))?;
     npz.finish()
 }

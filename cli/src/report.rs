@@ -20,7 +20,9 @@
 use std::fmt::Write as _;
 
 use cppo::ndarray::Array2;
-use cppo::{Config, Diagnostics, Divergence, Float, OutputsMut, Par, Reason, Rule};
+use cppo::{
+    Config, CppoParams, Diagnostics, Divergence, Float, Gate, OutputsMut, Par, Reason, Rule,
+};
 use serde::Serialize;
 
 use crate::batchfile::Arrays;
@@ -35,11 +37,10 @@ pub struct RuleSpec {
 }
 
 /// The built-in comparison set, all on `divergence`: GRPO's ratio clip, DPPO, CPPO with
-/// the prefix budget alone (w_min = 1, δ_b = 0.05), with the position weights alone
-/// (w_min = 0.8, no budget), and full CPPO (both), with the library's defaults
-/// otherwise.
+/// the prefix budget alone (w_min = 1), with the position weights alone (no budget), the
+/// paper's two ablations (the soft gate, shuffled weights), CPPO with a fixed budget,
+/// and full CPPO (the paper's calibrated budget), at the paper's defaults otherwise.
 pub fn compare_set(divergence: Divergence) -> cppo::Result<Vec<RuleSpec>> {
-    use cppo::rule::{DEFAULT_DELTA, DEFAULT_DELTA_B, DEFAULT_W_MIN};
     let spec = |name: &str, rule: Rule| RuleSpec {
         name: name.into(),
         config: Config {
@@ -47,42 +48,55 @@ pub fn compare_set(divergence: Divergence) -> cppo::Result<Vec<RuleSpec>> {
             ..Config::with_rule(rule)
         },
     };
-    Ok(vec![
+    let cppo = |p: CppoParams| Rule::Cppo(p);
+    let paper = CppoParams::default();
+    let set = vec![
         spec("GRPO ratio clip", Config::grpo().rule),
         spec("DPPO", Config::dppo().rule),
         spec(
             "CPPO budget-only",
-            Rule::cppo(DEFAULT_DELTA, Some(DEFAULT_DELTA_B), 1.0)?,
+            cppo(CppoParams {
+                w_min: 1.0,
+                ..paper
+            }),
         ),
         spec(
             "CPPO weight-only",
-            Rule::cppo(DEFAULT_DELTA, None, DEFAULT_W_MIN)?,
+            cppo(CppoParams {
+                delta_b: None,
+                ..paper
+            }),
         ),
-        // The paper's two ablations of CPPO itself, then the full method (last: the
-        // strip chart shows the last rule).
+        // The paper's two ablations of CPPO itself, the fixed budget beside the
+        // calibrated one, then the full method (last: the strip chart shows the last
+        // rule).
         spec(
             "CPPO soft gate",
-            Rule::CppoSoft {
-                delta: DEFAULT_DELTA,
-                delta_b: Some(DEFAULT_DELTA_B),
-                w_min: DEFAULT_W_MIN,
-                horizon: None,
-                shuffle_seed: None,
-                tau: cppo::rule::DEFAULT_SOFT_TAU,
-            },
+            cppo(CppoParams {
+                gate: Some(Gate::Inverse),
+                ..paper
+            }),
         ),
         spec(
             "CPPO shuffled weights",
-            Rule::Cppo {
-                delta: DEFAULT_DELTA,
-                delta_b: Some(DEFAULT_DELTA_B),
-                w_min: DEFAULT_W_MIN,
-                horizon: None,
+            cppo(CppoParams {
                 shuffle_seed: Some(0),
-            },
+                ..paper
+            }),
+        ),
+        spec(
+            "CPPO fixed budget",
+            cppo(CppoParams {
+                calibration: None,
+                ..paper
+            }),
         ),
         spec("CPPO (full)", Config::cppo().rule),
-    ])
+    ];
+    for r in &set {
+        r.config.validate()?;
+    }
+    Ok(set)
 }
 
 /// A rule's parameters as its config spells them (`{"kind": "cppo", "delta": ...}`):
@@ -108,7 +122,22 @@ pub fn describe(cfg: &Config) -> String {
         .filter(|(k, _)| k.as_str() != "kind")
         .filter_map(|(k, v)| match v {
             serde_json::Value::Null if k == "delta_b" => Some("no budget".to_string()),
+            serde_json::Value::Null if k == "calibration" && has_budget(cfg) => {
+                Some("fixed budget".to_string())
+            }
             serde_json::Value::Null => None,
+            // Without a budget a calibration does nothing: left out.
+            _ if k == "calibration" && !has_budget(cfg) => None,
+            serde_json::Value::Object(c) if k == "calibration" => {
+                let f = |name: &str| c.get(name).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+                Some(format!(
+                    "budget calibrated: {} × Q{} in [delta_b, {} delta_b]",
+                    f("scale"),
+                    f("quantile"),
+                    f("ceiling")
+                ))
+            }
+            serde_json::Value::String(x) => Some(format!("{k} {x}")),
             v => Some(format!("{k} {v}")),
         })
         .collect();
@@ -815,6 +844,43 @@ pub fn batch_report(a: &Analysis, images: &[(String, String)]) -> Doc {
          threshold: the mean effective threshold c_t (δ for DPPO). Loss: the config's \
          objective and aggregation.",
     );
+
+    let budgets: Vec<Vec<String>> = a
+        .rules
+        .iter()
+        .filter_map(|r| {
+            let b = r.diagnostics.delta_b_row?;
+            Some(vec![
+                r.name.clone(),
+                num(b.mean),
+                num(b.min),
+                num(b.max),
+                pct(b.frac_at_floor),
+                pct(b.frac_at_ceiling),
+            ])
+        })
+        .collect();
+    if !budgets.is_empty() {
+        doc.heading("Per-row prefix budget δ_b^row (rows with response tokens)");
+        doc.table(Table {
+            head: [
+                "rule",
+                "mean",
+                "min",
+                "max",
+                "at the floor δ_b",
+                "at the ceiling c δ_b",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows: budgets,
+            left: 1,
+        });
+        doc.para(
+            "A calibrated budget is δ_b^row = min(c δ_b, max(δ_b, k Q_q(D of the row))) (the \
+             paper's Eq. 22); a fixed one is δ_b in every row.",
+        );
+    }
 
     doc.heading("Masked fraction by position in the response (tenths of each row's response)");
     let d0 = a.divergences.first();

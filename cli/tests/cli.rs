@@ -183,6 +183,8 @@ struct Outputs {
     token_loss: Array2<f64>,
     grad: Array2<f64>,
     reason: Array2<u8>,
+    /// (B,); NaN where the rule has no budget. Empty for the older golden fixtures.
+    delta_b_row: Array1<f64>,
     loss: f64,
 }
 
@@ -196,20 +198,36 @@ const FLOAT_OUTPUTS: [&str; 6] = [
 ];
 
 impl Outputs {
-    /// Reads an output archive whose floats are f64, as the binary writes for f64 input
-    /// and as the golden fixtures hold.
+    /// Reads an output archive whose floats are f64, as the binary writes for f64 input.
     fn read(path: &Path) -> Self {
         Self::read_as::<f64>(path, f64::from)
     }
 
+    /// Reads an older golden fixture's expected outputs (without `delta_b_row`).
+    fn read_golden(path: &Path) -> Self {
+        Self::read_from::<f64>(path, f64::from, false)
+    }
+
     /// Reads an output archive whose floats are `F`.
     fn read_as<F: ReadableElement + Copy>(path: &Path, widen: fn(F) -> f64) -> Self {
+        Self::read_from(path, widen, true)
+    }
+
+    fn read_from<F: ReadableElement + Copy>(path: &Path, widen: fn(F) -> f64, tool: bool) -> Self {
         let mut npz = NpzReader::new(File::open(path).unwrap()).unwrap();
         let mut names = npz.names().unwrap();
         names.sort();
-        let mut want = [&FLOAT_OUTPUTS[..], &["reason", "loss"]].concat();
+        let per_row: &[&str] = if tool { &["delta_b_row"] } else { &[] };
+        let mut want = [&FLOAT_OUTPUTS[..], &["reason", "loss"], per_row].concat();
         want.sort();
         assert_eq!(names, want, "the output arrays");
+        let delta_b_row = if tool {
+            npz.by_name::<_, _>("delta_b_row")
+                .map(|a: Array1<F>| a.mapv(widen))
+                .unwrap()
+        } else {
+            Array1::zeros(0)
+        };
         let mut float = |name: &str| {
             npz.by_name::<_, _>(name)
                 .map(|a: Array2<F>| a.mapv(widen))
@@ -227,6 +245,7 @@ impl Outputs {
             token_loss,
             grad,
             reason: npz.by_name("reason").unwrap(),
+            delta_b_row,
             loss: loss.into_scalar(),
         }
     }
@@ -247,6 +266,19 @@ impl Outputs {
     #[track_caller]
     fn assert_close(&self, want: &Self, rel: f64, case: &str) {
         assert_eq!(self.reason, want.reason, "{case}: reason");
+        if !want.delta_b_row.is_empty() {
+            assert_eq!(
+                self.delta_b_row.len(),
+                want.delta_b_row.len(),
+                "{case}: delta_b_row"
+            );
+            for (i, (&g, &w)) in self.delta_b_row.iter().zip(&want.delta_b_row).enumerate() {
+                assert!(
+                    close(g, w, rel),
+                    "{case}: delta_b_row[{i}] = {g:e}, expected {w:e}"
+                );
+            }
+        }
         for ((name, got), (_, want)) in self.floats().into_iter().zip(want.floats()) {
             assert_eq!(got.dim(), want.dim(), "{case}: {name} shape");
             for ((ij, &g), &w) in got.indexed_iter().zip(want) {
@@ -280,7 +312,7 @@ fn close(got: f64, want: f64, rel: f64) -> bool {
 /// SPEC section 8's config.
 const SPEC_CONFIG: &str = r#"{
   "divergence": "binary_tv",
-  "rule": {"kind": "cppo", "delta": 0.2, "delta_b": 0.05, "w_min": 0.8, "horizon": null},
+  "rule": {"kind": "cppo", "delta": 0.2, "delta_b": 0.05, "w_min": 0.8, "horizon": null, "calibration": null},
   "objective": {"kind": "surrogate"},
   "aggregation": "token-mean",
   "norm_length": null, "num_tokens": null, "num_seqs": null,
@@ -563,7 +595,6 @@ fn bad_config_values() {
 fn unknown_config_fields() {
     let cases = [
         (r#"{"rule": {"kind": "dppo", "detla": 0.1}}"#, "detla"),
-        (r#"{"rule": {"kind": "none", "delta": 0.1}}"#, "delta"),
         (r#"{"divergence": "binary_tv", "lr": 1e-6}"#, "lr"),
         (
             r#"{"kl": {"estimator": "k1", "coef": 0.1, "beta": 1}}"#,
@@ -575,6 +606,14 @@ fn unknown_config_fields() {
         let run = s.eval(&s.config(json), &example_npz(&s, &[]).finish());
         s.assert_bad_input(&run, &["cfg.json", "unknown field", field]);
     }
+    // A field of another rule kind names the field and the kind.
+    let s = Scratch::new();
+    let json = r#"{"rule": {"kind": "none", "delta": 0.1}}"#;
+    let run = s.eval(&s.config(json), &example_npz(&s, &[]).finish());
+    s.assert_bad_input(
+        &run,
+        &["cfg.json", "rule.delta", "not a field of rule kind none"],
+    );
 }
 
 #[test]
@@ -787,6 +826,17 @@ fn spec_worked_example() {
         assert!((got - want).abs() < 1e-6, "grad{ij:?} = {got}, SPEC {want}");
     }
     assert_eq!(o.keep.row(1), array![1.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
+    // The effective thresholds c_t of the worked example's table (the same for both rows)
+    // and its fixed budget.
+    let c = [0.2, 0.15, 0.15, 0.0, 0.06, -0.1525];
+    for ((i, j), &got) in o.threshold.indexed_iter() {
+        assert!(
+            (got - c[j]).abs() < 1e-12,
+            "threshold[{i}, {j}] = {got}, want {}",
+            c[j]
+        );
+    }
+    assert_eq!(o.delta_b_row, array![0.05, 0.05]);
     // The hole is 0 in every output, whatever it held.
     for (name, a) in o.floats() {
         assert_eq!(a.column(3), array![0.0, 0.0], "{name}");
@@ -1311,8 +1361,38 @@ fn golden_fixtures() {
         let cfg = data.join(format!("{case}.config.json"));
         let input = data.join(format!("{case}.input.npz"));
         let got = s.eval_ok(&cfg, &input);
-        let want = Outputs::read(&data.join(format!("{case}.expected.npz")));
+        let want = Outputs::read_golden(&data.join(format!("{case}.expected.npz")));
         got.assert_close(&want, 1e-9, case);
+    }
+    // The official CPPO's cases hold the loss, the gradient and, for some, the mask and
+    // the per-row budgets; verl's reads `is_weights` from the input.
+    for case in [
+        "official_fixed_budget",
+        "official_soft_gate",
+        "official_unirl_p90",
+        "official_verl_column",
+    ] {
+        let s = Scratch::new();
+        let cfg = data.join(format!("{case}.config.json"));
+        let input = data.join(format!("{case}.input.npz"));
+        let got = s.eval_ok(&cfg, &input);
+        let mut exp =
+            NpzReader::new(File::open(data.join(format!("{case}.expected.npz"))).unwrap()).unwrap();
+        let loss: Array0<f64> = exp.by_name("loss").unwrap();
+        assert!(close(got.loss, loss.into_scalar(), 1e-9), "{case}: loss");
+        let grad: Array2<f64> = exp.by_name("grad").unwrap();
+        for ((ij, &g), &w) in got.grad.indexed_iter().zip(&grad) {
+            assert!(
+                close(g, w, 1e-9),
+                "{case}: grad{ij:?} = {g:e}, expected {w:e}"
+            );
+        }
+        if let Ok(d) = exp.by_name::<_, _>("delta_b_row") {
+            let d: Array1<f64> = d;
+            for (i, (&g, &w)) in got.delta_b_row.iter().zip(&d).enumerate() {
+                assert!(close(g, w, 1e-9), "{case}: delta_b_row[{i}]");
+            }
+        }
     }
 }
 
@@ -1424,7 +1504,9 @@ fn family_configs_evaluate_like_the_library() {
     for json in [
         r#"{"divergence": "k2", "rule": {"kind": "trm_max", "delta": 0.1}}"#,
         r#"{"divergence": "k3", "rule": {"kind": "trm_avg", "delta": 0.1}}"#,
-        r#"{"rule": {"kind": "cppo_soft", "tau": 0.02}, "objective": {"kind": "sapo"}}"#,
+        r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid", "tau": 0.02}, "objective": {"kind": "sapo"}}"#,
+        r#"{"rule": {"kind": "cppo_soft"}, "objective": {"kind": "detached_is", "ratio_cap": 3}}"#,
+        r#"{"preset": "verl_pr6731"}"#,
         r#"{"rule": {"kind": "cppo", "shuffle_seed": 3}, "objective": {"kind": "gspo", "eps_low": 0.2, "eps_high": 0.2}}"#,
         r#"{"rule": {"kind": "none"}, "objective": {"kind": "gmpo"}, "aggregation": "seq-mean-token-mean"}"#,
         r#"{"rule": {"kind": "dppo"}, "objective": {"kind": "minpro", "include_current": false, "clip": null}}"#,
@@ -1438,4 +1520,88 @@ fn family_configs_evaluate_like_the_library() {
         assert_eq!(o.grad, want.outputs.grad, "{json}");
         assert_eq!(o.loss.to_bits(), want.loss.to_bits(), "{json}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Presets and IS weights
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn presets_are_listed_and_usable() {
+    let run = cppo(&["presets"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let names: Vec<&str> = run
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    let want: Vec<&str> = cppo::Preset::ALL.iter().map(|p| p.name()).collect();
+    assert_eq!(names, want);
+    let json = cppo(&["presets", "--json"]);
+    for line in json.stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let cfg: cppo::Config = serde_json::from_value(v["config"].clone()).unwrap();
+        let p: cppo::Preset = v["name"].as_str().unwrap().parse().unwrap();
+        assert_eq!(cfg, p.config());
+    }
+
+    // `eval --preset NAME` is `eval --config {"preset": NAME}`.
+    let s = Scratch::new();
+    let input = example_npz(&s, &[]).finish();
+    let by_file = s.eval_ok(&s.config(r#"{"preset": "verl_pr6731"}"#), &input);
+    let run = cppo(&[
+        OsStr::new("eval"),
+        OsStr::new("--preset"),
+        OsStr::new("verl_pr6731"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--output"),
+        s.out().as_os_str(),
+    ]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(Outputs::read(&s.out()), by_file);
+    // An unknown name lists the known ones.
+    let run = cppo(&[
+        OsStr::new("eval"),
+        OsStr::new("--preset"),
+        OsStr::new("verl"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--output"),
+        s.out().as_os_str(),
+    ]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr.contains("verl_pr6731") && run.stderr.contains("paper_dense"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn is_weights_are_read_and_checked() {
+    let ex = example();
+    let s = Scratch::new();
+    let w = Array2::from_shape_fn((2, 6), |(i, j)| 0.5 + (i + j) as f64 * 0.25);
+    let input = example_npz(&s, &[]).add("is_weights", &w).finish();
+    let got = s.eval_ok(&s.config(SPEC_CONFIG), &input);
+    let cfg: cppo::Config = serde_json::from_str(SPEC_CONFIG).unwrap();
+    let batch = cppo::Batch::new(&ex.logp, &ex.logp_old, &ex.advantages, &ex.mask)
+        .unwrap()
+        .with_is_weights(&w)
+        .unwrap();
+    let want = cppo::evaluate(&cfg, &batch, cppo::Par::Seq).unwrap();
+    assert_eq!(got.grad, want.outputs.grad);
+    assert_eq!(got.loss.to_bits(), want.loss.to_bits());
+    // A negative weight at a response position: one line naming the array, row, column.
+    let s = Scratch::new();
+    let bad = with_value(&w, (1, 4), -0.5);
+    let input = example_npz(&s, &[]).add("is_weights", &bad).finish();
+    let run = s.eval(&s.config(SPEC_CONFIG), &input);
+    s.assert_bad_input(&run, &["is_weights", "row 1, column 4", "-0.5"]);
+    // At a non-response position (column 3 is a hole) it is never read.
+    let s = Scratch::new();
+    let hole = with_value(&w, (1, 3), f64::NAN);
+    let input = example_npz(&s, &[]).add("is_weights", &hole).finish();
+    s.eval_ok(&s.config(SPEC_CONFIG), &input);
 }

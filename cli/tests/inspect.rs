@@ -259,13 +259,14 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
-const COMPARE: [&str; 7] = [
+const COMPARE: [&str; 8] = [
     "GRPO ratio clip",
     "DPPO",
     "CPPO budget-only",
     "CPPO weight-only",
     "CPPO soft gate",
     "CPPO shuffled weights",
+    "CPPO fixed budget",
     "CPPO (full)",
 ];
 
@@ -298,24 +299,34 @@ fn report_numbers_are_the_library_s() {
     // The built-in set's configs.
     let cfg = |k: usize| -> Value { rules[k]["config"]["rule"].clone() };
     assert_eq!(cfg(0)["kind"], "ratio");
-    assert_eq!(cfg(1), serde_json::json!({"kind": "dppo", "delta": 0.2}));
+    assert_eq!(cfg(1), serde_json::json!({"kind": "dppo", "delta": 0.15}));
     assert_eq!(
         (cfg(2)["kind"].as_str(), cfg(2)["w_min"].as_f64()),
         (Some("cppo"), Some(1.0))
     );
-    assert_eq!(cfg(2)["delta_b"], 0.05);
+    assert_eq!(cfg(2)["delta_b"], 0.02);
     assert_eq!(
         (cfg(3)["w_min"].as_f64(), &cfg(3)["delta_b"]),
         (Some(0.8), &Value::Null)
     );
     assert_eq!(
-        (cfg(4)["kind"].as_str(), cfg(4)["tau"].as_f64()),
-        (Some("cppo_soft"), Some(0.01))
+        (cfg(4)["kind"].as_str(), cfg(4)["gate"].as_str()),
+        (Some("cppo_soft"), Some("inverse"))
     );
     assert_eq!(cfg(5)["shuffle_seed"], 0);
+    // The fixed budget beside the paper's calibrated one.
+    assert_eq!(cfg(6)["calibration"], Value::Null);
     assert_eq!(
-        (cfg(6)["w_min"].as_f64(), cfg(6)["delta_b"].as_f64()),
-        (Some(0.8), Some(0.05))
+        cfg(7)["calibration"],
+        serde_json::json!({"quantile": 0.9, "scale": 1.0, "ceiling": 2.0})
+    );
+    assert_eq!(
+        (
+            cfg(7)["w_min"].as_f64(),
+            cfg(7)["delta_b"].as_f64(),
+            cfg(7)["delta"].as_f64()
+        ),
+        (Some(0.8), Some(0.02), Some(0.15))
     );
     for r in &rules {
         assert_eq!(r["config"]["divergence"], "binary_tv");
@@ -569,7 +580,7 @@ fn strip_rows_and_rule() {
     let json = s.out("r.json");
     assert_ok(&inspect(args![input, "--json", json]));
     let strip = &read_json(&json)["strip"];
-    assert_eq!(strip["rule"], 6, "full CPPO by default");
+    assert_eq!(strip["rule"], 7, "full CPPO by default");
     assert_eq!(strip["rows"].as_array().unwrap().len(), 6);
     let advs = strip["advantages"].as_array().unwrap();
     for (row, adv) in strip["rows"].as_array().unwrap().iter().zip(advs) {
@@ -1083,4 +1094,33 @@ fn a_failed_write_leaves_nothing() {
     args.extend(["--json".into(), json]);
     let run = inspect(&args.iter().map(|p| p.as_os_str()).collect::<Vec<_>>());
     s.assert_fails(&run, 1, &["r.json"]);
+}
+
+/// `--preset` runs a named preset, named after it; the report shows the per-row budgets
+/// of the rules that have one.
+#[test]
+fn presets_and_the_budget_table() {
+    let s = Scratch::new();
+    let json = s.out("r.json");
+    let run = inspect(args![
+        "--demo", "--preset", "unirl", "--preset", "dppo", "--json", json
+    ]);
+    assert_ok(&run);
+    let report = read_json(&json);
+    let rules = report["rules"].as_array().unwrap();
+    let names: Vec<&str> = rules.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["unirl", "dppo"]);
+    let unirl: cppo::Config = serde_json::from_value(rules[0]["config"].clone()).unwrap();
+    assert_eq!(unirl, cppo::Preset::Unirl.config());
+    let b = &rules[0]["diagnostics"]["delta_b_row"];
+    assert!(b["min"].as_f64().unwrap() >= 0.02 && b["max"].as_f64().unwrap() <= 0.04);
+    assert!(rules[1]["diagnostics"]["delta_b_row"].is_null());
+    assert!(
+        run.stdout.contains("Per-row prefix budget"),
+        "{}",
+        run.stdout
+    );
+    let s = Scratch::new();
+    let bad = inspect(args!["--demo", "--preset", "nope"]);
+    s.assert_bad_input(&bad, &["--preset", "nope", "unirl"]);
 }

@@ -1,0 +1,110 @@
+//! Value checks inside the pass, and the first bad value of a block, in order.
+//!
+//! A block is checked by vectorized passes that only say whether every value is
+//! allowed ([`block_ok`], and the divergence and extra-input passes). Only a block that
+//! holds a bad value is walked again token by token ([`ordered_block`]), which reports
+//! the first bad value in row-major order and, within a token, in the order mask, logp,
+//! logp_old, advantages, top-K pair, logp_ref, is_weights: the order of
+//! [`Batch::validate`](crate::Batch::validate).
+
+use super::Work;
+use super::divergence::token_divergence;
+use super::lanes::{InStage, Pos, RowIn};
+use super::topk::TopkScratch;
+use crate::batch::{read_logprob, read_weight};
+use crate::divergence::LOGP_TOLERANCE;
+use crate::error::{Error, Result};
+use crate::float::{Float, MaskElem};
+
+/// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
+#[inline(always)]
+pub(crate) fn logprob_ok(x: f64) -> bool {
+    (x <= LOGP_TOLERANCE) & (x > f64::NEG_INFINITY)
+}
+
+/// An IS weight a response position may hold: finite and ≥ 0 (NaN fails).
+#[inline(always)]
+pub(crate) fn weight_ok(x: f64) -> bool {
+    (0.0..f64::INFINITY).contains(&x)
+}
+
+/// Whether token k passes the checks of the staged inputs: a valid mask value and, for a
+/// response token, valid logp, logp_old and advantage.
+#[inline(always)]
+fn token_ok(st: &InStage, k: usize) -> bool {
+    st.mask_ok[k]
+        & (!st.on[k]
+            | (logprob_ok(st.lp_raw[k]) & logprob_ok(st.lq_raw[k]) & st.adv[k].is_finite()))
+}
+
+/// Whether every token of the staged block passes [`token_ok`]: an integer count, which
+/// the compiler vectorizes (a bool fold it does not).
+#[inline(always)]
+pub(crate) fn block_ok(st: &InStage) -> bool {
+    let mut bad = 0u32;
+    for k in 0..st.n {
+        bad += u32::from(!token_ok(st, k));
+    }
+    bad == 0
+}
+
+/// The error of token k of the staged block, in the order mask, logp, logp_old,
+/// advantages; `None` if those are fine.
+#[cold]
+fn staged_error<F: Float, M: MaskElem>(
+    row: &RowIn<'_, F, M>,
+    st: &InStage,
+    k: usize,
+    pos: Pos,
+) -> Result<()> {
+    let at = pos.at();
+    if !st.mask_ok[k] {
+        return Err(Error::NonFinite {
+            array: "mask",
+            at,
+            value: row.mask.get(pos.j).to_f64(),
+        });
+    }
+    if !st.on[k] {
+        return Ok(());
+    }
+    read_logprob(st.lp_raw[k], "logp", at)?;
+    read_logprob(st.lq_raw[k], "logp_old", at)?;
+    if !st.adv[k].is_finite() {
+        return Err(Error::NonFinite {
+            array: "advantages",
+            at,
+            value: st.adv[k],
+        });
+    }
+    Ok(())
+}
+
+/// A block's checks, divergences and extra inputs token by token in column order: the
+/// first bad value as an error, else the values the vectorized passes would give.
+#[cold]
+#[inline(never)]
+pub(crate) fn ordered_block<F: Float, M: MaskElem>(
+    row: &RowIn<'_, F, M>,
+    st: &InStage,
+    j0: usize,
+    wk: &mut Work,
+    scratch: &mut Option<TopkScratch>,
+) -> Result<()> {
+    for k in 0..st.n {
+        let pos = row.pos(j0 + k);
+        staged_error(row, st, k, pos)?;
+        if !st.on[k] {
+            wk.d[k] = 0.0;
+            continue;
+        }
+        wk.d[k] = token_divergence(row, st, k, pos, scratch)?;
+        if let Some((_, lane)) = &row.kl {
+            wk.lref[k] = read_logprob(lane.get(pos.j), "logp_ref", pos.at())?;
+        }
+        if let Some(lane) = &row.is_weights {
+            wk.isw[k] = read_weight(lane.get(pos.j), "is_weights", pos.at())?;
+        }
+    }
+    Ok(())
+}
