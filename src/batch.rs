@@ -5,7 +5,7 @@
 //! | `logp` | (B, L) | log π_θ(y_t \| y_<t): the current policy, the only input gradients flow through |
 //! | `logp_old` | (B, L) | log μ(y_t \| y_<t): the rollout policy, the trust-region anchor |
 //! | `advantages` | (B, L) or (B,) | A_t; a (B,) array is broadcast along its row |
-//! | `mask` | (B, L) | response mask (`bool`, `u8`, `f32` or `f64`): nonzero = a generated token that is trained on |
+//! | `mask` | (B, L) | response mask (`bool`, any integer type, `f32` or `f64`): nonzero = a generated token that is trained on |
 //! | `topk_logp_old` | (B, L, K) | optional: the rollout policy's top-K log-probs at each position |
 //! | `topk_logp` | (B, L, K) | optional: the current policy's log-probs of those K tokens |
 //! | `logp_ref` | (B, L) | optional: the reference policy, for the KL penalty |
@@ -37,12 +37,14 @@
 //! assert!(Batch::new(&logp, &logp_old, &adv, &wrong).is_err());
 //! ```
 
-use ndarray::{Array2, ArrayBase, ArrayRef2, ArrayView1, ArrayView2, ArrayView3, Data, Ix1, Ix2};
+use ndarray::{
+    Array2, ArrayBase, ArrayRef2, ArrayView1, ArrayView2, ArrayView3, Axis, Data, Ix1, Ix2,
+};
 
 use crate::aggregate::Counts;
 use crate::divergence::LOGP_TOLERANCE;
 use crate::error::{At, Error, Result};
-use crate::float::{Float, MaskElem};
+use crate::float::{Float, MaskElem, dispatch_mask, with_mask};
 
 /// The advantages of a batch: one per token (B, L), or one per row (B,).
 #[derive(Clone, Copy, Debug)]
@@ -77,73 +79,132 @@ impl<'a, F, S: Data<Elem = F>> From<&'a ArrayBase<S, Ix1>> for Advantages<'a, F>
     }
 }
 
-/// The response mask, in any of the element types trainers use.
-#[derive(Clone, Copy, Debug)]
-pub enum Mask<'a> {
-    /// `bool`: true = response token.
-    Bool(ArrayView2<'a, bool>),
-    /// `u8`: nonzero = response token.
-    U8(ArrayView2<'a, u8>),
-    /// `f32`: nonzero = response token; must be finite.
-    F32(ArrayView2<'a, f32>),
-    /// `f64`: nonzero = response token; must be finite.
-    F64(ArrayView2<'a, f64>),
-}
+macro_rules! define_masks {
+    (; $($v:ident: $t:ty,)*) => {
+        /// The response mask, in any of the element types trainers use: `bool`, an
+        /// integer type, `f32` or `f64` (nonzero = a response token; a float mask must
+        /// be finite). Built from a view or a reference to an array of any of them.
+        ///
+        /// ```
+        /// use cppo::Mask;
+        /// use cppo::ndarray::array;
+        /// let m = array![[1i64, 0, 5]];
+        /// let mask = Mask::from(&m);
+        /// assert_eq!(mask.dim(), (1, 3));
+        /// ```
+        #[derive(Clone, Copy, Debug)]
+        pub enum Mask<'a> {
+            $(
+                #[doc = concat!("`", stringify!($t), "` elements.")]
+                $v(ArrayView2<'a, $t>),
+            )*
+        }
 
-macro_rules! mask_from {
-    ($($t:ty => $v:ident),*) => {$(
-        impl<'a> From<ArrayView2<'a, $t>> for Mask<'a> {
-            fn from(v: ArrayView2<'a, $t>) -> Self {
-                Self::$v(v)
-            }
+        /// One row of a [`Mask`].
+        #[derive(Clone, Copy, Debug)]
+        pub(crate) enum MaskRow<'a> {
+            $( $v(ArrayView1<'a, $t>), )*
         }
-        impl<'a> From<&'a ArrayRef2<$t>> for Mask<'a> {
-            fn from(a: &'a ArrayRef2<$t>) -> Self {
-                Self::$v(a.view())
-            }
-        }
-        impl<'a> From<&'a Array2<$t>> for Mask<'a> {
-            fn from(a: &'a Array2<$t>) -> Self {
-                Self::$v(a.view())
-            }
-        }
-        impl<'a, 'b> From<&'a ArrayView2<'b, $t>> for Mask<'a> {
-            fn from(a: &'a ArrayView2<'b, $t>) -> Self {
-                Self::$v(a.view())
-            }
-        }
-    )*};
-}
-mask_from!(bool => Bool, u8 => U8, f32 => F32, f64 => F64);
 
-impl Mask<'_> {
+        $(
+            impl<'a> From<ArrayView2<'a, $t>> for Mask<'a> {
+                fn from(v: ArrayView2<'a, $t>) -> Self {
+                    Self::$v(v)
+                }
+            }
+            impl<'a> From<&'a ArrayRef2<$t>> for Mask<'a> {
+                fn from(a: &'a ArrayRef2<$t>) -> Self {
+                    Self::$v(a.view())
+                }
+            }
+            impl<'a> From<&'a Array2<$t>> for Mask<'a> {
+                fn from(a: &'a Array2<$t>) -> Self {
+                    Self::$v(a.view())
+                }
+            }
+            impl<'a, 'b> From<&'a ArrayView2<'b, $t>> for Mask<'a> {
+                fn from(a: &'a ArrayView2<'b, $t>) -> Self {
+                    Self::$v(a.view())
+                }
+            }
+        )*
+    };
+}
+crate::float::mask_types!(define_masks!());
+
+impl<'a> Mask<'a> {
     /// (B, L).
+    ///
+    /// ```
+    /// let m = cppo::ndarray::Array2::<bool>::from_elem((2, 5), true);
+    /// assert_eq!(cppo::Mask::from(&m).dim(), (2, 5));
+    /// ```
     pub fn dim(&self) -> (usize, usize) {
-        match self {
-            Self::Bool(m) => m.dim(),
-            Self::U8(m) => m.dim(),
-            Self::F32(m) => m.dim(),
-            Self::F64(m) => m.dim(),
+        with_mask!(self, Mask, |m| m.dim())
+    }
+
+    /// A reborrow of the mask for a shorter lifetime (ndarray's views are invariant in
+    /// their lifetime, so a `Mask<'a>` held in a struct does not shorten by itself).
+    ///
+    /// ```
+    /// let m = cppo::ndarray::array![[true, false]];
+    /// let mask = cppo::Mask::from(&m);
+    /// assert_eq!(mask.view().dim(), (1, 2));
+    /// ```
+    pub fn view(&self) -> Mask<'_> {
+        macro_rules! view {
+            (; $($v:ident: $t:ty,)*) => {
+                match self {
+                    $( Self::$v(m) => Mask::$v(m.view()), )*
+                }
+            };
         }
+        crate::float::mask_types!(view!())
+    }
+
+    /// Columns `range` of every row: the mask of a column chunk.
+    ///
+    /// ```
+    /// let m = cppo::ndarray::array![[1u8, 1, 0, 0]];
+    /// let chunk = cppo::Mask::from(&m).columns(1..3);
+    /// assert_eq!(chunk.dim(), (1, 2));
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `range` is not within `0..L`, as ndarray's slicing does.
+    pub fn columns(self, range: std::ops::Range<usize>) -> Self {
+        macro_rules! columns {
+            (; $($v:ident: $t:ty,)*) => {
+                match self {
+                    $( Self::$v(m) => Self::$v(m.slice_move(ndarray::s![.., range])), )*
+                }
+            };
+        }
+        crate::float::mask_types!(columns!())
+    }
+
+    /// Row `i`.
+    pub(crate) fn row(&self, i: usize) -> MaskRow<'a> {
+        macro_rules! rows {
+            (; $($v:ident: $t:ty,)*) => {
+                match *self {
+                    $( Self::$v(m) => MaskRow::$v(m.index_axis_move(Axis(0), i)), )*
+                }
+            };
+        }
+        crate::float::mask_types!(rows!())
     }
 
     /// Number of nonzero values in row `i` (a NaN counts: it is not zero), without checks.
     pub(crate) fn row_len_unchecked(&self, i: usize) -> usize {
-        fn count<M: MaskElem>(row: ArrayView1<'_, M>) -> usize {
-            row.iter().filter(|m| m.is_on()).count()
-        }
-        match self {
-            Self::Bool(m) => count(m.row(i)),
-            Self::U8(m) => count(m.row(i)),
-            Self::F32(m) => count(m.row(i)),
-            Self::F64(m) => count(m.row(i)),
-        }
+        self.row(i).len_unchecked()
     }
 
     /// Number of response tokens in row `i`, or the first invalid (non-finite) mask
     /// value in it.
     pub(crate) fn row_len(&self, i: usize) -> Result<usize> {
-        fn count<M: MaskElem>(row: ArrayView1<'_, M>, i: usize) -> Result<usize> {
+        fn count<M: MaskElem>(row: &ArrayView1<'_, M>, i: usize) -> Result<usize> {
             let mut n = 0;
             for (j, &m) in row.iter().enumerate() {
                 if !m.is_valid() {
@@ -157,12 +218,31 @@ impl Mask<'_> {
             }
             Ok(n)
         }
-        match self {
-            Self::Bool(m) => Ok(m.row(i).iter().filter(|&&b| b).count()),
-            Self::U8(m) => Ok(m.row(i).iter().filter(|&&b| b != 0).count()),
-            Self::F32(m) => count(m.row(i), i),
-            Self::F64(m) => count(m.row(i), i),
+        with_mask!(&self.row(i), MaskRow, |m| count(m, i))
+    }
+
+    /// Whether (i, j) is a response token; an error for a non-finite float mask value.
+    fn at(&self, i: usize, j: usize) -> Result<bool> {
+        fn at<M: MaskElem>(m: &ArrayView2<'_, M>, i: usize, j: usize) -> Result<bool> {
+            let v = m[[i, j]];
+            if v.is_valid() {
+                Ok(v.is_on())
+            } else {
+                Err(Error::NonFinite {
+                    array: "mask",
+                    at: At::new(i, j),
+                    value: v.to_f64(),
+                })
+            }
         }
+        with_mask!(self, Mask, |m| at(m, i, j))
+    }
+}
+
+impl MaskRow<'_> {
+    /// Number of nonzero values (a NaN counts: it is not zero), without checks.
+    pub(crate) fn len_unchecked(&self) -> usize {
+        with_mask!(self, MaskRow, |m| m.iter().filter(|x| x.is_on()).count())
     }
 }
 
@@ -286,15 +366,7 @@ impl<'a, F: Float> Batch<'a, F> {
 
     /// Adds the reference policy's log-probs (B, L), for the KL penalty.
     pub fn with_logp_ref(mut self, logp_ref: &'a ArrayRef2<F>) -> Result<Self> {
-        let (b, l) = self.shape();
-        if logp_ref.dim() != (b, l) {
-            return Err(shape_err(
-                "logp_ref",
-                format!("({b}, {l})"),
-                logp_ref.shape(),
-            ));
-        }
-        self.logp_ref = Some(logp_ref.view());
+        self.logp_ref = Some(self.same_shape("logp_ref", logp_ref)?);
         Ok(self)
     }
 
@@ -316,16 +388,18 @@ impl<'a, F: Float> Batch<'a, F> {
     /// # Ok::<(), cppo::Error>(())
     /// ```
     pub fn with_is_weights(mut self, is_weights: &'a ArrayRef2<F>) -> Result<Self> {
-        let (b, l) = self.shape();
-        if is_weights.dim() != (b, l) {
-            return Err(shape_err(
-                "is_weights",
-                format!("({b}, {l})"),
-                is_weights.shape(),
-            ));
-        }
-        self.is_weights = Some(is_weights.view());
+        self.is_weights = Some(self.same_shape("is_weights", is_weights)?);
         Ok(self)
+    }
+
+    /// A view of `a`, checked to be (B, L).
+    fn same_shape(&self, array: &'static str, a: &'a ArrayRef2<F>) -> Result<ArrayView2<'a, F>> {
+        let (b, l) = self.shape();
+        if a.dim() == (b, l) {
+            Ok(a.view())
+        } else {
+            Err(shape_err(array, format!("({b}, {l})"), a.shape()))
+        }
     }
 
     /// (B, L).
@@ -394,7 +468,7 @@ impl<'a, F: Float> Batch<'a, F> {
         let (b, l) = self.shape();
         for i in 0..b {
             for j in 0..l {
-                if self.mask_at(i, j)? {
+                if self.mask.at(i, j)? {
                     self.read_logp(i, j)?;
                     self.read_logp_old(i, j)?;
                     self.read_adv(i, j)?;
@@ -418,28 +492,6 @@ impl<'a, F: Float> Batch<'a, F> {
             }
         }
         Ok(())
-    }
-
-    /// Whether (i, j) is a response token; an error for a non-finite float mask value.
-    fn mask_at(&self, i: usize, j: usize) -> Result<bool> {
-        fn at<M: MaskElem>(m: &ArrayView2<'_, M>, i: usize, j: usize) -> Result<bool> {
-            let v = m[[i, j]];
-            if v.is_valid() {
-                Ok(v.is_on())
-            } else {
-                Err(Error::NonFinite {
-                    array: "mask",
-                    at: At::new(i, j),
-                    value: v.to_f64(),
-                })
-            }
-        }
-        match &self.mask {
-            Mask::Bool(m) => at(m, i, j),
-            Mask::U8(m) => at(m, i, j),
-            Mask::F32(m) => at(m, i, j),
-            Mask::F64(m) => at(m, i, j),
-        }
     }
 
     /// Row `i`'s one advantage, when advantages are given per row.
@@ -522,28 +574,3 @@ pub(crate) fn read_logprob<F: Float>(x: F, array: &'static str, at: At) -> Resul
         })
     }
 }
-
-/// Runs `$body` with `$m` bound to row `$i` of the batch's mask, whatever its type.
-macro_rules! with_mask_row {
-    ($batch:expr, $i:expr, |$m:ident| $body:expr) => {
-        match $batch.mask {
-            $crate::batch::Mask::Bool(all) => {
-                let $m = all.index_axis_move(ndarray::Axis(0), $i);
-                $body
-            }
-            $crate::batch::Mask::U8(all) => {
-                let $m = all.index_axis_move(ndarray::Axis(0), $i);
-                $body
-            }
-            $crate::batch::Mask::F32(all) => {
-                let $m = all.index_axis_move(ndarray::Axis(0), $i);
-                $body
-            }
-            $crate::batch::Mask::F64(all) => {
-                let $m = all.index_axis_move(ndarray::Axis(0), $i);
-                $body
-            }
-        }
-    };
-}
-pub(crate) use with_mask_row;

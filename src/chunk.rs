@@ -84,11 +84,11 @@ use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Counts;
-use crate::batch::{Batch, with_mask_row};
+use crate::batch::Batch;
 use crate::config::Config;
 use crate::engine::{Summary, check_call, check_overrides, denominators};
 use crate::error::{Error, Result};
-use crate::float::{Float, MaskElem};
+use crate::float::Float;
 use crate::kernel::lanes::RowIn;
 use crate::kernel::row_stats::{RowStats, divergence_row, needs_row_stats, row_facts, row_stats};
 use crate::kernel::{Plan, Prefix, run_row};
@@ -408,9 +408,7 @@ pub fn row_partials_into<F: Float>(
     let one = |i: usize| -> Result<RowPartial> {
         let tokens = chunk.mask.row_len(i)?;
         let stats = if needs_row_stats(cfg) && tokens > 0 {
-            with_mask_row!(chunk, i, |mask| {
-                row_stats(cfg, &RowIn::new(cfg, chunk, mask, i, pos.col0)?, None)
-            })?
+            row_stats(cfg, &RowIn::new(cfg, chunk, i, pos.col0)?, None)?
         } else {
             RowStats::default()
         };
@@ -489,9 +487,7 @@ pub fn divergences_into<F: Float>(
     }
     let mut rows: Vec<_> = out.axis_iter_mut(Axis(0)).collect();
     let one = |i: usize, dst: &mut ndarray::ArrayViewMut1<'_, f64>| -> Result<()> {
-        with_mask_row!(chunk, i, |mask| {
-            divergence_row(&RowIn::new(cfg, chunk, mask, i, pos.col0)?, dst)
-        })
+        divergence_row(&RowIn::new(cfg, chunk, i, pos.col0)?, dst)
     };
     let seq = |rows: &mut [ndarray::ArrayViewMut1<'_, f64>]| {
         for (i, r) in rows.iter_mut().enumerate() {
@@ -668,9 +664,7 @@ pub fn evaluate_chunk_into<F: Float>(
     let row_fn = |i: usize, out: RowOut<'_, F>, carry: Option<&mut Carry>| -> Result<Tally> {
         let mut fresh = Carry::default();
         let carry = carry.unwrap_or(&mut fresh);
-        with_mask_row!(chunk, i, |mask| chunk_row(
-            &plan, chunk, mask, i, lc, &rows[i], carry, out
-        ))
+        chunk_row(&plan, chunk, i, lc, &rows[i], carry, out)
     };
     let tally = run_rows((b, lc), out, Some(carries), par, &row_fn)?;
     check_overrides(cfg, whole)?;
@@ -683,11 +677,9 @@ pub fn evaluate_chunk_into<F: Float>(
 }
 
 /// One row of a chunk: check the carry, sweep from it, advance it.
-#[allow(clippy::too_many_arguments)]
-fn chunk_row<'a, F: Float, M: MaskElem>(
+fn chunk_row<F: Float>(
     plan: &Plan<'_>,
-    chunk: &Batch<'a, F>,
-    mask: ndarray::ArrayView1<'a, M>,
+    chunk: &Batch<'_, F>,
     i: usize,
     lc: usize,
     whole: &WholeRow,
@@ -712,7 +704,7 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
             ),
         });
     }
-    let here = mask.iter().filter(|m| m.is_on()).count();
+    let here = chunk.mask.row_len_unchecked(i);
     if (carry.prefix.t + here) as u64 > whole.tokens {
         return Err(Error::ChunkMismatch {
             row: i,
@@ -723,7 +715,7 @@ fn chunk_row<'a, F: Float, M: MaskElem>(
             ),
         });
     }
-    let row = RowIn::new(plan.cfg, chunk, mask, i, col0)?;
+    let row = RowIn::new(plan.cfg, chunk, i, col0)?;
     let facts = row_facts(
         plan.cfg,
         whole.tokens as usize,

@@ -33,7 +33,7 @@
 //! ```
 
 use crate::aggregate::Counts;
-use crate::batch::{Batch, with_mask_row};
+use crate::batch::Batch;
 use crate::config::Config;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
@@ -137,16 +137,11 @@ pub fn evaluate_into<F: Float>(
         col0: 0,
     };
     let row_fn = |i: usize, out: RowOut<'_, F>, _: Option<&mut ()>| {
-        with_mask_row!(batch, i, |mask| {
-            // An invalid mask value counts here; the sweep reports it in its place.
-            let row_len = mask
-                .iter()
-                .filter(|m| crate::float::MaskElem::is_on(**m))
-                .count();
-            let row = RowIn::new(cfg, batch, mask, i, 0)?;
-            let facts = whole_row_facts(cfg, &row, row_len)?;
-            run_row(&plan, &row, &facts, &mut Prefix::default(), out)
-        })
+        // An invalid mask value counts here; the sweep reports it in its place.
+        let row_len = batch.mask.row_len_unchecked(i);
+        let row = RowIn::new(cfg, batch, i, 0)?;
+        let facts = whole_row_facts(cfg, &row, row_len)?;
+        run_row(&plan, &row, &facts, &mut Prefix::default(), out)
     };
     let tally = run_rows::<F, ()>(batch.shape(), out, None, par, &row_fn)?;
     check_overrides(cfg, counts)?;

@@ -11,7 +11,6 @@ mod sealed {
     impl Sealed for f32 {}
     impl Sealed for f64 {}
     impl Sealed for bool {}
-    impl Sealed for u8 {}
 }
 
 /// A floating-point input and output type: `f32` or `f64`. Sealed.
@@ -58,10 +57,17 @@ impl Float for f64 {
     }
 }
 
-/// An element type for the response mask: `bool`, `u8`, `f32` or `f64`. Sealed.
+/// An element type for the response mask: `bool`, an integer type (`u8`, `i8` to `i64`,
+/// `u16` to `u64`), `f32` or `f64`. Sealed.
 ///
 /// A position is a response token when its mask value is nonzero. A float mask must be
 /// finite everywhere (a NaN mask value is an error, not a guess).
+///
+/// ```
+/// use cppo::MaskElem;
+/// assert!(7i64.is_on() && !0u16.is_on());
+/// assert!(!f32::NAN.is_valid() && f32::NAN.is_on());
+/// ```
 pub trait MaskElem: sealed::Sealed + Copy + Send + Sync + 'static {
     /// Whether some values of this type are invalid (NaN or infinite floats).
     const CAN_BE_INVALID: bool;
@@ -91,50 +97,87 @@ impl MaskElem for bool {
     }
 }
 
-impl MaskElem for u8 {
-    const CAN_BE_INVALID: bool = false;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    #[inline(always)]
-    fn is_on(self) -> bool {
-        self != 0
-    }
-    #[inline(always)]
-    fn is_valid(self) -> bool {
-        true
-    }
+macro_rules! int_masks {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl MaskElem for $t {
+            const CAN_BE_INVALID: bool = false;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn is_on(self) -> bool {
+                self != 0
+            }
+            #[inline(always)]
+            fn is_valid(self) -> bool {
+                true
+            }
+        }
+    )*};
 }
+int_masks!(u8, i8, i16, i32, i64, u16, u32, u64);
 
-impl MaskElem for f32 {
-    const CAN_BE_INVALID: bool = true;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    #[inline(always)]
-    fn is_on(self) -> bool {
-        self != 0.0
-    }
-    #[inline(always)]
-    fn is_valid(self) -> bool {
-        self.is_finite()
-    }
+macro_rules! float_masks {
+    ($($t:ty),*) => {$(
+        impl MaskElem for $t {
+            const CAN_BE_INVALID: bool = true;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                f64::from(self)
+            }
+            #[inline(always)]
+            fn is_on(self) -> bool {
+                self != 0.0
+            }
+            #[inline(always)]
+            fn is_valid(self) -> bool {
+                self.is_finite()
+            }
+        }
+    )*};
 }
+float_masks!(f32, f64);
 
-impl MaskElem for f64 {
-    const CAN_BE_INVALID: bool = true;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn is_on(self) -> bool {
-        self != 0.0
-    }
-    #[inline(always)]
-    fn is_valid(self) -> bool {
-        self.is_finite()
-    }
+/// Calls `$cb!(pre...; Variant: type, ...)` with every mask element type and the name of
+/// its [`Mask`] variant: the one list the mask enums and their dispatch come from.
+///
+/// [`Mask`]: crate::Mask
+macro_rules! mask_types {
+    ($cb:ident ! ( $($pre:tt)* )) => {
+        $cb! { $($pre)* ;
+            Bool: bool,
+            U8: u8,
+            I8: i8,
+            I16: i16,
+            I32: i32,
+            I64: i64,
+            U16: u16,
+            U32: u32,
+            U64: u64,
+            F32: f32,
+            F64: f64,
+        }
+    };
 }
+pub(crate) use mask_types;
+
+/// Runs `$body` with `$m` bound to the view inside a mask enum (`Mask`, `MaskRow`,
+/// `MaskLane`), whatever its element type.
+macro_rules! with_mask {
+    ($mask:expr, $enum:ident, |$m:ident| $body:expr) => {
+        $crate::float::mask_types!(dispatch_mask!($mask, $enum, $m, $body))
+    };
+}
+pub(crate) use with_mask;
+
+/// The `match` of [`with_mask`].
+macro_rules! dispatch_mask {
+    ($mask:expr, $enum:ident, $m:ident, $body:expr ; $($v:ident: $t:ty,)*) => {
+        match $mask {
+            $( $enum::$v($m) => $body, )*
+        }
+    };
+}
+pub(crate) use dispatch_mask;

@@ -541,9 +541,10 @@ impl Rule {
 // ---------------------------------------------------------------------------------------
 
 /// The rule kinds, as configs spell them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Kind {
+    #[default]
     None,
     Ratio,
     Dppo,
@@ -560,32 +561,49 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-/// Every field any rule kind has; which ones a kind accepts is checked after reading.
-#[derive(Deserialize)]
+/// The wire form, both ways: every field any rule kind has. Which ones a kind accepts is
+/// checked after reading; writing sets those of the rule's kind.
+#[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Wire {
     kind: Kind,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     eps_low: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     eps_high: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     delta: Option<f64>,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
     delta_b: Option<Option<f64>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     w_min: Option<f64>,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
     horizon: Option<Option<usize>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     positions: Option<Positions>,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
     calibration: Option<Option<Calibration>>,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
     shuffle_seed: Option<Option<u64>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     gate: Option<GateKind>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     tau: Option<f64>,
 }
 
@@ -597,23 +615,6 @@ enum GateKind {
 }
 
 impl Wire {
-    fn kind_only(kind: Kind) -> Self {
-        Self {
-            kind,
-            eps_low: None,
-            eps_high: None,
-            delta: None,
-            delta_b: None,
-            w_min: None,
-            horizon: None,
-            positions: None,
-            calibration: None,
-            shuffle_seed: None,
-            gate: None,
-            tau: None,
-        }
-    }
-
     /// The names of the fields given, in declaration order.
     fn given(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
@@ -634,6 +635,56 @@ impl Wire {
         add(self.gate.is_some(), "gate");
         add(self.tau.is_some(), "tau");
         v
+    }
+
+    /// The rule's own wire form.
+    fn of(rule: &Rule) -> Self {
+        match *rule {
+            Rule::None => Self::default(),
+            Rule::Ratio { eps_low, eps_high } => Self {
+                kind: Kind::Ratio,
+                eps_low: Some(eps_low),
+                eps_high: Some(eps_high),
+                ..Self::default()
+            },
+            Rule::Dppo { delta } => Self {
+                kind: Kind::Dppo,
+                delta: Some(delta),
+                ..Self::default()
+            },
+            Rule::TrmMax { delta } => Self {
+                kind: Kind::TrmMax,
+                delta: Some(delta),
+                ..Self::default()
+            },
+            Rule::TrmAvg { delta } => Self {
+                kind: Kind::TrmAvg,
+                delta: Some(delta),
+                ..Self::default()
+            },
+            Rule::Cppo(p) => {
+                let (kind, gate, tau) = match p.gate {
+                    None => (Kind::Cppo, None, None),
+                    Some(Gate::Inverse) => (Kind::CppoSoft, Some(GateKind::Inverse), None),
+                    Some(Gate::Sigmoid { tau }) => {
+                        (Kind::CppoSoft, Some(GateKind::Sigmoid), Some(tau))
+                    }
+                };
+                Self {
+                    kind,
+                    delta: Some(p.delta),
+                    delta_b: Some(p.delta_b),
+                    w_min: Some(p.w_min),
+                    horizon: Some(p.horizon),
+                    positions: Some(p.positions),
+                    calibration: Some(p.calibration),
+                    shuffle_seed: Some(p.shuffle_seed),
+                    gate,
+                    tau,
+                    ..Self::default()
+                }
+            }
+        }
     }
 
     fn into_rule(self) -> std::result::Result<Rule, String> {
@@ -725,7 +776,12 @@ impl<'de> Deserialize<'de> for Rule {
             }
             fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Rule, E> {
                 let kind = Kind::deserialize(de::value::StrDeserializer::<E>::new(s))?;
-                Wire::kind_only(kind).into_rule().map_err(E::custom)
+                Wire {
+                    kind,
+                    ..Wire::default()
+                }
+                .into_rule()
+                .map_err(E::custom)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<Rule, A::Error> {
                 let wire = Wire::deserialize(de::value::MapAccessDeserializer::new(map))?;
@@ -736,77 +792,8 @@ impl<'de> Deserialize<'de> for Rule {
     }
 }
 
-/// The serialized form: `kind` and every parameter of that kind.
-#[derive(Serialize)]
-struct WireOut {
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eps_low: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eps_high: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    delta: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    delta_b: Option<Option<f64>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    w_min: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    horizon: Option<Option<usize>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    positions: Option<Positions>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    calibration: Option<Option<Calibration>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shuffle_seed: Option<Option<u64>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gate: Option<GateKind>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tau: Option<f64>,
-}
-
 impl Serialize for Rule {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut w = WireOut {
-            kind: self.name(),
-            eps_low: None,
-            eps_high: None,
-            delta: None,
-            delta_b: None,
-            w_min: None,
-            horizon: None,
-            positions: None,
-            calibration: None,
-            shuffle_seed: None,
-            gate: None,
-            tau: None,
-        };
-        match *self {
-            Self::None => {}
-            Self::Ratio { eps_low, eps_high } => {
-                w.eps_low = Some(eps_low);
-                w.eps_high = Some(eps_high);
-            }
-            Self::Dppo { delta } | Self::TrmMax { delta } | Self::TrmAvg { delta } => {
-                w.delta = Some(delta);
-            }
-            Self::Cppo(p) => {
-                w.delta = Some(p.delta);
-                w.delta_b = Some(p.delta_b);
-                w.w_min = Some(p.w_min);
-                w.horizon = Some(p.horizon);
-                w.positions = Some(p.positions);
-                w.calibration = Some(p.calibration);
-                w.shuffle_seed = Some(p.shuffle_seed);
-                match p.gate {
-                    None => {}
-                    Some(Gate::Inverse) => w.gate = Some(GateKind::Inverse),
-                    Some(Gate::Sigmoid { tau }) => {
-                        w.gate = Some(GateKind::Sigmoid);
-                        w.tau = Some(tau);
-                    }
-                }
-            }
-        }
-        w.serialize(s)
+        Wire::of(self).serialize(s)
     }
 }

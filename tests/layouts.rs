@@ -322,12 +322,21 @@ impl<T: Clone> Held3<T> {
 enum MaskKind {
     Bool,
     U8,
+    I32,
+    I64,
     F32,
     F64,
 }
 
 impl MaskKind {
-    const ALL: [MaskKind; 4] = [MaskKind::Bool, MaskKind::U8, MaskKind::F32, MaskKind::F64];
+    const ALL: [MaskKind; 6] = [
+        MaskKind::Bool,
+        MaskKind::U8,
+        MaskKind::I32,
+        MaskKind::I64,
+        MaskKind::F32,
+        MaskKind::F64,
+    ];
 }
 
 /// A case's mask in one element type, row-major.
@@ -335,6 +344,8 @@ impl MaskKind {
 enum MaskData {
     Bool(Array2<bool>),
     U8(Array2<u8>),
+    I32(Array2<i32>),
+    I64(Array2<i64>),
     F32(Array2<f32>),
     F64(Array2<f64>),
 }
@@ -360,17 +371,31 @@ impl MaskData {
             MaskKind::U8 => Self::U8(Array2::from_shape_fn(mask.dim(), |ij| {
                 if mask[ij] { 1 + (h(ij) % 255) as u8 } else { 0 }
             })),
+            MaskKind::I32 => Self::I32(Array2::from_shape_fn(mask.dim(), |ij| {
+                if mask[ij] {
+                    -1 - (h(ij) % 1000) as i32
+                } else {
+                    0
+                }
+            })),
+            MaskKind::I64 => Self::I64(Array2::from_shape_fn(mask.dim(), |ij| {
+                if mask[ij] {
+                    i64::MAX - (h(ij) % 3) as i64
+                } else {
+                    0
+                }
+            })),
             MaskKind::F32 => Self::F32(Array2::from_shape_fn(mask.dim(), |ij| float(ij) as f32)),
             MaskKind::F64 => Self::F64(Array2::from_shape_fn(mask.dim(), float)),
         }
     }
 
-    /// Puts a NaN at (i, j) of a float mask; false for a bool or u8 mask.
+    /// Puts a NaN at (i, j) of a float mask; false for a bool or integer mask.
     fn set_nan(&mut self, i: usize, j: usize) -> bool {
         match self {
             Self::F32(m) => m[[i, j]] = f32::NAN,
             Self::F64(m) => m[[i, j]] = f64::NAN,
-            Self::Bool(_) | Self::U8(_) => return false,
+            Self::Bool(_) | Self::U8(_) | Self::I32(_) | Self::I64(_) => return false,
         }
         true
     }
@@ -381,6 +406,8 @@ impl MaskData {
         match self {
             Self::Bool(m) => HeldMask::Bool(Held2::new(kind, m.view(), true)),
             Self::U8(m) => HeldMask::U8(Held2::new(kind, m.view(), 1)),
+            Self::I32(m) => HeldMask::I32(Held2::new(kind, m.view(), 1)),
+            Self::I64(m) => HeldMask::I64(Held2::new(kind, m.view(), 1)),
             Self::F32(m) => HeldMask::F32(Held2::new(kind, m.view(), f32::NAN)),
             Self::F64(m) => HeldMask::F64(Held2::new(kind, m.view(), f64::NAN)),
         }
@@ -391,6 +418,8 @@ impl MaskData {
 enum HeldMask {
     Bool(Held2<bool>),
     U8(Held2<u8>),
+    I32(Held2<i32>),
+    I64(Held2<i64>),
     F32(Held2<f32>),
     F64(Held2<f64>),
 }
@@ -400,6 +429,8 @@ impl HeldMask {
         match self {
             Self::Bool(m) => Mask::Bool(m.view()),
             Self::U8(m) => Mask::U8(m.view()),
+            Self::I32(m) => Mask::I32(m.view()),
+            Self::I64(m) => Mask::I64(m.view()),
             Self::F32(m) => Mask::F32(m.view()),
             Self::F64(m) => Mask::F64(m.view()),
         }
@@ -520,18 +551,12 @@ struct Views<'a, F> {
 
 impl<'a, F: Float> Views<'a, F> {
     fn batch<'s>(&'s self) -> Batch<'s, F> {
-        // Views are invariant in their lifetime: reborrow the advantages and the mask
-        // for the lifetime of the batch.
+        // Reborrow the advantages for the lifetime of the batch.
         let adv = match &self.adv {
             Advantages::PerToken(a) => Advantages::PerToken(a.view()),
             Advantages::PerRow(a) => Advantages::PerRow(a.view()),
         };
-        let mask = match &self.mask {
-            Mask::Bool(m) => Mask::Bool(m.view()),
-            Mask::U8(m) => Mask::U8(m.view()),
-            Mask::F32(m) => Mask::F32(m.view()),
-            Mask::F64(m) => Mask::F64(m.view()),
-        };
+        let mask = self.mask.view();
         let b = Batch::new(&self.logp, &self.logp_old, adv, mask).expect("shapes");
         let b = match &self.topk {
             Some((o, n)) => b.with_topk(o, n).expect("top-K shapes"),
@@ -557,12 +582,7 @@ impl<'a, F: Float> Views<'a, F> {
                 Advantages::PerToken(a) => Advantages::PerToken(cols2(a)),
                 Advantages::PerRow(a) => Advantages::PerRow(a),
             },
-            mask: match self.mask {
-                Mask::Bool(m) => Mask::Bool(m.slice_move(s![.., c0..c1])),
-                Mask::U8(m) => Mask::U8(m.slice_move(s![.., c0..c1])),
-                Mask::F32(m) => Mask::F32(m.slice_move(s![.., c0..c1])),
-                Mask::F64(m) => Mask::F64(m.slice_move(s![.., c0..c1])),
-            },
+            mask: self.mask.columns(c0..c1),
             topk: self.topk.map(|(o, n)| {
                 (
                     o.slice_move(s![.., c0..c1, ..]),

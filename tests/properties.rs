@@ -275,8 +275,9 @@ fn check_padding_is_never_read(case: &Case<f64>, s1: u64, s2: u64) -> TestCaseRe
     Ok(())
 }
 
-/// bool, u8, f32 and f64 masks with the same nonzero set, arbitrary nonzero values and
-/// zeros of either sign: same bits.
+/// Masks of every element type with the same nonzero set, arbitrary nonzero values
+/// (negative ones in signed types, the type's extremes among them) and zeros of either
+/// sign: same bits.
 fn check_mask_element_types_agree(case: &Case<f64>, seed: u64) -> TestCaseResult {
     const ON: [f64; 6] = [1.0, 0.5, -2.0, 1e-30, 3e20, -1e-3];
     let h = |i: usize, j: usize| mix(seed ^ mix((i * 1000 + j) as u64));
@@ -287,18 +288,48 @@ fn check_mask_element_types_agree(case: &Case<f64>, seed: u64) -> TestCaseResult
         (false, _) => 0.0,
     });
     let m32 = m64.mapv(|x| x as f32);
-    let mu8 = Array2::from_shape_fn(m.dim(), |(i, j)| {
-        if m[[i, j]] {
-            1 + (h(i, j) % 255) as u8
-        } else {
-            0
-        }
-    });
+    // A nonzero integer from the hash: the type's MAX, its MIN (MAX / 2 if unsigned),
+    // or ±(1..=100) (a negative value wraps to a large one in an unsigned type).
+    macro_rules! int_mask {
+        ($t:ty) => {
+            Array2::from_shape_fn(m.dim(), |(i, j)| -> $t {
+                let h = h(i, j);
+                let v = 1 + ((h >> 8) % 100) as i64;
+                match (m[[i, j]], h % 8) {
+                    (false, _) => 0,
+                    (true, 0) => <$t>::MAX,
+                    (true, 1) if <$t>::MIN == 0 => <$t>::MAX / 2,
+                    (true, 1) => <$t>::MIN,
+                    (true, 2..=4) => (-v) as $t,
+                    (true, _) => v as $t,
+                }
+            })
+        };
+    }
     let base = case.eval(Par::Seq).unwrap();
+    let (i8s, i16s, i32s, i64s) = (
+        int_mask!(i8),
+        int_mask!(i16),
+        int_mask!(i32),
+        int_mask!(i64),
+    );
+    let (u8s, u16s, u32s, u64s) = (
+        int_mask!(u8),
+        int_mask!(u16),
+        int_mask!(u32),
+        int_mask!(u64),
+    );
     for batch in [
         case.batch_with_mask(&m64),
         case.batch_with_mask(&m32),
-        case.batch_with_mask(&mu8),
+        case.batch_with_mask(&i8s),
+        case.batch_with_mask(&i16s),
+        case.batch_with_mask(&i32s),
+        case.batch_with_mask(&i64s),
+        case.batch_with_mask(&u8s),
+        case.batch_with_mask(&u16s),
+        case.batch_with_mask(&u32s),
+        case.batch_with_mask(&u64s),
     ] {
         let e = evaluate(&case.cfg, &batch, Par::Seq).unwrap();
         same_eval(&base, &e).map_err(TestCaseError::fail)?;

@@ -14,7 +14,7 @@ use super::topk::TopkScratch;
 use crate::batch::{read_logprob, read_weight};
 use crate::divergence::LOGP_TOLERANCE;
 use crate::error::{Error, Result};
-use crate::float::{Float, MaskElem};
+use crate::float::Float;
 
 /// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
 #[inline(always)]
@@ -51,18 +51,13 @@ pub(crate) fn block_ok(st: &InStage) -> bool {
 /// The error of token k of the staged block, in the order mask, logp, logp_old,
 /// advantages; `None` if those are fine.
 #[cold]
-fn staged_error<F: Float, M: MaskElem>(
-    row: &RowIn<'_, F, M>,
-    st: &InStage,
-    k: usize,
-    pos: Pos,
-) -> Result<()> {
+fn staged_error<F: Float>(row: &RowIn<'_, F>, st: &InStage, k: usize, pos: Pos) -> Result<()> {
     let at = pos.at();
     if !st.mask_ok[k] {
         return Err(Error::NonFinite {
             array: "mask",
             at,
-            value: row.mask.get(pos.j).to_f64(),
+            value: row.mask.get(pos.j),
         });
     }
     if !st.on[k] {
@@ -84,8 +79,8 @@ fn staged_error<F: Float, M: MaskElem>(
 /// first bad value as an error, else the values the vectorized passes would give.
 #[cold]
 #[inline(never)]
-pub(crate) fn ordered_block<F: Float, M: MaskElem>(
-    row: &RowIn<'_, F, M>,
+pub(crate) fn ordered_block<F: Float>(
+    row: &RowIn<'_, F>,
     st: &InStage,
     j0: usize,
     wk: &mut Work,

@@ -9,14 +9,14 @@ use super::lanes::{DivRow, InStage, Pos, RowIn};
 use super::topk::{TopkScratch, topk_block, topk_divergence};
 use crate::divergence::{binary_kl_from_parts, binary_kl_rest_ratio};
 use crate::error::Result;
-use crate::float::{Float, MaskElem};
+use crate::float::Float;
 use crate::simd::{ln as simd_ln, ln_to};
 
 /// D_t of the staged block into `d` (0 off the mask); `false` if a response token has
 /// an invalid top-K entry (the caller then finds it in order).
 #[inline(always)]
-pub(crate) fn block_divergences<F: Float, M: MaskElem>(
-    row: &RowIn<'_, F, M>,
+pub(crate) fn block_divergences<F: Float>(
+    row: &RowIn<'_, F>,
     st: &InStage,
     j0: usize,
     d: &mut [f64; BLK],
@@ -83,8 +83,8 @@ pub(crate) fn k3(rho: f64, r: f64) -> f64 {
 
 /// D_t of checked response token k of the staged block, at `pos`; the error of its
 /// first invalid top-K entry.
-pub(crate) fn token_divergence<F: Float, M>(
-    row: &RowIn<'_, F, M>,
+pub(crate) fn token_divergence<F: Float>(
+    row: &RowIn<'_, F>,
     st: &InStage,
     k: usize,
     pos: Pos,

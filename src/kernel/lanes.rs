@@ -11,11 +11,11 @@ use ndarray::{ArrayView1, Axis, s};
 
 use super::BLK;
 use super::topk::TopkRow;
-use crate::batch::{Advantages, Batch};
+use crate::batch::{Advantages, Batch, MaskRow};
 use crate::config::Config;
 use crate::divergence::Divergence;
 use crate::error::{At, Error, Result};
-use crate::float::{Float, MaskElem};
+use crate::float::{Float, MaskElem, dispatch_mask, with_mask};
 use crate::objective::{KlPenalty, LOG_RATIO_CLAMP};
 use crate::simd::{exp as simd_exp, exp_to};
 
@@ -112,13 +112,54 @@ impl Pos {
     }
 }
 
+macro_rules! define_mask_lane {
+    (; $($v:ident: $t:ty,)*) => {
+        /// One row of the mask, in its element type.
+        pub(crate) enum MaskLane<'a> {
+            $( $v(Lane<'a, $t>), )*
+        }
+
+        impl<'a> MaskLane<'a> {
+            fn new(row: MaskRow<'a>) -> Self {
+                match row {
+                    $( MaskRow::$v(m) => Self::$v(Lane::new(m)), )*
+                }
+            }
+        }
+    };
+}
+crate::float::mask_types!(define_mask_lane!());
+
+impl MaskLane<'_> {
+    /// Columns `j0..j0 + on.len()`: whether each is a response token, and (for float
+    /// masks) whether each value is allowed; `ok` is left alone for the other types.
+    /// One dispatch on the element type a block.
+    #[inline(always)]
+    pub(crate) fn load(&self, j0: usize, on: &mut [bool], ok: &mut [bool]) {
+        #[inline(always)]
+        fn go<M: MaskElem>(lane: &Lane<'_, M>, j0: usize, on: &mut [bool], ok: &mut [bool]) {
+            lane.load(j0, on, M::is_on);
+            if M::CAN_BE_INVALID {
+                lane.load(j0, ok, M::is_valid);
+            }
+        }
+        with_mask!(self, MaskLane, |lane| go(lane, j0, on, ok))
+    }
+
+    /// The value at column `j`, widened.
+    #[cold]
+    pub(crate) fn get(&self, j: usize) -> f64 {
+        with_mask!(self, MaskLane, |lane| MaskElem::to_f64(lane.get(j)))
+    }
+}
+
 /// One row of every input the config reads.
-pub(crate) struct RowIn<'a, F, M> {
+pub(crate) struct RowIn<'a, F> {
     pub i: usize,
     /// The column of this row's first input column in the whole row (0 unless chunked):
     /// errors name whole-row columns.
     pub col0: usize,
-    pub mask: Lane<'a, M>,
+    pub mask: MaskLane<'a>,
     pub logp: Lane<'a, F>,
     pub logp_old: Lane<'a, F>,
     /// Per-token advantages, or the row's one advantage.
@@ -129,16 +170,10 @@ pub(crate) struct RowIn<'a, F, M> {
     pub is_weights: Option<Lane<'a, F>>,
 }
 
-impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
+impl<'a, F: Float> RowIn<'a, F> {
     /// Row `i` of `batch`, with the arrays `cfg` needs; [`Error::MissingArray`] if the
     /// batch lacks one.
-    pub(crate) fn new(
-        cfg: &Config,
-        batch: &Batch<'a, F>,
-        mask: ArrayView1<'a, M>,
-        i: usize,
-        col0: usize,
-    ) -> Result<Self> {
+    pub(crate) fn new(cfg: &Config, batch: &Batch<'a, F>, i: usize, col0: usize) -> Result<Self> {
         let lane = |a: ndarray::ArrayView2<'a, F>| Lane::new(a.index_axis_move(Axis(0), i));
         let div = match cfg.divergence {
             Divergence::BinaryTv => DivRow::BinaryTv,
@@ -161,7 +196,7 @@ impl<'a, F: Float, M: MaskElem> RowIn<'a, F, M> {
         Ok(Self {
             i,
             col0,
-            mask: Lane::new(mask),
+            mask: MaskLane::new(batch.mask.row(i)),
             logp: lane(batch.logp),
             logp_old: lane(batch.logp_old),
             adv: match batch.advantages {
@@ -253,17 +288,9 @@ impl InStage {
     /// mask loaded, for a block with no response token (padding: it has nothing to
     /// compute, check or tally).
     #[inline(always)]
-    pub(crate) fn load<F: Float, M: MaskElem>(
-        &mut self,
-        row: &RowIn<'_, F, M>,
-        j0: usize,
-        n: usize,
-    ) -> bool {
+    pub(crate) fn load<F: Float>(&mut self, row: &RowIn<'_, F>, j0: usize, n: usize) -> bool {
         self.n = n;
-        row.mask.load(j0, &mut self.on[..n], M::is_on);
-        if M::CAN_BE_INVALID {
-            row.mask.load(j0, &mut self.mask_ok[..n], M::is_valid);
-        }
+        row.mask.load(j0, &mut self.on[..n], &mut self.mask_ok[..n]);
         // An invalid mask value (non-finite float) counts as on, so a block without a
         // response token has nothing to report either.
         if !self.on[..n].iter().fold(false, |a, &o| a | o) {
@@ -314,8 +341,8 @@ impl InStage {
 /// weights (checked), where the row has them; `false` if a response token holds a bad
 /// value (the caller then finds it in order).
 #[inline(always)]
-pub(crate) fn load_extras<F: Float, M>(
-    row: &RowIn<'_, F, M>,
+pub(crate) fn load_extras<F: Float>(
+    row: &RowIn<'_, F>,
     st: &InStage,
     j0: usize,
     lref: &mut [f64; BLK],

@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::Counts;
 use crate::config::Config;
 use crate::error::Result;
-use crate::float::{Float, MaskElem};
+use crate::float::Float;
 use crate::outputs::RowOut;
 use crate::simd::{Isa, isa};
 use crate::stats::Tally;
@@ -157,8 +157,8 @@ impl Work {
 /// A block's checks, divergences and extra inputs, each a vectorized pass; `false` if a
 /// token fails a check (the caller then walks the block in order).
 #[inline(always)]
-pub(crate) fn block_values<F: Float, M: MaskElem>(
-    row: &RowIn<'_, F, M>,
+pub(crate) fn block_values<F: Float>(
+    row: &RowIn<'_, F>,
     st: &InStage,
     j0: usize,
     wk: &mut Work,
@@ -173,9 +173,9 @@ pub(crate) fn block_values<F: Float, M: MaskElem>(
 /// Computes row `row` (a whole row, or a chunk of one starting from `prefix`) into
 /// `out`, advances `prefix`, and returns the row's tally. Dispatches to the widest build
 /// the CPU supports ([`isa`]).
-pub(crate) fn run_row<F: Float, M: MaskElem>(
+pub(crate) fn run_row<F: Float>(
     plan: &Plan<'_>,
-    row: &RowIn<'_, F, M>,
+    row: &RowIn<'_, F>,
     facts: &RowFacts,
     prefix: &mut Prefix,
     out: RowOut<'_, F>,
@@ -198,9 +198,9 @@ macro_rules! row_builds {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        pub(crate) fn $name<F: Float, M: MaskElem>(
+        pub(crate) fn $name<F: Float>(
             plan: &Plan<'_>,
-            row: &RowIn<'_, F, M>,
+            row: &RowIn<'_, F>,
             facts: &RowFacts,
             prefix: &mut Prefix,
             out: RowOut<'_, F>,
@@ -232,9 +232,9 @@ macro_rules! put {
 }
 
 #[inline(always)]
-pub(crate) fn run_row_impl<F: Float, M: MaskElem>(
+pub(crate) fn run_row_impl<F: Float>(
     plan: &Plan<'_>,
-    row: &RowIn<'_, F, M>,
+    row: &RowIn<'_, F>,
     facts: &RowFacts,
     prefix: &mut Prefix,
     mut out: RowOut<'_, F>,

@@ -30,7 +30,7 @@ use super::sums::{lane_fold, max};
 use super::{BLK, Work, block_values};
 use crate::config::Config;
 use crate::error::Result;
-use crate::float::{Float, MaskElem};
+use crate::float::Float;
 use crate::objective::{GSPO_LOG_RATIO_MAX, Objective, gmpo_log_ratio};
 use crate::rule::Rule;
 
@@ -129,9 +129,9 @@ pub(crate) fn needs_row_stats(cfg: &Config) -> bool {
 
 /// The first sweep over row `row` (a whole row or a chunk of one): its [`RowStats`]
 /// and, into `sink`, the divergences of its response tokens in column order.
-pub(crate) fn row_stats<F: Float, M: MaskElem>(
+pub(crate) fn row_stats<F: Float>(
     cfg: &Config,
-    row: &RowIn<'_, F, M>,
+    row: &RowIn<'_, F>,
     mut sink: Option<&mut Vec<f64>>,
 ) -> Result<RowStats> {
     let mut stats = RowStats::default();
@@ -242,9 +242,9 @@ pub(crate) fn reserve_divergences(width: usize) {
 /// The facts of a whole row `row` with `row_len` response tokens: under TRM, GSPO and
 /// GMPO its statistics, under a calibrated CPPO budget its δ_b^row, each from a first
 /// sweep.
-pub(crate) fn whole_row_facts<F: Float, M: MaskElem>(
+pub(crate) fn whole_row_facts<F: Float>(
     cfg: &Config,
-    row: &RowIn<'_, F, M>,
+    row: &RowIn<'_, F>,
     row_len: usize,
 ) -> Result<RowFacts> {
     let params = cfg.rule.cppo_params();
@@ -269,8 +269,8 @@ pub(crate) fn whole_row_facts<F: Float, M: MaskElem>(
 
 /// The divergences of row `row` into `dst` (its width): D_t at response tokens, NaN
 /// elsewhere; the first bad value of the row as an error.
-pub(crate) fn divergence_row<F: Float, M: MaskElem>(
-    row: &RowIn<'_, F, M>,
+pub(crate) fn divergence_row<F: Float>(
+    row: &RowIn<'_, F>,
     dst: &mut ndarray::ArrayViewMut1<'_, f64>,
 ) -> Result<()> {
     let mut scratch = None;

@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, Array3};
 use super::lanes::{InStage, RowIn};
 use super::row_stats::{RowFacts, whole_row_facts};
 use super::*;
-use crate::batch::{Batch, with_mask_row};
+use crate::batch::Batch;
 use crate::budget::Calibration;
 use crate::divergence::Divergence;
 use crate::engine::{Par, evaluate};
@@ -158,9 +158,8 @@ fn baseline_and_dispatched_row_passes_agree() {
                 };
                 let mut views = got.view_mut();
                 for i in 0..b {
-                    let m = mask.row(i);
-                    let row = RowIn::new(&cfg, &batch, m, i, 0).unwrap();
-                    let row_len = m.iter().filter(|&&x| x).count();
+                    let row = RowIn::new(&cfg, &batch, i, 0).unwrap();
+                    let row_len = mask.row(i).iter().filter(|&&x| x).count();
                     let facts = whole_row_facts(&cfg, &row, row_len).unwrap();
                     let out = views.row(i);
                     let prefix = &mut Prefix::default();
@@ -537,8 +536,8 @@ fn block_divergences_match_the_scalar_formulas() {
             divergence: div,
             ..Config::with_rule(Rule::None)
         };
-        let got = with_mask_row!(batch, 0, |m| {
-            let row = RowIn::new(&cfg, &batch, m, 0, 0).unwrap();
+        let got = {
+            let row = RowIn::new(&cfg, &batch, 0, 0).unwrap();
             let mut st = InStage::new();
             let mut wk = Work::new();
             let mut d = Vec::new();
@@ -550,7 +549,7 @@ fn block_divergences_match_the_scalar_formulas() {
                 d.extend_from_slice(&wk.d[..n]);
             }
             d
-        });
+        };
         for j in 0..l {
             let want = scalar(lp[[0, j]], lq[[0, j]]);
             // The terms' own size bounds the rounding (|p − q| cancels).
