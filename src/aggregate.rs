@@ -1,4 +1,4 @@
-//! Aggregating per-token losses into one scalar, the way verl does (SPEC section 6).
+//! Aggregating per-token losses into one scalar, the way verl's `agg_loss` does.
 //!
 //! With m the response mask and l_t the per-token loss (objective term times keep, plus
 //! any KL term); masked-out tokens still count in the denominators:

@@ -22,7 +22,7 @@
 //!
 //! Under the surrogate objective, the `ratio` rule gives exactly the gradient of PPO's
 //! clipped objective: a token outside the clip range that moves away is masked, and one
-//! that moves back keeps its gradient. The [`preset`](crate::preset) module has the
+//! that moves back keeps its gradient. The [`preset`] module has the
 //! paper's other settings and the official implementations' defaults.
 //!
 //! ```
@@ -46,8 +46,11 @@ use crate::aggregate::Aggregation;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
 use crate::objective::{KlPenalty, Objective};
-use crate::preset::Preset;
 use crate::rule::{DEFAULT_DELTA, DEFAULT_EPS_HIGH, DEFAULT_EPS_LOW, Rule};
+
+pub mod preset;
+
+use preset::Preset;
 
 /// Everything that decides what [`evaluate`](crate::evaluate) computes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

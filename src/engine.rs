@@ -1,8 +1,8 @@
 //! The entry points: [`evaluate`], [`evaluate_into`], [`trust_region`], and [`Par`].
 //!
 //! One fused pass per row computes divergence, weight, prefix sums, mask, reason, loss
-//! term, gradient and diagnostics partials ([`kernel`](crate::kernel) is private; its
-//! docs describe the pass). Rows are independent, so they run in parallel (rayon) or in
+//! term, gradient and diagnostics partials (the crate's private `kernel` module; the
+//! [contributor notes](crate::doc::contributing) map it). Rows are independent, so they run in parallel (rayon) or in
 //! sequence, as the caller's [`Par`] says, and the rows' tallies merge in a fixed order:
 //! `Par::Seq` and `Par::Rayon` on any number of threads give bit-identical results.
 //!

@@ -23,18 +23,26 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`advantage`] | advantage estimators: GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE |
-//! | [`batch`] | the validated, borrowed input view |
+//! | [`batch`] | the validated, borrowed input view; masks of any element type |
 //! | [`divergence`] | per-token D_t: binary TV/KL, top-K TV/KL, k2/k3 log-ratio estimators |
-//! | [`schedule`] | position weights w_t |
-//! | [`rule`] | trust-region rules (`none`, `ratio`, `dppo`, `cppo` with optional shuffled weights, `cppo_soft`, `trm_max`, `trm_avg`) and reason codes |
+//! | [`schedule`] | position weights w_t, by response token or by column |
+//! | [`budget`] | CPPO's per-row prefix budget δ_b^row, calibrated by a quantile of the row's D |
+//! | [`rule`] | trust-region rules (`none`, `ratio`, `dppo`, `cppo` with its soft gates and shuffled weights, `trm_max`, `trm_avg`) and reason codes |
 //! | [`objective`] | objectives (`surrogate`, `detached_is`, `ppo_clip`, `cispo`, `gspo`, `gmpo`, `sapo`, `minpro`) and the KL penalty, with exact gradients |
 //! | [`aggregate`] | verl's loss aggregation modes and global counts |
-//! | [`stats`] | diagnostics |
-//! | [`config`] | the serde config of SPEC section 9, with presets |
+//! | [`stats`] | diagnostics, with the metrics verl and UniRL log under their names |
+//! | [`config`] | the serde config (the JSON that `cppo eval` reads) |
+//! | [`preset`] | named configs that reproduce the paper's and the official code's settings |
 //! | [`engine`] | the fused per-row pass: [`evaluate`], [`evaluate_into`], [`trust_region`] |
 //! | [`chunk`] | column chunks (context parallelism): carries and mergeable row partials |
-//! | [`distributed`] | guide: data-parallel ranks, gradient accumulation, context-parallel chunks |
+//! | [`outputs`] | the per-token outputs, owned or borrowed |
+//! | [`advantage`] | advantage estimators: GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE |
+//! | [`doc`] | guides: [the command line](doc::command_line), [where each convention comes from](doc::conventions), [distributed training](doc::distributed), [`cppo inspect`](doc::inspect), [contributing](doc::contributing) |
+//!
+//! The defaults are the paper's (δ = 0.15, δ_b = 0.02 calibrated per row by the 90th
+//! percentile of the row's D within [δ_b, 2 δ_b], w_min = 0.8); the [`preset`]s
+//! reproduce the paper's other settings and the official implementations (UniRL, verl
+//! PR #6731) convention by convention, as [`doc::conventions`] details.
 //!
 //! ## Example
 //!
@@ -87,14 +95,15 @@
 //!   same rule: NaN/inf at a response position is an error, (0, 1e-4] reads as 0.
 //! - A count override (`num_tokens`, `num_seqs`) below the batch's own count is an error
 //!   ([`Error::CountTooSmall`]), reported after any bad value in the batch.
-//! - The gradient is SPEC section 5's closed form everywhere, also where the log-ratio
+//! - The gradient is the objective's closed form everywhere, also where the log-ratio
 //!   clamp at ±20 is active (the clamped loss is flat there, and autograd would give 0);
 //!   such tokens are far outside every trust region.
 //! - The KL penalty is not masked by the trust region and its x is not clamped.
 //! - TRM-avg sums D_t in exact fixed point (units of 2^−64), so its decision does not
 //!   depend on how a row is chunked.
 //! - Fractions and means in [`Diagnostics`] are 0 when their denominator is 0.
-
+//! - Where the crate departs from the official code, and why: [`doc::conventions`].
+//!
 //! ## Feature flags
 //!
 //! - `synth`: [`synth`], realistic synthetic batches for demos, examples and benchmarks
@@ -109,11 +118,20 @@
 
 pub use ndarray;
 
-/// Guides that are not one module's: the math in one place, the command-line contract,
-/// where each convention comes from, distributed training, and how to extend the crate.
+/// Guides that are not one module's. The math of each concept is in the module named
+/// after it ([`divergence`], [`schedule`], [`budget`], [`rule`], [`objective`],
+/// [`aggregate`], [`stats`]); these pages hold what spans modules.
 pub mod doc {
+    #[doc = include_str!("../docs/command_line.md")]
+    pub mod command_line {}
+    #[doc = include_str!("../docs/conventions.md")]
+    pub mod conventions {}
     #[doc = include_str!("../docs/distributed.md")]
     pub mod distributed {}
+    #[doc = include_str!("../docs/inspect.md")]
+    pub mod inspect {}
+    #[doc = include_str!("../docs/contributing.md")]
+    pub mod contributing {}
 }
 
 /// The README's Rust examples, compiled and run as doc tests.
@@ -134,7 +152,6 @@ pub mod float;
 mod kernel;
 pub mod objective;
 pub mod outputs;
-pub mod preset;
 mod rows;
 pub mod rule;
 pub mod schedule;
@@ -147,13 +164,13 @@ pub use aggregate::{Aggregation, Counts};
 pub use batch::{Advantages, Batch, Mask, TopK};
 pub use budget::Calibration;
 pub use config::Config;
+pub use config::preset::{self, Preset};
 pub use divergence::Divergence;
 pub use engine::{Evaluation, Par, Summary, evaluate, evaluate_into, trust_region};
 pub use error::{At, Error, Result};
 pub use float::{Float, MaskElem};
 pub use objective::{KlEstimator, KlPenalty, Objective};
 pub use outputs::{Outputs, OutputsMut};
-pub use preset::Preset;
 pub use rule::{CppoParams, Gate, Reason, Rule};
 pub use schedule::{Positions, Schedule};
 pub use stats::{Diagnostics, Tally};

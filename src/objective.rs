@@ -1,5 +1,4 @@
-//! PPO-style objectives, the KL penalty, and their exact per-token gradients
-//! (SPEC sections 5 and 6).
+//! PPO-style objectives, the KL penalty, and their exact per-token gradients.
 //!
 //! Per token, with keep M (a constant), ratio ρ = exp(clamp(logp − logp_old, −20, 20))
 //! and advantage A, each objective gives a loss l and its gradient g = ∂l/∂logp:
@@ -32,7 +31,7 @@
 //! `minpro` weighs each token by the minimum ratio over its prefix, so a token after a
 //! strongly down-weighted one cannot be up-weighted: ω_t = min(m_t, 1 + clip) with
 //! m_t = min_{s≤t} ρ_s (or s < t, and m_1 = 1, without `include_current`), and
-//! l = −M ω_t A logp, g = −M ω_t A, ω detached. MinPRO's exact form is not public; these
+//! l = −M ω_t A logp, g = −M ω_t A, ω detached. We know of no reference code for MinPRO; these
 //! are our choices, each configurable: `include_current` (default true), `clip` (default
 //! 0.28, as CISPO's ε_high) and `stop_gradient` (default true). Without the
 //! stop-gradient, l = −M ω_t A and the gradient of token t's loss goes to the token s
@@ -63,8 +62,8 @@
 //! | `k3` | β (eˣ − x − 1) | β (1 − eˣ) |
 //!
 //! The penalty is not masked by the trust region: it applies to every response token.
-//! `x` is not clamped (SPEC section 6 does not clamp it; verl clamps k3 to ±10, which
-//! zeroes its gradient there).
+//! `x` is not clamped (verl clamps k3 to ±10, which zeroes its gradient there; this
+//! crate keeps the exact estimator).
 //!
 //! ```
 //! use cppo::objective::Objective;
@@ -88,8 +87,8 @@ pub const DEFAULT_CISPO_EPS_HIGH: f64 = 0.28;
 /// The clamp on the log-ratio logp − logp_old before exponentiation.
 pub const LOG_RATIO_CLAMP: f64 = 20.0;
 
-/// A per-token objective. Serialized as SPEC section 9's `objective` object, tagged by
-/// `kind`.
+/// A per-token objective. Serialized as the config's `objective` object, tagged by
+/// `kind` (see [`crate::doc::command_line`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Objective {
@@ -188,8 +187,7 @@ fn nullable_f64<'de, D: serde::Deserializer<'de>>(
     Option::<f64>::deserialize(d)
 }
 
-/// MinPRO's default weight cap 1 + 0.28 (ours, after CISPO's ε_high: the paper's value
-/// is not public).
+/// MinPRO's default weight cap 1 + 0.28 (our choice, after CISPO's ε_high).
 pub const DEFAULT_MINPRO_CLIP: f64 = 0.28;
 
 fn default_gspo_eps_low() -> f64 {
@@ -453,7 +451,7 @@ pub enum KlEstimator {
     K3,
 }
 
-/// The KL penalty β·k(x), x = logp_ref − logp. Serialized as SPEC section 9's `kl` object.
+/// The KL penalty β·k(x), x = logp_ref − logp. Serialized as the config's `kl` object.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KlPenalty {

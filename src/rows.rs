@@ -86,33 +86,21 @@ fn run_block<F: Float, S: Send>(
         }
         None => (None, None),
     };
+    let upper = || run_block(leaf_rows, row0, mid, top, s_top, par, row_fn);
+    let lower = || {
+        run_block(
+            leaf_rows,
+            row0 + mid,
+            rows - mid,
+            bottom,
+            s_bottom,
+            par,
+            row_fn,
+        )
+    };
     let (l, r) = match par {
-        Par::Seq => (
-            run_block(leaf_rows, row0, mid, top, s_top, par, row_fn),
-            run_block(
-                leaf_rows,
-                row0 + mid,
-                rows - mid,
-                bottom,
-                s_bottom,
-                par,
-                row_fn,
-            ),
-        ),
-        Par::Rayon => rayon::join(
-            || run_block(leaf_rows, row0, mid, top, s_top, par, row_fn),
-            || {
-                run_block(
-                    leaf_rows,
-                    row0 + mid,
-                    rows - mid,
-                    bottom,
-                    s_bottom,
-                    par,
-                    row_fn,
-                )
-            },
-        ),
+        Par::Seq => (upper(), lower()),
+        Par::Rayon => rayon::join(upper, lower),
     };
     // The top's error first: the lowest row wins, whatever ran first.
     Ok(l?.merge(&r?))

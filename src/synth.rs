@@ -112,7 +112,7 @@ impl Default for SynthSpec {
 }
 
 /// A generated batch, owning its arrays; [`SyntheticBatch::batch`] borrows them as a
-/// [`Batch`]. Field names and shapes are those of SPEC section 1.
+/// [`Batch`]. Field names and shapes are those of [`Batch`]'s inputs.
 #[derive(Clone, Debug)]
 pub struct SyntheticBatch<F> {
     /// (B, L): the current policy's log-probs of the sampled tokens.

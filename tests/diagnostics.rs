@@ -373,7 +373,7 @@ fn recount<F: Float>(case: &Case<F>, out: &Outputs<F>) -> Result<Recount, String
     let lens = case.row_lengths();
     let tokens: u64 = lens.iter().map(|&t| t as u64).sum();
     let seqs = lens.iter().filter(|&&t| t > 0).count() as u64;
-    // The aggregation's denominators (SPEC section 6), overrides first; 0 means no weight.
+    // The aggregation's denominators (the aggregate module's table), overrides first; 0 means no weight.
     let n_tok = cfg.num_tokens.unwrap_or(tokens) as f64;
     let n_seq = cfg.num_seqs.unwrap_or(seqs) as f64;
     let z = cfg.norm_length.unwrap_or(l) as f64;

@@ -1,4 +1,4 @@
-//! Hand-computed divergences (SPEC section 2): probabilities of exactly 1, tiny
+//! Hand-computed divergences (the divergence module's formulas): probabilities of exactly 1, tiny
 //! probabilities, top-K masses that sum to 1, and K = 1. Each expected value is written
 //! out from the probabilities, with the arithmetic in the comment.
 

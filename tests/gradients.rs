@@ -2,8 +2,8 @@
 //! loss, in f64, under proptest, for every objective × aggregation × KL estimator
 //! (none, k1, k2, k3) on each random batch (random divergence, rule and parameters).
 //!
-//! The keep mask M and the `ppo_clip` branch are constants of the gradient (SPEC
-//! section 5), so a check counts only where perturbing by ±h changed no token's reason
+//! The keep mask M and the `ppo_clip` branch are constants of the gradient (see
+//! the objective module), so a check counts only where perturbing by ±h changed no token's reason
 //! and no `ppo_clip` branch; otherwise that check is skipped. Inputs stay away from the
 //! two non-smooth spots of the inputs themselves: the log-ratio clamp at ±20 and the
 //! (0, 1e-4] → 0 fold of log-probs (`Shape::smooth`). `most_checks_are_not_skipped`

@@ -6,10 +6,10 @@
 //! the file runs in a few seconds in debug. What is asserted:
 //!
 //! - **Reference**: [`evaluate`] equals the plain per-token reference of
-//!   `tests/common/mod.rs`, written from SPEC.md: `reason` and `keep` exactly, every float
+//!   `tests/common/reference/`, written from the math: `reason` and `keep` exactly, every float
 //!   output to 1e-12 relative (plus a 1e-13 absolute floor for cancellations, 1e-12 for
 //!   the CPPO threshold c_t), the loss to 1e-12 of Σ|a_t l_t|. The reference itself
-//!   reproduces SPEC section 8's worked example.
+//!   reproduces the worked example of `tests/worked_example.rs`.
 //! - **CPPO → DPPO**: CPPO with w_min = 1 and no budget (`delta_b` = None, any horizon)
 //!   gives bit-identical outputs to DPPO with the same δ: every per-token output
 //!   (divergence, weight = 1, threshold = δ, keep, reason, token_loss, grad) and the loss.
@@ -1192,7 +1192,7 @@ proptest! {
 // The reference itself
 // ---------------------------------------------------------------------------------------
 
-/// The reference reproduces SPEC section 8's worked example, table and losses.
+/// The reference reproduces the worked example (tests/worked_example.rs), table and losses.
 #[test]
 fn reference_reproduces_the_spec_worked_example() {
     let p = [0.50f64, 0.90, 0.30, f64::NAN, 0.60, 0.95];

@@ -1193,7 +1193,7 @@ fn a_micro_batch_without_response_tokens_contributes_zero() {
 #[test]
 fn a_micro_batch_masked_out_by_the_trust_region_keeps_its_denominators() {
     // Every token of micro-batch 0 moves away and breaks a tiny δ: masked, loss 0 and
-    // gradient 0 there, but its 2 tokens still count in N_tok (SPEC section 6), so
+    // gradient 0 there, but its 2 tokens still count in N_tok (see the aggregate module), so
     // micro-batch 1's gradient is the whole batch's.
     let cfg = Config {
         rule: Rule::Dppo { delta: 1e-6 },

@@ -1,4 +1,4 @@
-//! The worked example of the crate's math guide (`cppo::doc::math`): binary TV, CPPO δ = 0.2, δ_b = 0.05, w_min = 0.8,
+//! A worked example, every number by hand: binary TV, CPPO δ = 0.2, δ_b = 0.05 (fixed), w_min = 0.8,
 //! surrogate objective, token-mean; one row of 6 slots whose 4th slot is a hole.
 //!
 //! The expected numbers are worked out by hand from the probabilities, as exact

@@ -65,7 +65,8 @@ pub struct Args {
     /// the config with its default parameters (none, ratio, cppo_soft, trm_max, ...).
     #[arg(long, default_value = "cppo")]
     pub rule: String,
-    /// A JSON config (SPEC section 9) for a single run, instead of --rule.
+    /// A JSON config (the schema of `cppo::doc::command_line`) for a single run, instead
+    /// of --rule.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The rules of --compare, comma-separated (names as for --rule).
