@@ -1,0 +1,104 @@
+//! Regression tests for hostile input found by fuzzing: each was a panic, a silent
+//! non-finite value or a broken promise, and each now has its typed error or its
+//! documented value.
+
+use cppo::chunk::{Carry, ChunkPos, RowPartial, row_partials};
+use cppo::ndarray::{Array2, array};
+use cppo::{Batch, Config, Divergence, Error, Par, evaluate};
+
+fn parse(json: &str) -> Config {
+    serde_json::from_str(json).expect("a valid config")
+}
+
+/// `row_partials` with a top-K divergence and a whole-row rule on a batch without the
+/// top-K arrays panicked ("top-K arrays are checked before the pass"); it names the
+/// missing array, as `evaluate` does.
+#[test]
+fn row_partials_without_topk_arrays_is_a_missing_array() {
+    let (logp, old) = (array![[-0.5]], array![[-0.6]]);
+    let (adv, mask) = (array![1.0], array![[true]]);
+    let batch = Batch::new(&logp, &old, &adv, &mask).unwrap();
+    for rule in ["trm_avg", "trm_max", "cppo", "dppo"] {
+        let cfg = parse(&format!(
+            r#"{{"divergence": "topk_tv", "rule": {{"kind": "{rule}"}}}}"#
+        ));
+        let pos = ChunkPos { col0: 0, width: 1 };
+        let err = row_partials(&cfg, &batch, pos, Par::Seq).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MissingArray {
+                    array: "topk_logp_old",
+                    ..
+                }
+            ),
+            "{rule}: {err}"
+        );
+        let err = evaluate(&cfg, &batch, Par::Seq).unwrap_err();
+        assert!(matches!(err, Error::MissingArray { .. }), "{rule}: {err}");
+    }
+}
+
+/// A carry with t = usize::MAX and S = NaN was accepted and masked everything with
+/// reason 4 (or overflowed an add); a carry is checked when it is read.
+#[test]
+fn corrupt_carries_are_refused() {
+    let max = usize::MAX;
+    for json in [
+        format!(r#"{{"col": 0, "t": {max}, "s": 0.0, "w": 0.0, "min_ratio": 1.0}}"#),
+        r#"{"col": 4, "t": 2, "s": -1.0, "w": 0.0, "min_ratio": 1.0}"#.to_string(),
+        r#"{"col": 4, "t": 2, "s": 1e400, "w": 0.0, "min_ratio": 1.0}"#.to_string(),
+        r#"{"col": 4, "t": 2, "s": 0.0, "w": -0.5, "min_ratio": 1.0}"#.to_string(),
+        r#"{"col": 4, "t": 2, "s": 0.0, "w": 0.0, "min_ratio": 0.0}"#.to_string(),
+        r#"{"col": 4, "t": 2, "s": 0.0, "w": 0.0, "min_ratio": 1.0, "x": 1}"#.to_string(),
+    ] {
+        assert!(serde_json::from_str::<Carry>(&json).is_err(), "{json}");
+    }
+    // NaN has no JSON spelling; the check refuses it all the same through any format
+    // that has one, as the same `TryFrom` runs.
+    let ok = r#"{"col": 4, "t": 2, "s": 0.1, "w": 1.9, "min_ratio": 1.0}"#;
+    let carry: Carry = serde_json::from_str(ok).unwrap();
+    assert_eq!((carry.col(), carry.tokens()), (4, 2));
+    // A negative divergence sum or a non-finite max in a partial is refused too.
+    let mut wire = serde_json::to_value(RowPartial::default()).unwrap();
+    assert!(serde_json::from_value::<RowPartial>(wire.clone()).is_ok());
+    wire["stats"]["d_max"] = (-1.0).into();
+    let err = serde_json::from_value::<RowPartial>(wire).unwrap_err();
+    assert!(err.to_string().contains("max divergence"), "{err}");
+}
+
+/// k3 came out slightly negative (−9.7e−17 on near-equal tokens, −1e−300 for logp 0 and
+/// logp_old −1e−300); every divergence is ≥ 0.
+#[test]
+fn k3_is_never_negative() {
+    assert!(cppo::divergence::k3(0.0, -1e-300) >= 0.0);
+    let mut worst = 0.0f64;
+    for i in 0..10_000 {
+        let lq = -(i as f64) * 1e-4 - 1e-3;
+        for eps in [1e-16, -1e-16, 3e-16, 1e-12] {
+            worst = worst.min(cppo::divergence::k3(lq + eps, lq));
+        }
+    }
+    assert!(worst >= 0.0, "k3 went down to {worst}");
+    // Through the engine too, and for every divergence.
+    let lq = Array2::from_shape_fn((4, 64), |(i, j)| -0.01 - 0.37 * (i * 64 + j) as f64 / 256.0);
+    let lp = lq.mapv(|x| x + 1e-16);
+    let (adv, mask) = (
+        array![1.0, -1.0, 0.5, 2.0],
+        Array2::from_elem((4, 64), true),
+    );
+    let batch = Batch::new(&lp, &lq, &adv, &mask).unwrap();
+    for div in [
+        Divergence::BinaryTv,
+        Divergence::BinaryKl,
+        Divergence::K2,
+        Divergence::K3,
+    ] {
+        let cfg = Config {
+            divergence: div,
+            ..Config::dppo()
+        };
+        let e = evaluate(&cfg, &batch, Par::Seq).unwrap();
+        assert!(e.outputs.divergence.iter().all(|&d| d >= 0.0), "{div:?}");
+    }
+}
