@@ -102,12 +102,4 @@ impl Aggregation {
             Self::SeqMeanTokenSumNorm => inv(seqs * norm_length.unwrap_or(width) as f64),
         }
     }
-
-    /// Which of the counts this mode divides by: (tokens, sequences).
-    pub const fn uses(self) -> (bool, bool) {
-        match self {
-            Self::TokenMean => (true, false),
-            _ => (false, true),
-        }
-    }
 }
