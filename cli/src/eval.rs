@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use cppo::{Config, Par, Preset};
 
-use crate::batchfile::{self, Loaded, Needs};
+use crate::batchfile::{self, Loaded, MaxMemory, Needs};
 use crate::failure::Failure;
 use crate::npz::{NpyFloat, write_outputs};
 use crate::staged::{Staged, commit_all};
@@ -51,6 +51,16 @@ pub struct EvalArgs {
     /// UniRL log under their names) as pretty-printed JSON.
     #[arg(long, value_name = "STATS.json")]
     stats: Option<PathBuf>,
+
+    /// The most memory the arrays read from a batch file may take: 8G by default, or
+    /// e.g. 512M, 64K, 1T (binary units, 1K = 1024 bytes), or a plain byte count.
+    /// Before any data is read, every array's declared shape must match what the batch
+    /// needs ((B, L), (B,) or (B, L, K), from logp's header) and the declared sizes of
+    /// the arrays read, added up, must be within this limit; a file declaring more is
+    /// refused with exit code 2. A safetensors header may be at most 100 MB; inputs
+    /// must be regular files.
+    #[arg(long, value_name = "BYTES", default_value = batchfile::DEFAULT_MAX_MEMORY, value_parser = MaxMemory::parse)]
+    max_memory: MaxMemory,
 }
 
 /// Runs `cppo eval`.
@@ -66,7 +76,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         (None, Some(name)) => preset(name)?,
         (None, None) => return Err(Failure::Input("give --config or --preset".into())),
     };
-    match batchfile::load(&args.input, Needs::of(&[cfg]))? {
+    match batchfile::load(&args.input, Needs::of(&[cfg]), args.max_memory)? {
         Loaded::F32(a) => eval_as(&cfg, &a, args),
         Loaded::F64(a) => eval_as(&cfg, &a, args),
     }

@@ -15,7 +15,7 @@ use clap::Args;
 use cppo::{Config, Divergence};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::batchfile::{self, Loaded, Needs};
+use crate::batchfile::{self, Loaded, MaxMemory, Needs};
 use crate::eval::read_config;
 use crate::failure::Failure;
 use crate::report::{self, Analysis, Options, RuleSpec, StepResult, StepsAnalysis};
@@ -98,6 +98,17 @@ pub struct InspectArgs {
     /// budget, else the last rule).
     #[arg(long, value_name = "NAME")]
     strip_rule: Option<String>,
+
+    /// The most memory the arrays read from a batch file (from each step file of a
+    /// directory) may take: 8G by default, or e.g. 512M, 64K, 1T (binary units,
+    /// 1K = 1024 bytes), or a plain byte count.
+    /// Before any data is read, every array's declared shape must match what the batch
+    /// needs ((B, L), (B,) or (B, L, K), from logp's header) and the declared sizes of
+    /// the arrays read, added up, must be within this limit; a file declaring more is
+    /// refused with exit code 2. A safetensors header may be at most 100 MB; inputs
+    /// must be regular files.
+    #[arg(long, value_name = "BYTES", default_value = batchfile::DEFAULT_MAX_MEMORY, value_parser = MaxMemory::parse)]
+    max_memory: MaxMemory,
 }
 
 /// The largest figure side, in pixels.
@@ -202,7 +213,7 @@ pub fn run(args: &InspectArgs) -> Result<(), Failure> {
             inspect_batch(&loaded, names, &context, &rules, args, &plots)?
         }
         Source::File(path) => {
-            let loaded = batchfile::load(path, needs(&rules))?;
+            let loaded = batchfile::load(path, needs(&rules), args.max_memory)?;
             let context = |e: cppo::Error| Failure::Input(format!("{}: {e}", path.display()));
             let name = path.file_name().map_or_else(
                 || path.display().to_string(),
@@ -620,7 +631,7 @@ fn inspect_steps(
                         .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
                 );
             }
-            let loaded = batchfile::load(path, needs)?;
+            let loaded = batchfile::load(path, needs, args.max_memory)?;
             let context = |e: cppo::Error| Failure::Input(format!("{}: {e}", path.display()));
             let diagnostics = match &loaded {
                 Loaded::F32(a) => report::step_diagnostics(a, rules, &context)?,

@@ -64,6 +64,9 @@ enum Command {
     /// Values at non-response positions are never read. Arrays the config does not use
     /// are ignored. An .npz may be compressed (numpy.savez_compressed); arrays may be
     /// little- or big-endian, C or Fortran order. A .safetensors file works too.
+    /// Every array's header is checked before any data is read: shapes against logp's
+    /// (B, L), and the sizes of the arrays read, added up, against --max-memory (8G by
+    /// default); a file declaring more, or two arrays of one name, is refused.
     ///
     /// Output arrays: divergence, weight, threshold, keep (0/1), token_loss, grad, all
     /// (B, L) in the input's float type and 0 at non-response positions (threshold is NaN
@@ -108,8 +111,10 @@ enum Command {
 
     /// Report what trust regions do on a batch, or across the steps of a run; plot it
     ///
-    /// Runs each rule (--config files, or the built-in set: GRPO ratio clip, DPPO, CPPO
-    /// budget-only, CPPO weight-only, full CPPO) through the library on the batch, and
+    /// Runs each rule (--config files and --preset names, or the built-in set: GRPO
+    /// ratio clip, DPPO, CPPO budget-only, CPPO weight-only, CPPO soft gate, CPPO
+    /// shuffled weights, CPPO fixed budget, full CPPO) through the library on the
+    /// batch, and
     /// prints: the masked fraction in total, by reason (token threshold, prefix budget,
     /// corrective bypass) and by sign of the advantage; divergence statistics; the
     /// masked fraction by tenth of the response. --report writes it as Markdown, --json

@@ -15,9 +15,17 @@
 //!    uncompressed size minus the header), and that size must be possible for the
 //!    entry's compressed size within the file: all checked before anything is
 //!    allocated, so a corrupt header declaring a huge shape is a one-line error, not an
-//!    allocation;
+//!    allocation ([`crate::batchfile`] first reads every used array's header, checks the
+//!    shapes against `logp`'s and the total against `--max-memory`, and only then the
+//!    data);
 //! 4. the data is decoded chunk by chunk straight into the array's buffer, in C or
-//!    Fortran order, and the entry's CRC-32 is checked at its end.
+//!    Fortran order, and the entry's CRC-32 is checked at its end. An entry is never read
+//!    past the size it declares (plus one byte, to see that it ends there), whatever its
+//!    compressed data inflates to.
+//!
+//! The input must be a regular file, and an archive with two entries of one name (or
+//! both `x` and `x.npy`) is refused, naming the array: the zip crate would silently keep
+//! one of them, so the central directory is scanned for duplicates when it is opened.
 //!
 //! Accepted dtypes, little-endian (`<`) or big-endian (`>`; `|` for one-byte types, `=`
 //! or no byte-order character for the machine's order):
@@ -27,14 +35,14 @@
 //!   library as `u8`; bool bytes other than 0 read as true.
 //!
 //! Other dtypes (float16, complex, strings, objects, structured dtypes, ...) are refused
-//! with the dtype the file declares. Shapes are checked here only for the number of
-//! dimensions, before the data is read; [`cppo::Batch`] checks the rest.
+//! with the dtype the file declares. Shapes are checked against the batch's by
+//! [`crate::batchfile`] before any data is read; [`cppo::Batch`] checks them again.
 //!
 //! # Writing
 //!
 //! The outputs are written with ndarray-npy, uncompressed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::identity;
 use std::fmt;
 use std::fs::File;
@@ -99,7 +107,7 @@ pub enum Dtype {
 
 impl Dtype {
     /// Bytes per element.
-    const fn size(self) -> usize {
+    pub const fn size(self) -> usize {
         match self {
             Self::Bool | Self::U8 | Self::I8 => 1,
             Self::U16 | Self::I16 => 2,
@@ -178,15 +186,9 @@ pub struct Input {
     path: PathBuf,
     /// The archive's size in bytes.
     file_len: u64,
-    /// Array name (entry name without `.npy`) → entry index; the first entry of a name
-    /// wins.
+    /// Array name (entry name without `.npy`) → entry index; a name appears once (an
+    /// archive with two entries of one name is refused).
     names: HashMap<String, usize>,
-}
-
-/// `logp`, in whichever float type the file holds.
-pub enum FloatArray {
-    F32(Array2<f32>),
-    F64(Array2<f64>),
 }
 
 /// The advantages, per token or per row.
@@ -223,6 +225,78 @@ impl OwnedMask {
     }
 }
 
+/// What an array is read as, which decides the dtypes it may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `logp`: float32 or float64, the type of every float array.
+    Logp,
+    /// Another float array: the type of `logp`.
+    Float(Dtype),
+    /// `mask`: bool, an integer type, float32 or float64.
+    Mask,
+}
+
+/// An array's header as its file declares it, its data unread.
+#[derive(Clone, Debug)]
+pub struct Declared {
+    pub shape: Vec<usize>,
+    /// The dtype as the file spells it (e.g. `'<f4'` or `F32`).
+    pub dtype: String,
+    /// The float type, for a float32 or float64 array.
+    pub float: Option<Dtype>,
+    /// Bytes per element once read (a mask of a wide integer type is read as bytes).
+    pub mem_size: usize,
+    /// Bytes per element in the file.
+    pub file_size: usize,
+    /// The bytes of data the file holds for the array, as its container declares them
+    /// (the zip entry's size after the header, the safetensors offsets).
+    pub data_len: u64,
+}
+
+/// The dtypes a mask may have, for messages.
+pub const MASK_DTYPES: &str = "bool, an integer type, float32 or float64";
+
+/// The message of a float array not of `logp`'s type `f`.
+pub fn one_float_type(f: Dtype) -> String {
+    let name = if f == Dtype::F32 {
+        "float32"
+    } else {
+        "float64"
+    };
+    format!("{name}, the type of logp (all float arrays must have one type)")
+}
+
+/// The first entry name the central directory at `start` lists twice, if any. The
+/// directory is read header by header (never more than the file holds), and ends at the
+/// first record that is not a central directory header.
+fn duplicate_entry(file: &mut File, start: u64, file_len: u64) -> io::Result<Option<String>> {
+    const SIGNATURE: [u8; 4] = [0x50, 0x4b, 0x01, 0x02];
+    const FIXED: u64 = 46;
+    let mut r = BufReader::new(file);
+    r.seek(io::SeekFrom::Start(start))?;
+    let mut seen = HashSet::new();
+    let mut pos = start;
+    while pos + FIXED <= file_len {
+        let mut fixed = [0u8; FIXED as usize];
+        if r.read_exact(&mut fixed).is_err() || fixed[..4] != SIGNATURE {
+            break;
+        }
+        let field = |at: usize| u16::from_le_bytes([fixed[at], fixed[at + 1]]);
+        let (name_len, extra_len, comment_len) = (field(28), field(30), field(32));
+        let mut name = vec![0u8; usize::from(name_len)];
+        if r.read_exact(&mut name).is_err() {
+            break;
+        }
+        let skip = i64::from(extra_len) + i64::from(comment_len);
+        r.seek_relative(skip)?;
+        pos += FIXED + u64::from(name_len) + skip.unsigned_abs();
+        if !seen.insert(name.clone()) {
+            return Ok(Some(String::from_utf8_lossy(&name).into_owned()));
+        }
+    }
+    Ok(None)
+}
+
 impl Input {
     /// Opens an archive and lists its arrays.
     pub fn open(path: &Path) -> Result<Self, Failure> {
@@ -235,17 +309,39 @@ impl Input {
                 path.display()
             )));
         }
-        let archive = ZipArchive::new(BufReader::new(file)).map_err(|e| {
+        if !meta.is_file() {
+            return Err(Failure::Input(format!(
+                "input {} is not a regular file",
+                path.display()
+            )));
+        }
+        let not_npz = |e: &dyn fmt::Display| {
             Failure::Input(format!(
-                "input {} is not a readable npz archive: {}",
+                "input {} is not a readable npz archive: {e}",
                 path.display(),
-                chain(&e)
             ))
-        })?;
+        };
+        let archive = ZipArchive::new(BufReader::new(file)).map_err(|e| not_npz(&chain(&e)))?;
+        // The zip crate keeps one entry of each name; the central directory tells whether
+        // a name appears twice.
+        let mut dir = File::open(path).map_err(cannot_open)?;
+        let start = archive.central_directory_start();
+        if let Some(name) = duplicate_entry(&mut dir, start, meta.len()).map_err(|e| not_npz(&e))? {
+            let name = name.strip_suffix(".npy").unwrap_or(&name);
+            return Err(Failure::Input(format!(
+                "{}: array {name} appears twice in the archive",
+                path.display()
+            )));
+        }
         let mut names = HashMap::new();
-        for (i, name) in archive.file_names().enumerate() {
-            let name = name.strip_suffix(".npy").unwrap_or(name);
-            names.entry(name.to_string()).or_insert(i);
+        for (i, entry) in archive.file_names().enumerate() {
+            let name = entry.strip_suffix(".npy").unwrap_or(entry);
+            if names.insert(name.to_string(), i).is_some() {
+                return Err(Failure::Input(format!(
+                    "{}: array {name} appears twice in the archive (as {name} and {name}.npy)",
+                    path.display()
+                )));
+            }
         }
         Ok(Self {
             archive,
@@ -253,6 +349,11 @@ impl Input {
             file_len: meta.len(),
             names,
         })
+    }
+
+    /// The archive's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Whether the archive holds an array of this name.
@@ -265,14 +366,32 @@ impl Input {
         format!("{}: {msg}", self.path.display())
     }
 
-    /// `logp`, float32 or float64: its type is the type of every float array.
-    pub fn logp(&mut self) -> Result<FloatArray, Failure> {
-        let npy = self.array("logp", ALWAYS)?;
-        match npy.dtype() {
-            Some(Dtype::F32) => Ok(FloatArray::F32(npy.read(identity, "(B, L)")?)),
-            Some(Dtype::F64) => Ok(FloatArray::F64(npy.read(identity, "(B, L)")?)),
-            _ => Err(npy.dtype_error("float32 or float64")),
-        }
+    /// An array's declared shape and dtype, its data unread; the dtype must suit `role`.
+    pub fn declared(
+        &mut self,
+        name: &'static str,
+        needed_by: &str,
+        role: Role,
+    ) -> Result<Declared, Failure> {
+        let npy = self.array(name, needed_by)?;
+        let dtype = npy.dtype();
+        let mem_size = match (role, dtype) {
+            (Role::Logp, Some(d @ (Dtype::F32 | Dtype::F64))) => d.size(),
+            (Role::Logp, _) => return Err(npy.dtype_error("float32 or float64")),
+            (Role::Float(f), Some(d)) if d == f => d.size(),
+            (Role::Float(f), _) => return Err(npy.dtype_error(&one_float_type(f))),
+            (Role::Mask, Some(d @ (Dtype::F32 | Dtype::F64))) => d.size(),
+            (Role::Mask, Some(_)) => 1,
+            (Role::Mask, None) => return Err(npy.dtype_error(MASK_DTYPES)),
+        };
+        Ok(Declared {
+            shape: npy.header.shape.clone(),
+            dtype: npy.header.descr.to_string(),
+            float: dtype,
+            mem_size,
+            file_size: dtype.map_or(1, Dtype::size),
+            data_len: npy.data_len,
+        })
     }
 
     /// A float array of the batch's float type `F`, with `D`'s number of dimensions
@@ -285,10 +404,7 @@ impl Input {
     ) -> Result<Array<F, D>, Failure> {
         let npy = self.array(name, needed_by)?;
         if npy.dtype() != Some(F::NPY) {
-            return Err(npy.dtype_error(&format!(
-                "{}, the type of logp (all float arrays must have one type)",
-                F::DTYPE
-            )));
+            return Err(npy.dtype_error(&one_float_type(F::NPY)));
         }
         npy.read(identity, expected)
     }
@@ -318,7 +434,7 @@ impl Input {
         const BL: &str = "(B, L)";
         let npy = self.array("mask", ALWAYS)?;
         let Some(dtype) = npy.dtype() else {
-            return Err(npy.dtype_error("bool, an integer type, float32 or float64"));
+            return Err(npy.dtype_error(MASK_DTYPES));
         };
         Ok(match dtype {
             Dtype::Bool => OwnedMask::Bool(npy.read(identity, BL)?),
@@ -354,7 +470,7 @@ impl Input {
                 path.display()
             ))
         };
-        let mut file = archive.by_index(index).map_err(|e| cannot(&chain(&e)))?;
+        let file = archive.by_index(index).map_err(|e| cannot(&chain(&e)))?;
         let (size, packed) = (file.size(), file.compressed_size());
         let possible = match file.compression() {
             CompressionMethod::Stored => packed,
@@ -368,6 +484,9 @@ impl Input {
                  compressed bytes in a {file_len}-byte file"
             )));
         }
+        // Never more than the entry declares (and one byte to see that it ends there),
+        // whatever its compressed data inflates to.
+        let mut file = file.take(size.saturating_add(1));
         let (header, header_len) = read_header(&mut file, size).map_err(|m| cannot(&m))?;
         Ok(Npy {
             file,
@@ -381,7 +500,7 @@ impl Input {
 
 /// An array's entry, its header read, positioned at its data.
 struct Npy<'a> {
-    file: ZipFile<'a, BufReader<File>>,
+    file: io::Take<ZipFile<'a, BufReader<File>>>,
     path: &'a Path,
     name: &'static str,
     header: Header,
@@ -424,30 +543,14 @@ impl Npy<'_> {
             return Err(shape_error(self.path, self.name, shape, expected));
         }
         // The declared size, checked against the entry before anything is allocated.
-        let count = if shape.contains(&0) {
-            Some(0)
-        } else {
-            shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
-        };
-        let bytes = count.and_then(|n| n.checked_mul(S::SIZE));
-        let (count, bytes) = match (count, bytes) {
-            (Some(count), Some(bytes)) if bytes as u64 == self.data_len => (count, bytes),
-            (_, Some(bytes)) if (bytes as u64) < self.data_len => {
-                return Err(self.fail(format_args!(
-                    "array {} holds {} bytes of data, more than the {bytes} its shape {:?} \
-                     and dtype {} declare",
-                    self.name, self.data_len, shape, self.header.descr
-                )));
-            }
-            (_, bytes) => {
-                let bytes = bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string());
-                return Err(self.fail(format_args!(
-                    "array {} declares shape {:?} of dtype {}, {bytes} bytes, but its entry \
-                     holds only {} bytes of data",
-                    self.name, shape, self.header.descr, self.data_len
-                )));
-            }
-        };
+        let (count, bytes) = check_data_len(
+            self.path,
+            self.name,
+            shape,
+            &self.header.descr,
+            S::SIZE,
+            self.data_len,
+        )?;
         let mut data = Vec::new();
         if data.try_reserve_exact(count).is_err() {
             return Err(self.cannot_read(format_args!("cannot allocate {bytes} bytes")));
@@ -500,6 +603,40 @@ impl Npy<'_> {
             self.cannot_read("its data does not match the archive's checksum (a corrupt file)")
         } else {
             self.cannot_read(msg)
+        }
+    }
+}
+
+/// The element count and byte size an array's shape and dtype (`size` bytes an element,
+/// `descr` as the file spells it) declare, which must be the `data_len` bytes its entry
+/// holds.
+pub fn check_data_len(
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    descr: &dyn fmt::Display,
+    size: usize,
+    data_len: u64,
+) -> Result<(usize, usize), Failure> {
+    let fail = |msg: fmt::Arguments<'_>| Failure::Input(format!("{}: {msg}", path.display()));
+    let count = if shape.contains(&0) {
+        Some(0)
+    } else {
+        shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    };
+    let bytes = count.and_then(|n| n.checked_mul(size));
+    match (count, bytes) {
+        (Some(count), Some(bytes)) if bytes as u64 == data_len => Ok((count, bytes)),
+        (_, Some(bytes)) if (bytes as u64) < data_len => Err(fail(format_args!(
+            "array {name} holds {data_len} bytes of data, more than the {bytes} its shape \
+             {shape:?} and dtype {descr} declare"
+        ))),
+        (_, bytes) => {
+            let bytes = bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string());
+            Err(fail(format_args!(
+                "array {name} declares shape {shape:?} of dtype {descr}, {bytes} bytes, but \
+                 its entry holds only {data_len} bytes of data"
+            )))
         }
     }
 }
