@@ -14,67 +14,22 @@
 //!   wrong size, a bad checksum), built byte by byte.
 //! - `cppo bench` smoke tests.
 
+mod common;
+use common::{Run, Scratch, cppo};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cppo::ndarray::{Array0, Array1, Array2, Array3, ShapeBuilder, array};
 use ndarray_npy::{NpzReader, NpzWriter, ReadableElement, WriteNpyExt};
-use tempfile::TempDir;
 
 // ---------------------------------------------------------------------------------------
 // Running the binary
 // ---------------------------------------------------------------------------------------
 
-/// What one run of the binary did.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn cppo<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_cppo"))
-        .args(args)
-        .output()
-        .expect("the cppo binary runs");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// A scratch area with separate input and output directories, so that "no output left
-/// behind" means "the output directory is empty".
-struct Scratch {
-    _root: TempDir,
-    inputs: PathBuf,
-    outputs: PathBuf,
-}
-
 impl Scratch {
-    fn new() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let inputs = root.path().join("in");
-        let outputs = root.path().join("out");
-        fs::create_dir(&inputs).unwrap();
-        fs::create_dir(&outputs).unwrap();
-        Self {
-            _root: root,
-            inputs,
-            outputs,
-        }
-    }
-
-    fn input(&self, name: &str) -> PathBuf {
-        self.inputs.join(name)
-    }
-
     fn out(&self) -> PathBuf {
         self.outputs.join("out.npz")
     }
@@ -823,7 +778,10 @@ fn spec_worked_example() {
         [0.25, 0.189474, 0.133333, 0.0, 0.4, 0.211111]
     ] / 2.0;
     for ((ij, &got), want) in o.grad.indexed_iter().zip(&grad) {
-        assert!((got - want).abs() < 1e-6, "grad{ij:?} = {got}, by hand {want}");
+        assert!(
+            (got - want).abs() < 1e-6,
+            "grad{ij:?} = {got}, by hand {want}"
+        );
     }
     assert_eq!(o.keep.row(1), array![1.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
     // The effective thresholds c_t of the worked example's table (the same for both rows)

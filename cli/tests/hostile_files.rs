@@ -8,70 +8,22 @@
 //! that allocated or read what the header declares would fail the time bound (a hang
 //! guard, generous on purpose) or run out of memory.
 
+mod common;
+use common::{Run, Scratch, cppo, run_command};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cppo::ndarray::{Array1, Array2};
 use ndarray_npy::NpzWriter;
-use tempfile::TempDir;
 
 /// The hang guard: every hostile file must be refused well within this.
 const QUICK: Duration = Duration::from_secs(10);
 
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-fn run_command(mut cmd: Command) -> Run {
-    let start = Instant::now();
-    let out = cmd.output().expect("the cppo binary runs");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        took: start.elapsed(),
-    }
-}
-
-fn cppo<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cppo"));
-    cmd.args(args);
-    run_command(cmd)
-}
-
-/// Separate input and output directories: "no output left" is "`out` is empty".
-struct Scratch {
-    _root: TempDir,
-    inputs: PathBuf,
-    outputs: PathBuf,
-}
-
 impl Scratch {
-    fn new() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let inputs = root.path().join("in");
-        let outputs = root.path().join("out");
-        fs::create_dir(&inputs).unwrap();
-        fs::create_dir(&outputs).unwrap();
-        Self {
-            _root: root,
-            inputs,
-            outputs,
-        }
-    }
-
-    fn input(&self, name: &str) -> PathBuf {
-        self.inputs.join(name)
-    }
-
     /// `cppo eval` of `input` (default config), plus `extra` arguments.
     fn eval(&self, input: &Path, extra: &[&str]) -> Run {
         let cfg = self.input("cfg.json");

@@ -13,40 +13,21 @@
 //!   file (nor temporary file) left behind; a failed write exits 1 and removes the
 //!   outputs already staged.
 
+mod common;
+use common::{Run, Scratch, cppo};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cppo::ndarray::{Array2, Array3};
 use cppo::synth::{SynthSpec, SyntheticBatch};
 use cppo::{Config, Diagnostics, Float, Par};
 use ndarray_npy::{NpzWriter, WritableElement};
 use serde_json::Value;
-use tempfile::TempDir;
 
 // ---------------------------------------------------------------------------------------
 // Running the binary
 // ---------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn cppo<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_cppo"))
-        .args(args)
-        .output()
-        .expect("the cppo binary runs");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// `cppo inspect` with these arguments.
 fn inspect(args: &[&OsStr]) -> Run {
@@ -66,30 +47,7 @@ fn assert_ok(run: &Run) {
     assert!(run.stderr.is_empty(), "{run:?}");
 }
 
-/// Separate input and output directories: "nothing left behind" means the output
-/// directory is empty.
-struct Scratch {
-    _root: TempDir,
-    inputs: PathBuf,
-    outputs: PathBuf,
-}
-
 impl Scratch {
-    fn new() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let inputs = root.path().join("in");
-        let outputs = root.path().join("out");
-        fs::create_dir(&inputs).unwrap();
-        fs::create_dir(&outputs).unwrap();
-        Self {
-            _root: root,
-            inputs,
-            outputs,
-        }
-    }
-    fn input(&self, name: &str) -> PathBuf {
-        self.inputs.join(name)
-    }
     fn out(&self, name: &str) -> PathBuf {
         self.outputs.join(name)
     }
