@@ -29,6 +29,13 @@
 use serde::{Deserialize, Serialize};
 
 /// How per-token losses are averaged. Serialized with verl's names (`"token-mean"`, ...).
+///
+/// ```
+/// use cppo::Aggregation;
+/// assert_eq!(Aggregation::default(), Aggregation::TokenMean);
+/// let counts = cppo::Counts { tokens: 8, seqs: 2 };
+/// assert_eq!(Aggregation::SeqMeanTokenSum.weight(counts, 3, 16, None), 0.5);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Aggregation {
@@ -46,6 +53,13 @@ pub enum Aggregation {
 
 /// The denominators of an aggregation: response tokens and sequences (rows with at least
 /// one response token), local or global.
+///
+/// ```
+/// use cppo::{Aggregation, Counts};
+/// assert_eq!(Counts::default(), Counts { tokens: 0, seqs: 0 });
+/// // Nothing to average: the weight is 0, not infinite.
+/// assert_eq!(Aggregation::TokenMean.weight(Counts::default(), 0, 4, None), 0.0);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Counts {
     /// N_tok: response tokens.
@@ -73,6 +87,12 @@ impl Counts {
 
 impl Aggregation {
     /// The mode's name as in configs.
+    ///
+    /// ```
+    /// use cppo::Aggregation;
+    /// assert_eq!(Aggregation::TokenMean.name(), "token-mean");
+    /// assert_eq!(Aggregation::SeqMeanTokenSumNorm.name(), "seq-mean-token-sum-norm");
+    /// ```
     pub const fn name(self) -> &'static str {
         match self {
             Self::TokenMean => "token-mean",
@@ -85,6 +105,14 @@ impl Aggregation {
     /// The aggregation weight a_t of every token of a row with `row_len` = T response
     /// tokens, given the denominators `counts`, the padded width L = `width` and the
     /// optional `norm_length` Z. Zero when a denominator is zero.
+    ///
+    /// ```
+    /// use cppo::{Aggregation, Counts};
+    /// let counts = Counts { tokens: 10, seqs: 4 };
+    /// assert_eq!(Aggregation::SeqMeanTokenSum.weight(counts, 5, 16, None), 0.25);
+    /// // Z = 8 instead of the width 16: 1 / (4 · 8).
+    /// assert_eq!(Aggregation::SeqMeanTokenSumNorm.weight(counts, 5, 16, Some(8)), 1.0 / 32.0);
+    /// ```
     #[inline]
     pub fn weight(
         self,

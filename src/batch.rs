@@ -47,6 +47,17 @@ use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem, dispatch_mask, with_mask};
 
 /// The advantages of a batch: one per token (B, L), or one per row (B,).
+///
+/// Built by `From` from a view or a reference to a 2-D or a 1-D array.
+///
+/// ```
+/// use cppo::Advantages;
+/// use cppo::ndarray::array;
+/// let per_row = array![1.0f32, -0.5];
+/// assert!(matches!(Advantages::from(&per_row), Advantages::PerRow(a) if a.len() == 2));
+/// let per_token = array![[1.0f32, 0.0, 2.0]];
+/// assert!(matches!(Advantages::from(&per_token), Advantages::PerToken(a) if a.dim() == (1, 3)));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub enum Advantages<'a, F> {
     /// A_t per token.
@@ -247,6 +258,14 @@ impl MaskRow<'_> {
 }
 
 /// The optional top-K pair, (B, L, K) each.
+///
+/// ```
+/// use cppo::TopK;
+/// use cppo::ndarray::Array3;
+/// let (p, q) = (Array3::<f32>::zeros((2, 3, 4)), Array3::<f32>::zeros((2, 3, 4)));
+/// let topk = TopK { logp_old: p.view(), logp: q.view() };
+/// assert_eq!(topk.logp.dim(), (2, 3, 4));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct TopK<'a, F> {
     /// log P_k: the rollout policy's top-K log-probs.
@@ -256,6 +275,17 @@ pub struct TopK<'a, F> {
 }
 
 /// A shape-checked, borrowed batch. See the [module docs](self).
+///
+/// ```
+/// use cppo::Batch;
+/// use cppo::ndarray::array;
+/// let (logp, logp_old) = (array![[-0.1f64, -0.9]], array![[-0.2f64, -0.8]]);
+/// let (adv, mask) = (array![[0.5f64, -0.5]], array![[true, true]]);
+/// let batch = Batch::new(&logp, &logp_old, &adv, &mask)?;
+/// assert_eq!(batch.shape(), (1, 2));
+/// assert!(batch.topk_width().is_none() && !batch.has_logp_ref());
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a, F> {
     pub(crate) logp: ArrayView2<'a, F>,
@@ -278,6 +308,16 @@ fn shape_err(array: &'static str, expected: String, got: &[usize]) -> Error {
 impl<'a, F: Float> Batch<'a, F> {
     /// A batch of `logp`, `logp_old` (B, L), `advantages` (B, L) or (B,), and a (B, L)
     /// response mask. Checks the shapes.
+    ///
+    /// ```
+    /// use cppo::{Batch, Error};
+    /// use cppo::ndarray::array;
+    /// let (logp, mask) = (array![[-0.5f32, -1.0]], array![[1u8, 1]]);
+    /// assert!(Batch::new(&logp, &logp, &array![1.0f32], &mask).is_ok());
+    /// // Three advantages for one row: neither (1,) nor (1, 2).
+    /// let err = Batch::new(&logp, &logp, &array![1.0f32, 2.0, 3.0], &mask).unwrap_err();
+    /// assert!(matches!(err, Error::ShapeMismatch { array: "advantages", .. }));
+    /// ```
     pub fn new(
         logp: &'a ArrayRef2<F>,
         logp_old: &'a ArrayRef2<F>,
@@ -365,6 +405,16 @@ impl<'a, F: Float> Batch<'a, F> {
     }
 
     /// Adds the reference policy's log-probs (B, L), for the KL penalty.
+    ///
+    /// ```
+    /// use cppo::Batch;
+    /// use cppo::ndarray::{array, Array2};
+    /// let (lp, adv, mask) = (array![[-0.5, -0.7]], array![1.0], array![[true, true]]);
+    /// let batch = Batch::new(&lp, &lp, &adv, &mask)?.with_logp_ref(&lp)?;
+    /// assert!(batch.has_logp_ref());
+    /// assert!(batch.with_logp_ref(&Array2::zeros((1, 3))).is_err()); // not (1, 2)
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn with_logp_ref(mut self, logp_ref: &'a ArrayRef2<F>) -> Result<Self> {
         self.logp_ref = Some(self.same_shape("logp_ref", logp_ref)?);
         Ok(self)
@@ -403,21 +453,58 @@ impl<'a, F: Float> Batch<'a, F> {
     }
 
     /// (B, L).
+    ///
+    /// ```
+    /// use cppo::ndarray::{Array1, Array2};
+    /// let (z, adv) = (Array2::<f32>::zeros((3, 7)), Array1::<f32>::zeros(3));
+    /// let mask = Array2::<bool>::default((3, 7));
+    /// assert_eq!(cppo::Batch::new(&z, &z, &adv, &mask)?.shape(), (3, 7));
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn shape(&self) -> (usize, usize) {
         self.logp.dim()
     }
 
     /// K of the top-K pair, if present.
+    ///
+    /// ```
+    /// use cppo::ndarray::{Array1, Array2, Array3};
+    /// let (z, adv) = (Array2::<f64>::zeros((2, 3)), Array1::<f64>::zeros(2));
+    /// let mask = Array2::<bool>::default((2, 3));
+    /// let batch = cppo::Batch::new(&z, &z, &adv, &mask)?;
+    /// assert_eq!(batch.topk_width(), None);
+    /// let k = Array3::<f64>::zeros((2, 3, 8));
+    /// assert_eq!(batch.with_topk(&k, &k)?.topk_width(), Some(8));
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn topk_width(&self) -> Option<usize> {
         self.topk.map(|t| t.logp_old.dim().2)
     }
 
     /// Whether a `logp_ref` is present.
+    ///
+    /// ```
+    /// use cppo::ndarray::array;
+    /// let (lp, adv, mask) = (array![[-0.5]], array![1.0], array![[true]]);
+    /// let batch = cppo::Batch::new(&lp, &lp, &adv, &mask)?;
+    /// assert!(!batch.has_logp_ref());
+    /// assert!(batch.with_logp_ref(&lp)?.has_logp_ref());
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn has_logp_ref(&self) -> bool {
         self.logp_ref.is_some()
     }
 
     /// Whether `is_weights` are present.
+    ///
+    /// ```
+    /// use cppo::ndarray::array;
+    /// let (lp, adv, mask, w) = (array![[-0.5]], array![1.0], array![[true]], array![[0.5]]);
+    /// let batch = cppo::Batch::new(&lp, &lp, &adv, &mask)?;
+    /// assert!(!batch.has_is_weights());
+    /// assert!(batch.with_is_weights(&w)?.has_is_weights());
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn has_is_weights(&self) -> bool {
         self.is_weights.is_some()
     }
@@ -427,6 +514,16 @@ impl<'a, F: Float> Batch<'a, F> {
     /// # Errors
     ///
     /// A non-finite value in a float mask.
+    ///
+    /// ```
+    /// use cppo::ndarray::{array, Array2};
+    /// let z = Array2::<f32>::zeros((2, 3));
+    /// let (adv, mask) = (array![1.0f32, 1.0], array![[1.0f32, 0.0, 1.0], [0.0, 0.0, 0.0]]);
+    /// assert_eq!(cppo::Batch::new(&z, &z, &adv, &mask)?.row_lengths()?, vec![2, 0]);
+    /// let nan = array![[1.0f32, f32::NAN, 0.0], [0.0, 0.0, 0.0]];
+    /// assert!(cppo::Batch::new(&z, &z, &adv, &nan)?.row_lengths().is_err());
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn row_lengths(&self) -> Result<Vec<usize>> {
         (0..self.shape().0).map(|i| self.mask.row_len(i)).collect()
     }
@@ -464,6 +561,17 @@ impl<'a, F: Float> Batch<'a, F> {
     /// order (within a token: mask, logp, logp_old, advantages, the top-K pair, logp_ref,
     /// is_weights). [`evaluate`](crate::evaluate) runs the same checks
     /// inside its pass; call this to check a batch without computing anything.
+    ///
+    /// ```
+    /// use cppo::{Batch, Error};
+    /// use cppo::ndarray::array;
+    /// let logp = array![[-0.1f32, f32::NAN, f32::NAN]];
+    /// let (adv, mask) = (array![1.0f32], array![[true, true, false]]);
+    /// let err = Batch::new(&logp, &logp, &adv, &mask)?.validate().unwrap_err();
+    /// // The NaN in padding (column 2) is not read; the one at column 1 is.
+    /// assert!(matches!(err, Error::NonFinite { array: "logp", at, .. } if at.col == 1));
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
     pub fn validate(&self) -> Result<()> {
         let (b, l) = self.shape();
         for i in 0..b {

@@ -44,15 +44,36 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The paper's quantile q = 0.9 (P90).
+///
+/// ```
+/// assert_eq!(cppo::Calibration::default().quantile, cppo::budget::DEFAULT_QUANTILE);
+/// ```
 pub const DEFAULT_QUANTILE: f64 = 0.9;
 /// The paper's scale k = 1.
+///
+/// ```
+/// assert_eq!(cppo::Calibration::default().scale, cppo::budget::DEFAULT_SCALE);
+/// ```
 pub const DEFAULT_SCALE: f64 = 1.0;
 /// The paper's ceiling c = 2 (verl PR #6731 uses 5).
+///
+/// ```
+/// assert_eq!(cppo::Calibration::default().ceiling, cppo::budget::DEFAULT_CEILING);
+/// ```
 pub const DEFAULT_CEILING: f64 = 2.0;
 
 /// How δ_b^row is calibrated from a row's divergences (see the [module docs](self)).
 /// Serialized as `{"quantile": q, "scale": k, "ceiling": c}`; omitted fields take the
 /// paper's values, unknown fields are an error.
+///
+/// ```
+/// use cppo::Calibration;
+/// let median = Calibration { quantile: 0.5, ..Calibration::PAPER };
+/// // Q_0.5 = 0.03, within [δ_b, 2 δ_b] = [0.02, 0.04].
+/// assert_eq!(median.row_budget(0.02, &mut [0.01, 0.05, 0.03]), 0.03);
+/// // P90 = 0.046, clamped to the ceiling 2 δ_b.
+/// assert_eq!(Calibration::PAPER.row_budget(0.02, &mut [0.01, 0.05, 0.03]), 0.04);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Calibration {
@@ -91,6 +112,12 @@ impl Default for Calibration {
 
 impl Calibration {
     /// The paper's Eq. 22: P90, scale 1, ceiling 2.
+    ///
+    /// ```
+    /// use cppo::Calibration;
+    /// assert_eq!(Calibration::PAPER, Calibration::default());
+    /// assert_eq!(Calibration::PAPER.ceiling, 2.0);
+    /// ```
     pub const PAPER: Self = Self {
         quantile: DEFAULT_QUANTILE,
         scale: DEFAULT_SCALE,

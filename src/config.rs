@@ -53,6 +53,15 @@ pub mod preset;
 use preset::Preset;
 
 /// Everything that decides what [`evaluate`](crate::evaluate) computes.
+///
+/// ```
+/// use cppo::{Aggregation, Config, Rule};
+/// let agg = Aggregation::SeqMeanTokenSumNorm;
+/// let cfg = Config { aggregation: agg, norm_length: Some(512), ..Config::grpo() };
+/// assert!(cfg.validate().is_ok());
+/// assert_eq!(cfg.rule, Rule::Ratio { eps_low: 0.2, eps_high: 0.28 });
+/// assert_eq!(Config::default(), Config::cppo());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Config {
     /// The per-token divergence D_t.

@@ -45,18 +45,49 @@ use serde::{Deserialize, Serialize};
 
 /// Log-probabilities in (0, `LOGP_TOLERANCE`] are read as 0 (bf16 rounding of a
 /// probability of 1); anything larger is an error.
+///
+/// ```
+/// use cppo::{divergence::LOGP_TOLERANCE, ndarray::array, Batch};
+/// let (adv, mask) = (array![1.0], array![[true]]);
+/// let ok = array![[LOGP_TOLERANCE]]; // read as 0
+/// assert!(Batch::new(&ok, &ok, &adv, &mask)?.validate().is_ok());
+/// let bad = array![[2.0 * LOGP_TOLERANCE]];
+/// assert!(Batch::new(&bad, &ok, &adv, &mask)?.validate().is_err());
+/// # Ok::<(), cppo::Error>(())
+/// ```
 pub const LOGP_TOLERANCE: f64 = 1e-4;
 
 /// The guard added to both Bernoulli "rest" masses in [`binary_kl`], as in the DPPO
 /// reference code.
+///
+/// ```
+/// use cppo::divergence::{binary_kl, BINARY_KL_GUARD};
+/// // p = 1 leaves π no rest mass: the guard keeps the KL finite.
+/// let expect = 0.5 * 0.5f64.ln() + 0.5 * ((0.5 + BINARY_KL_GUARD) / BINARY_KL_GUARD).ln();
+/// assert!((binary_kl(0.0, 0.5f64.ln()) - expect).abs() < 1e-12);
+/// ```
 pub const BINARY_KL_GUARD: f64 = 1e-8;
 
 /// The floor on the current policy's rest mass in [`topk_kl`], as in the DPPO
 /// reference code.
+///
+/// ```
+/// use cppo::divergence::{topk_kl, TOPK_KL_REST_FLOOR};
+/// // π puts all its mass on the one listed token (Q_rest = 0): the floor keeps the KL finite.
+/// let expect = 0.5 * 0.5f64.ln() + 0.5 * (0.5f64.ln() - TOPK_KL_REST_FLOOR.ln());
+/// assert!((topk_kl(&[0.5f64.ln()], &[0.0]) - expect).abs() < 1e-12);
+/// ```
 pub const TOPK_KL_REST_FLOOR: f64 = 1e-12;
 
 /// Which per-token divergence to compute. Serialized as configs spell it
 /// (`"binary_tv"`, `"binary_kl"`, `"topk_tv"`, `"topk_kl"`, `"k2"`, `"k3"`).
+///
+/// ```
+/// use cppo::Divergence;
+/// assert_eq!(Divergence::default(), Divergence::BinaryTv);
+/// assert_eq!(cppo::Config::cppo().divergence, Divergence::BinaryTv);
+/// assert!(Divergence::TopkKl.needs_topk() && !Divergence::K3.needs_probs());
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Divergence {
@@ -77,16 +108,34 @@ pub enum Divergence {
 
 impl Divergence {
     /// Whether this divergence reads p = e^logp and q = e^logp_old (the binary forms).
+    ///
+    /// ```
+    /// use cppo::Divergence;
+    /// assert!(Divergence::BinaryTv.needs_probs() && Divergence::BinaryKl.needs_probs());
+    /// assert!(!Divergence::K2.needs_probs() && !Divergence::TopkTv.needs_probs());
+    /// ```
     pub const fn needs_probs(self) -> bool {
         matches!(self, Self::BinaryTv | Self::BinaryKl)
     }
 
     /// Whether this divergence needs the top-K pair `topk_logp_old`, `topk_logp`.
+    ///
+    /// ```
+    /// use cppo::Divergence;
+    /// assert!(Divergence::TopkTv.needs_topk() && Divergence::TopkKl.needs_topk());
+    /// assert!(!Divergence::BinaryTv.needs_topk());
+    /// ```
     pub const fn needs_topk(self) -> bool {
         matches!(self, Self::TopkTv | Self::TopkKl)
     }
 
     /// The name used in configs and messages.
+    ///
+    /// ```
+    /// use cppo::Divergence;
+    /// assert_eq!(Divergence::TopkKl.name(), "topk_kl");
+    /// assert_eq!(Divergence::K3.name(), "k3");
+    /// ```
     pub const fn name(self) -> &'static str {
         match self {
             Self::BinaryTv => "binary_tv",

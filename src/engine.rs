@@ -48,6 +48,20 @@ use crate::rule::Rule;
 use crate::stats::{Diagnostics, Tally};
 
 /// Everything [`evaluate`] computes.
+///
+/// ```
+/// use cppo::{evaluate, Batch, Config, Par, Rule};
+/// use cppo::ndarray::array;
+/// let lp = array![[-0.5, -0.3], [-0.2, -0.4]];
+/// let (adv, mask) = (array![1.0, 3.0], array![[true, false], [true, false]]);
+/// let batch = Batch::new(&lp, &lp, &adv, &mask)?;
+/// let eval = evaluate(&Config::with_rule(Rule::None), &batch, Par::Seq)?;
+/// // ρ = 1 and one token per row: the token-mean loss is −(1 + 3) / 2.
+/// assert!((eval.loss + 2.0).abs() < 1e-12);
+/// assert_eq!(eval.outputs.grad[[0, 1]], 0.0); // padding
+/// assert_eq!((eval.tally.tokens, eval.diagnostics.sequences), (2, 2));
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Evaluation<F> {
     /// The aggregated loss L.
@@ -61,6 +75,20 @@ pub struct Evaluation<F> {
 }
 
 /// What [`evaluate_into`] returns besides the buffers it fills.
+///
+/// ```
+/// use cppo::{evaluate_into, Batch, Config, OutputsMut, Par};
+/// use cppo::ndarray::{array, Array2};
+/// let lp = array![[-0.5, -0.3, -0.2]];
+/// let (adv, mask) = (array![2.0], array![[true, true, false]]);
+/// let mut grad = Array2::<f64>::zeros((1, 3));
+/// let out = OutputsMut { grad: Some(grad.view_mut()), ..OutputsMut::default() };
+/// let s = evaluate_into(&Config::cppo(), &Batch::new(&lp, &lp, &adv, &mask)?, out, Par::Seq)?;
+/// assert_eq!((s.counts.tokens, s.counts.seqs), (2, 1));
+/// assert_eq!(s.diagnostics.loss, s.loss);
+/// assert!((grad[[0, 0]] + 1.0).abs() < 1e-12); // ρ = 1: −A / N_tok
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     /// The aggregated loss L.

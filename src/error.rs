@@ -21,9 +21,27 @@
 use std::fmt;
 
 /// Shorthand for `std::result::Result<T, cppo::Error>`.
+///
+/// ```
+/// use cppo::ndarray::array;
+/// fn tokens(logp: &cppo::ndarray::Array2<f64>) -> cppo::Result<u64> {
+///     let (adv, mask) = (array![1.0], array![[true, false]]);
+///     Ok(cppo::Batch::new(logp, logp, &adv, &mask)?.counts()?.tokens)
+/// }
+/// assert_eq!(tokens(&array![[-0.1, -0.2]]), Ok(1));
+/// assert!(tokens(&array![[-0.1, -0.2, -0.3]]).is_err()); // shape (1, 3)
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Where in a (B, L) or (B, L, K) array a bad value sits.
+///
+/// ```
+/// use cppo::At;
+/// let at = At::new(2, 5);
+/// assert_eq!((at.row, at.col, at.k), (2, 5, None));
+/// assert_eq!(at.to_string(), "row 2, column 5");
+/// assert_eq!(At::with_k(0, 1, 3).to_string(), "row 0, column 1, k 3");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct At {
     /// Row (sequence) index, from 0.
@@ -36,11 +54,21 @@ pub struct At {
 
 impl At {
     /// A position in a (B, L) array.
+    ///
+    /// ```
+    /// let at = cppo::At::new(1, 4);
+    /// assert_eq!((at.row, at.col, at.k), (1, 4, None));
+    /// ```
     pub const fn new(row: usize, col: usize) -> Self {
         Self { row, col, k: None }
     }
 
     /// A position in a (B, L, K) array.
+    ///
+    /// ```
+    /// let at = cppo::At::with_k(1, 4, 2);
+    /// assert_eq!((at.row, at.col, at.k), (1, 4, Some(2)));
+    /// ```
     pub const fn with_k(row: usize, col: usize, k: usize) -> Self {
         Self {
             row,
@@ -64,6 +92,17 @@ impl fmt::Display for At {
 ///
 /// Bad input is always reported through this enum, never through a panic or a NaN in
 /// the outputs. The enum is `#[non_exhaustive]`: later versions may add variants.
+///
+/// ```
+/// use cppo::{evaluate, Batch, Config, Divergence, Error, Par};
+/// use cppo::ndarray::array;
+/// let (lp, adv, mask) = (array![[-0.5f32]], array![1.0f32], array![[true]]);
+/// let cfg = Config { divergence: Divergence::TopkTv, ..Config::cppo() };
+/// let err = evaluate(&cfg, &Batch::new(&lp, &lp, &adv, &mask)?, Par::Seq).unwrap_err();
+/// assert!(matches!(err, Error::MissingArray { array: "topk_logp_old", .. }));
+/// assert_eq!(err.to_string(), "topk_logp_old is missing; it is required by divergence topk_tv");
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

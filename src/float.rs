@@ -7,6 +7,7 @@
 //! rounding of a threshold.
 
 mod sealed {
+    /// Seals `Float` and `MaskElem`: not implementable outside the crate.
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
@@ -14,6 +15,16 @@ mod sealed {
 }
 
 /// A floating-point input and output type: `f32` or `f64`. Sealed.
+///
+/// ```
+/// use cppo::Float;
+/// fn widen<F: Float>(x: F) -> f64 {
+///     x.to_f64()
+/// }
+/// assert_eq!(widen(0.5f32), 0.5);
+/// assert_eq!(f32::from_f64(0.1), 0.1f32); // rounded to nearest
+/// assert_eq!((f32::DTYPE, f64::DTYPE), ("float32", "float64"));
+/// ```
 pub trait Float:
     sealed::Sealed
     + Copy

@@ -81,14 +81,40 @@ use crate::error::Result;
 use crate::rule::{check, check_nonnegative, check_positive};
 
 /// The default `ratio_cap` C of `detached_is` (the DPPO reference code's).
+///
+/// ```
+/// use cppo::objective::{Objective, DEFAULT_RATIO_CAP};
+/// let o: Objective = serde_json::from_str(r#"{"kind": "detached_is"}"#).unwrap();
+/// assert_eq!(o, Objective::DetachedIs { ratio_cap: DEFAULT_RATIO_CAP });
+/// ```
 pub const DEFAULT_RATIO_CAP: f64 = 10.0;
 /// The default `eps_high` of `cispo` (the CISPO paper's, as in MiniMax-M1).
+///
+/// ```
+/// use cppo::objective::{Objective, DEFAULT_CISPO_EPS_HIGH};
+/// let o: Objective = serde_json::from_str(r#"{"kind": "cispo"}"#).unwrap();
+/// assert_eq!(o, Objective::Cispo { eps_high: DEFAULT_CISPO_EPS_HIGH });
+/// ```
 pub const DEFAULT_CISPO_EPS_HIGH: f64 = 0.28;
 /// The clamp on the log-ratio logp − logp_old before exponentiation.
+///
+/// ```
+/// use cppo::objective::{ratio, LOG_RATIO_CLAMP};
+/// assert_eq!(ratio(0.0, -50.0).1, LOG_RATIO_CLAMP);
+/// assert_eq!(ratio(-50.0, 0.0).1, -LOG_RATIO_CLAMP);
+/// ```
 pub const LOG_RATIO_CLAMP: f64 = 20.0;
 
 /// A per-token objective. Serialized as the config's `objective` object, tagged by
 /// `kind` (see [`crate::doc::command_line`]).
+///
+/// ```
+/// use cppo::Objective;
+/// assert_eq!(Objective::default(), Objective::Surrogate);
+/// // The surrogate −ρA: loss and gradient are equal.
+/// let t = Objective::Surrogate.eval(1.25, 2.0, -0.3);
+/// assert_eq!((t.loss, t.grad, t.clipped), (-2.5, -2.5, false));
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Objective {
@@ -188,6 +214,12 @@ fn nullable_f64<'de, D: serde::Deserializer<'de>>(
 }
 
 /// MinPRO's default weight cap 1 + 0.28 (our choice, after CISPO's ε_high).
+///
+/// ```
+/// use cppo::objective::{Objective, DEFAULT_MINPRO_CLIP};
+/// let o: Objective = serde_json::from_str(r#"{"kind": "minpro"}"#).unwrap();
+/// assert!(matches!(o, Objective::Minpro { clip: Some(c), .. } if c == DEFAULT_MINPRO_CLIP));
+/// ```
 pub const DEFAULT_MINPRO_CLIP: f64 = 0.28;
 
 fn default_gspo_eps_low() -> f64 {
@@ -207,14 +239,33 @@ fn default_tau_neg() -> f64 {
 }
 
 /// SAPO's default τ for positive advantages (verl's, after the SAPO paper).
+///
+/// ```
+/// use cppo::objective::{Objective, DEFAULT_SAPO_TAU_POS};
+/// let o: Objective = serde_json::from_str(r#"{"kind": "sapo"}"#).unwrap();
+/// assert!(matches!(o, Objective::Sapo { tau_pos, .. } if tau_pos == DEFAULT_SAPO_TAU_POS));
+/// ```
 pub const DEFAULT_SAPO_TAU_POS: f64 = 1.0;
 /// SAPO's default τ for other advantages (verl's, after the SAPO paper).
+///
+/// ```
+/// use cppo::objective::{Objective, DEFAULT_SAPO_TAU_NEG};
+/// let o: Objective = serde_json::from_str(r#"{"kind": "sapo"}"#).unwrap();
+/// assert!(matches!(o, Objective::Sapo { tau_neg, .. } if tau_neg == DEFAULT_SAPO_TAU_NEG));
+/// ```
 pub const DEFAULT_SAPO_TAU_NEG: f64 = 1.05;
 
 fn default_ratio_cap() -> f64 {
     DEFAULT_RATIO_CAP
 }
 /// The default ε_low = ε_high = 0.2 of `ppo_clip` (PPO's).
+///
+/// ```
+/// use cppo::objective::{Objective, DEFAULT_PPO_EPS};
+/// let o: Objective = serde_json::from_str(r#"{"kind": "ppo_clip"}"#).unwrap();
+/// let eps = DEFAULT_PPO_EPS;
+/// assert_eq!(o, Objective::PpoClip { eps_low: eps, eps_high: eps, dual_clip: None });
+/// ```
 pub const DEFAULT_PPO_EPS: f64 = 0.2;
 
 fn default_eps() -> f64 {
@@ -225,6 +276,14 @@ fn default_cispo_eps_high() -> f64 {
 }
 
 /// One token's objective value before masking.
+///
+/// ```
+/// use cppo::Objective;
+/// let cispo = Objective::Cispo { eps_high: 0.28 };
+/// let t = cispo.eval(2.0, 1.0, -0.5); // ρ capped at 1.28, detached
+/// assert_eq!((t.grad, t.clipped), (-1.28, true));
+/// assert_eq!(t.loss, -1.28 * -0.5);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenTerm {
     /// The loss l (for M = 1).
@@ -238,6 +297,12 @@ pub struct TokenTerm {
 
 impl Objective {
     /// The objective's name as in configs.
+    ///
+    /// ```
+    /// use cppo::Objective;
+    /// assert_eq!(Objective::Surrogate.name(), "surrogate");
+    /// assert_eq!(Objective::DetachedIs { ratio_cap: 3.0 }.name(), "detached_is");
+    /// ```
     pub const fn name(&self) -> &'static str {
         match self {
             Self::Surrogate => "surrogate",
@@ -252,6 +317,14 @@ impl Objective {
     }
 
     /// Checks `ratio_cap` > 0, ε ≥ 0, `dual_clip` > 1.
+    ///
+    /// ```
+    /// use cppo::{Error, Objective};
+    /// let ppo = |dual_clip| Objective::PpoClip { eps_low: 0.2, eps_high: 0.2, dual_clip };
+    /// assert!(ppo(Some(3.0)).validate().is_ok());
+    /// let err = ppo(Some(0.5)).validate().unwrap_err(); // c must be > 1
+    /// assert!(matches!(err, Error::InvalidConfig { field: "objective.dual_clip", .. }));
+    /// ```
     pub fn validate(&self) -> Result<()> {
         match *self {
             Self::Surrogate => Ok(()),
@@ -291,6 +364,12 @@ impl Objective {
 
     /// Whether the objective reports a clipped fraction (`ppo_clip`, `cispo`, `gspo`,
     /// `gmpo`).
+    ///
+    /// ```
+    /// use cppo::Objective;
+    /// assert!(Objective::Cispo { eps_high: 0.28 }.has_clip());
+    /// assert!(!Objective::Surrogate.has_clip());
+    /// ```
     pub const fn has_clip(&self) -> bool {
         matches!(
             self,
@@ -304,6 +383,12 @@ impl Objective {
 
     /// Whether a token's term depends on a whole-row quantity (GSPO's and GMPO's sequence
     /// ratios), computed in a first sweep of the row.
+    ///
+    /// ```
+    /// use cppo::Objective;
+    /// assert!(Objective::Gspo { eps_low: 3e-4, eps_high: 4e-4 }.is_sequence_level());
+    /// assert!(!Objective::Cispo { eps_high: 0.28 }.is_sequence_level());
+    /// ```
     pub const fn is_sequence_level(&self) -> bool {
         matches!(self, Self::Gspo { .. } | Self::Gmpo { .. })
     }
@@ -440,6 +525,15 @@ impl Objective {
 }
 
 /// A KL estimator for the penalty to the reference policy.
+///
+/// ```
+/// use cppo::{KlEstimator, KlPenalty};
+/// // x = logp_ref − logp = −1, β = 1.
+/// let k = |estimator| KlPenalty { estimator, coef: 1.0 }.eval(0.0, -1.0).0;
+/// assert_eq!(k(KlEstimator::K1), 1.0);
+/// assert_eq!(k(KlEstimator::K2), 0.5);
+/// assert!((k(KlEstimator::K3) - (-1f64).exp()).abs() < 1e-15);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KlEstimator {
@@ -452,6 +546,14 @@ pub enum KlEstimator {
 }
 
 /// The KL penalty β·k(x), x = logp_ref − logp. Serialized as the config's `kl` object.
+///
+/// ```
+/// use cppo::{KlEstimator, KlPenalty};
+/// let kl: KlPenalty = serde_json::from_str(r#"{"estimator": "k2", "coef": 0.1}"#).unwrap();
+/// assert_eq!(kl, KlPenalty { estimator: KlEstimator::K2, coef: 0.1 });
+/// let (loss, grad) = kl.eval(-1.0, -3.0); // x = −2: β x² / 2 and −β x
+/// assert!((loss - 0.2).abs() < 1e-15 && (grad - 0.2).abs() < 1e-15);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KlPenalty {
@@ -463,6 +565,12 @@ pub struct KlPenalty {
 
 impl KlPenalty {
     /// Checks β ≥ 0 and finite.
+    ///
+    /// ```
+    /// use cppo::{KlEstimator, KlPenalty};
+    /// assert!(KlPenalty { estimator: KlEstimator::K3, coef: 0.0 }.validate().is_ok());
+    /// assert!(KlPenalty { estimator: KlEstimator::K3, coef: -0.1 }.validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<()> {
         check_nonnegative("kl.coef", self.coef)
     }
@@ -492,6 +600,14 @@ impl KlPenalty {
 }
 
 /// GSPO's clamp on the sequence log-ratio, s = exp(min(mean r, 10)) (verl's).
+///
+/// ```
+/// use cppo::objective::{Objective, GSPO_LOG_RATIO_MAX};
+/// // A one-token row with log-ratio 15: s = e^10. With A < 0, the unclipped branch −A s.
+/// let gspo = Objective::Gspo { eps_low: 0.2, eps_high: 0.2 };
+/// let t = gspo.eval(15f64.exp(), -1.0, 0.0);
+/// assert_eq!(t.loss, GSPO_LOG_RATIO_MAX.exp());
+/// ```
 pub const GSPO_LOG_RATIO_MAX: f64 = 10.0;
 
 /// GMPO's clipped log-ratio r̃ = sgn(A) min(sgn(A) r, sgn(A) clamp(r, −ε_low, ε_high)),

@@ -136,6 +136,21 @@ macro_rules! define_outputs {
     ($( $(#[$doc:meta])* $name:ident : $kind:ident $t:ty; )*) => {
         /// Every output of [`evaluate`](crate::evaluate), owned. See the
         /// [module docs](self).
+        ///
+        /// ```
+        /// use cppo::{evaluate, Batch, Config, Par};
+        /// use cppo::ndarray::array;
+        /// let (logp, logp_old) = (array![[0.5f64.ln(), -0.1]], array![[0.2f64.ln(), -0.1]]);
+        /// let (adv, mask) = (array![1.0], array![[true, true]]);
+        /// let batch = Batch::new(&logp, &logp_old, &adv, &mask)?;
+        /// let out = evaluate(&Config::dppo(), &batch, Par::Seq)?.outputs;
+        /// // D = |0.5 − 0.2| > δ = 0.15 on the first token, which moves away (A > 0, ρ > 1).
+        /// assert_eq!(out.keep, array![[false, true]]);
+        /// assert_eq!(out.reason, array![[3u8, 1]]);
+        /// assert_eq!(out.threshold, array![[0.15, 0.15]]);
+        /// assert!(out.delta_b_row[0].is_nan()); // dppo has no budget
+        /// # Ok::<(), cppo::Error>(())
+        /// ```
         pub struct Outputs<F> {
             $( $(#[$doc])* pub $name: owned_ty!($kind, $t), )*
         }
@@ -144,6 +159,23 @@ macro_rules! define_outputs {
         /// optional: a trainer that needs only `grad` (and perhaps `keep`) passes only
         /// those and saves the memory traffic of the rest. Per-token buffers are (B, L),
         /// `delta_b_row` is (B,); any layout (strided, transposed) is accepted.
+        ///
+        /// ```
+        /// use cppo::{evaluate_into, Batch, Config, OutputsMut, Par};
+        /// use cppo::ndarray::{array, Array2};
+        /// let (lp, adv, mask) = (array![[-0.5, -0.3]], array![1.0], array![[true, true]]);
+        /// let batch = Batch::new(&lp, &lp, &adv, &mask)?;
+        /// let mut keep = Array2::<bool>::default((1, 2));
+        /// let out = OutputsMut { keep: Some(keep.view_mut()), ..OutputsMut::default() };
+        /// evaluate_into(&Config::cppo(), &batch, out, Par::Seq)?;
+        /// assert_eq!(keep, array![[true, true]]); // ρ = 1: nothing to mask
+        /// // A transposed buffer of the right shape is accepted too.
+        /// let mut grad_t = Array2::<f64>::zeros((2, 1));
+        /// let grad = Some(grad_t.view_mut().reversed_axes());
+        /// let out = OutputsMut { grad, ..OutputsMut::default() };
+        /// assert!(evaluate_into(&Config::cppo(), &batch, out, Par::Seq).is_ok());
+        /// # Ok::<(), cppo::Error>(())
+        /// ```
         pub struct OutputsMut<'a, F> {
             $( $(#[$doc])* pub $name: Option<view_ty!($kind, 'a, $t)>, )*
         }

@@ -51,79 +51,60 @@ use crate::budget::Calibration;
 use crate::error::{Error, Result};
 use crate::schedule::{Positions, Schedule};
 
+mod gate;
+mod reason;
+pub use gate::{Gate, inverse_gate, sigmoid_gate};
+pub use reason::Reason;
+
 /// The default threshold δ = 0.15 of `dppo`, `cppo`, `cppo_soft` and TRM (the paper's
 /// Table 3, dense models; 0.20 for MoE models).
+///
+/// ```
+/// use cppo::rule::{CppoParams, Rule, DEFAULT_DELTA};
+/// assert_eq!(CppoParams::default().delta, DEFAULT_DELTA);
+/// assert_eq!(cppo::Config::dppo().rule, Rule::Dppo { delta: DEFAULT_DELTA });
+/// ```
 pub const DEFAULT_DELTA: f64 = 0.15;
 /// The default CPPO prefix budget δ_b = 0.02: the floor δ_b^min of the calibrated
 /// budget (the paper's Table 3, UniRL's and verl's default).
+///
+/// ```
+/// assert_eq!(cppo::CppoParams::default().delta_b, Some(cppo::rule::DEFAULT_DELTA_B));
+/// ```
 pub const DEFAULT_DELTA_B: f64 = 0.02;
 /// The default last-position weight w_min = 0.8 (the paper's).
+///
+/// ```
+/// assert_eq!(cppo::CppoParams::default().w_min, cppo::rule::DEFAULT_W_MIN);
+/// ```
 pub const DEFAULT_W_MIN: f64 = 0.8;
 /// The default ε_low = 0.2 of the `ratio` rule (the paper's GRPO baseline).
+///
+/// ```
+/// use cppo::rule::{Rule, DEFAULT_EPS_LOW};
+/// let rule = cppo::Config::grpo().rule;
+/// assert!(matches!(rule, Rule::Ratio { eps_low, .. } if eps_low == DEFAULT_EPS_LOW));
+/// ```
 pub const DEFAULT_EPS_LOW: f64 = 0.2;
 /// The default ε_high = 0.28 of the `ratio` rule (the paper's GRPO baseline, DAPO's
 /// clip-higher).
+///
+/// ```
+/// use cppo::rule::{Rule, DEFAULT_EPS_HIGH};
+/// let rule = cppo::Config::grpo().rule;
+/// assert!(matches!(rule, Rule::Ratio { eps_high, .. } if eps_high == DEFAULT_EPS_HIGH));
+/// ```
 pub const DEFAULT_EPS_HIGH: f64 = 0.28;
 /// The default temperature τ = 0.01 of the sigmoid gate of `cppo_soft` (ours; the paper's
 /// gate is the inverse one, which has none).
+///
+/// ```
+/// use cppo::rule::{Gate, Rule, DEFAULT_SOFT_TAU};
+/// let r: Rule = serde_json::from_str(r#"{"kind": "cppo_soft", "gate": "sigmoid"}"#).unwrap();
+/// let gate = r.cppo_params().unwrap().gate;
+/// assert_eq!(gate, Some(Gate::Sigmoid { tau: DEFAULT_SOFT_TAU }));
+/// ```
 pub const DEFAULT_SOFT_TAU: f64 = 0.01;
-
-/// Why a token was kept or masked. Stored as `u8` codes 0–4 in the `reason` output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[repr(u8)]
-pub enum Reason {
-    /// 0: not a response token (padding, prompt or a hole in the mask).
-    NotResponse = 0,
-    /// 1: kept, the rule's test passed.
-    Feasible = 1,
-    /// 2: kept by the corrective bypass: the test failed but the token does not move away
-    /// from the anchor.
-    Corrective = 2,
-    /// 3: masked, the token threshold was violated (w_t D_t > δ for CPPO, or the rule's
-    /// only test for the others).
-    TokenThreshold = 3,
-    /// 4: masked by CPPO's prefix budget alone (w_t D_t ≤ δ but S_t > δ + δ_b^row W_{t−1}).
-    PrefixBudget = 4,
-}
-
-impl Reason {
-    /// The `u8` code.
-    ///
-    /// ```
-    /// assert_eq!(cppo::Reason::PrefixBudget.code(), 4);
-    /// ```
-    pub const fn code(self) -> u8 {
-        self as u8
-    }
-
-    /// The reason for a code, or `None` for a code above 4.
-    ///
-    /// ```
-    /// use cppo::rule::Reason;
-    /// assert_eq!(Reason::from_code(4), Some(Reason::PrefixBudget));
-    /// assert_eq!(Reason::from_code(5), None);
-    /// ```
-    pub const fn from_code(code: u8) -> Option<Self> {
-        match code {
-            0 => Some(Self::NotResponse),
-            1 => Some(Self::Feasible),
-            2 => Some(Self::Corrective),
-            3 => Some(Self::TokenThreshold),
-            4 => Some(Self::PrefixBudget),
-            _ => None,
-        }
-    }
-
-    /// Whether a token with this reason keeps its gradient.
-    ///
-    /// ```
-    /// assert!(cppo::Reason::Corrective.is_kept());
-    /// assert!(!cppo::Reason::PrefixBudget.is_kept());
-    /// ```
-    pub const fn is_kept(self) -> bool {
-        matches!(self, Self::Feasible | Self::Corrective)
-    }
-}
 
 /// Whether a token's update moves π_θ away from the rollout policy: A (ρ − 1) > 0.
 /// Tokens that do not are kept by every rule but TRM.
@@ -187,67 +168,18 @@ pub fn cppo_threshold(delta: f64, delta_b: Option<f64>, s_prev: f64, w_prev: f64
     }
 }
 
-/// The soft gate of `cppo_soft`: the share of its objective term (and gradient) a token
-/// keeps. A corrective token (one that does not move away) always keeps all of it; so
-/// does a feasible token under the inverse gate.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Gate {
-    /// The paper's gate (its Appendix C): min(1, 1/x_t) with
-    /// x_t = max(w_t D_t / δ, S_t / (δ + δ_b^row W_{t−1})), S_t = S_{t−1} + w_t D_t (the
-    /// second term absent without a budget). 1 for feasible tokens.
-    #[default]
-    Inverse,
-    /// σ((c_t − w_t D_t)/τ) for every away-moving token, feasible or not (an earlier
-    /// form of this crate's, kept as an option).
-    Sigmoid {
-        /// τ > 0, default 0.01.
-        tau: f64,
-    },
-}
-
-impl Gate {
-    /// The name used in configs (`"inverse"`, `"sigmoid"`).
-    ///
-    /// ```
-    /// assert_eq!(cppo::Gate::Sigmoid { tau: 0.01 }.name(), "sigmoid");
-    /// ```
-    pub const fn name(&self) -> &'static str {
-        match self {
-            Self::Inverse => "inverse",
-            Self::Sigmoid { .. } => "sigmoid",
-        }
-    }
-}
-
-/// The inverse gate's share min(1, 1/x) of an away-moving, infeasible token, with
-/// x = max(w_t D_t / δ, S_t / room), room = δ + δ_b^row W_{t−1} (or +∞ without a budget).
-///
-/// ```
-/// use cppo::rule::inverse_gate;
-/// // w D twice the threshold: half the term.
-/// assert_eq!(inverse_gate(0.4, 0.2, 0.4, f64::INFINITY), 0.5);
-/// // The prefix at 4/3 of its budget: three quarters.
-/// assert!((inverse_gate(0.1, 0.2, 0.4, 0.3) - 0.75).abs() < 1e-15);
-/// ```
-#[inline(always)]
-pub fn inverse_gate(wd: f64, delta: f64, s_t: f64, room: f64) -> f64 {
-    let x = (wd / delta).max(s_t / room);
-    if x > 1.0 { 1.0 / x } else { 1.0 }
-}
-
-/// The sigmoid gate's share σ((c_t − w_t D_t)/τ).
-///
-/// ```
-/// assert_eq!(cppo::rule::sigmoid_gate(0.2, 0.2, 0.01), 0.5);
-/// ```
-#[inline(always)]
-pub fn sigmoid_gate(c: f64, wd: f64, tau: f64) -> f64 {
-    1.0 / (1.0 + (-(c - wd) / tau).exp())
-}
-
 /// The parameters of `cppo` and `cppo_soft`. `Default` is the paper's setting (Table 3,
 /// dense models): δ = 0.15, δ_b = 0.02 calibrated by P90 with a 2× ceiling,
 /// w_min = 0.8, response-token positions, hard mask.
+///
+/// ```
+/// use cppo::rule::{CppoParams, Rule};
+/// let p = CppoParams::default();
+/// assert_eq!((p.delta, p.delta_b, p.w_min, p.gate), (0.15, Some(0.02), 0.8, None));
+/// let fixed = CppoParams { calibration: None, ..p }; // δ_b^row = δ_b in every row
+/// assert!(Rule::Cppo(fixed).validate().is_ok());
+/// assert_eq!(Rule::default(), Rule::Cppo(p));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CppoParams {
     /// δ > 0: the token threshold (on w_t D_t). Default 0.15.
@@ -351,6 +283,15 @@ impl CppoParams {
 /// A trust-region rule. Serialized as a config's `rule` object, tagged by `kind`;
 /// omitted parameters take the defaults of this module's constants, unknown fields are
 /// an error. A bare string names a kind with its defaults (`"rule": "dppo"`).
+///
+/// ```
+/// use cppo::Rule;
+/// let r: Rule = serde_json::from_str(r#""trm_avg""#).unwrap();
+/// assert_eq!(r, Rule::TrmAvg { delta: 0.15 });
+/// let r: Rule = serde_json::from_str(r#"{"kind": "ratio", "eps_high": 0.3}"#).unwrap();
+/// assert_eq!(r, Rule::Ratio { eps_low: 0.2, eps_high: 0.3 });
+/// assert_eq!(r.name(), "ratio");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Rule {
     /// No trust region: every response token is kept.

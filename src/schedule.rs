@@ -37,6 +37,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// How positions t and the horizon H are counted (see the [module docs](self)).
+///
+/// ```
+/// use cppo::schedule::{Positions, Schedule, TokenPos};
+/// assert_eq!(Positions::default(), Positions::Response);
+/// // The last of three response tokens, in column 5 of 11 (after a hole).
+/// let at = TokenPos { t: 3, column: 5, row_len: 3, width: 11 };
+/// let w = |positions| Schedule::Linear { w_min: 0.8, horizon: None, positions }.weight(at);
+/// assert!((w(Positions::Response) - 0.8).abs() < 1e-15); // t = T
+/// assert!((w(Positions::Column) - 0.9).abs() < 1e-15); // t = 6 of L = 11
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Positions {
@@ -63,6 +73,14 @@ impl Positions {
 }
 
 /// Where a token sits: what either convention needs to place it.
+///
+/// ```
+/// use cppo::schedule::{Positions, Schedule, TokenPos};
+/// let s = Schedule::Linear { w_min: 0.5, horizon: None, positions: Positions::Response };
+/// // The second of three response tokens: halfway from 1 down to w_min.
+/// let at = TokenPos { t: 2, column: 4, row_len: 3, width: 8 };
+/// assert!((s.weight(at) - 0.75).abs() < 1e-15);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TokenPos {
     /// Its index among the row's response tokens, from 1.
@@ -76,6 +94,15 @@ pub struct TokenPos {
 }
 
 /// A position-weight schedule.
+///
+/// ```
+/// use cppo::schedule::{Positions, Schedule, TokenPos};
+/// let last = TokenPos { t: 4, column: 3, row_len: 4, width: 4 };
+/// assert_eq!(Schedule::Constant.weight(last), 1.0);
+/// let linear = Schedule::Linear { w_min: 0.8, horizon: None, positions: Positions::Response };
+/// assert!((linear.weight(last) - 0.8).abs() < 1e-15);
+/// assert_eq!(cppo::CppoParams::default().schedule(), linear);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Schedule {
     /// w_t = 1 for every t.

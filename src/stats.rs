@@ -57,6 +57,15 @@ use crate::config::Config;
 use crate::rule::Reason;
 
 /// Mergeable per-row (or per-shard) counts and sums behind [`Diagnostics`].
+///
+/// ```
+/// use cppo::{Config, Diagnostics, Tally};
+/// let a = Tally { tokens: 3, seqs: 1, by_reason: [0, 2, 0, 1, 0], ..Tally::default() };
+/// let b = Tally { tokens: 2, seqs: 1, by_reason: [0, 1, 0, 0, 1], ..Tally::default() };
+/// let d = Diagnostics::new(&a.merge(&b), &Config::cppo());
+/// assert_eq!((d.response_tokens, d.kept_tokens), (5, 3));
+/// assert_eq!(d.masked_frac, 0.4);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Tally {
     /// Response tokens.
@@ -154,6 +163,15 @@ impl Tally {
     ///
     /// Counts add exactly; float sums add in the order the calls are made, which the
     /// engine fixes by row, so results do not depend on the thread count.
+    ///
+    /// ```
+    /// use cppo::Tally;
+    /// let a = Tally { tokens: 3, ratio_min: 0.5, ratio_max: 1.5, ..Tally::default() };
+    /// let b = Tally { tokens: 2, ratio_min: 0.8, ratio_max: 2.0, ..Tally::default() };
+    /// let ab = a.merge(&b);
+    /// assert_eq!((ab.tokens, ab.ratio_min, ab.ratio_max), (5, 0.5, 2.0));
+    /// assert_eq!(Tally::default().merge(&a), a); // the default is the identity
+    /// ```
     #[must_use]
     pub fn merge(mut self, other: &Self) -> Self {
         self.tokens += other.tokens;
@@ -203,6 +221,11 @@ impl Tally {
     }
 
     /// Masked response tokens (reasons 3 and 4).
+    ///
+    /// ```
+    /// let t = cppo::Tally { tokens: 6, by_reason: [0, 2, 1, 2, 1], ..Default::default() };
+    /// assert_eq!(t.masked(), 3); // the corrective bypass (reason 2) is kept
+    /// ```
     pub fn masked(&self) -> u64 {
         self.by_reason[Reason::TokenThreshold as usize]
             + self.by_reason[Reason::PrefixBudget as usize]
@@ -210,6 +233,21 @@ impl Tally {
 }
 
 /// The logged metrics of one batch (or of merged shards). See the [module docs](self).
+///
+/// ```
+/// use cppo::{evaluate, Batch, Config, Par};
+/// use cppo::ndarray::array;
+/// let (logp, logp_old) = (array![[0.5f64.ln(), -0.1]], array![[0.2f64.ln(), -0.1]]);
+/// let (adv, mask) = (array![1.0], array![[true, true]]);
+/// let batch = Batch::new(&logp, &logp_old, &adv, &mask)?;
+/// let d = evaluate(&Config::dppo(), &batch, Par::Seq)?.diagnostics;
+/// // D = |0.5 − 0.2| = 0.3 > δ = 0.15, and ρ = 2.5 moves away: masked.
+/// assert_eq!((d.response_tokens, d.kept_tokens), (2, 1));
+/// assert_eq!(d.masked_frac_token_threshold, 0.5);
+/// assert_eq!(d.threshold_mean, Some(0.15));
+/// assert_eq!(d.clip_frac, None); // the surrogate has no clip
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Diagnostics {
     /// The aggregated loss.
@@ -264,6 +302,19 @@ pub struct Diagnostics {
 }
 
 /// The per-row budgets δ_b^row of a batch (see the [module docs](self)).
+///
+/// ```
+/// use cppo::{evaluate, Batch, Config, Par};
+/// use cppo::ndarray::array;
+/// let (lp, adv) = (array![[-0.5, -0.3], [-0.2, -0.1]], array![1.0, -1.0]);
+/// let mask = array![[true, true], [true, true]];
+/// let batch = Batch::new(&lp, &lp, &adv, &mask)?;
+/// // No drift: every row's calibrated budget sits at the floor δ_b = 0.02.
+/// let b = evaluate(&Config::cppo(), &batch, Par::Seq)?.diagnostics.delta_b_row.unwrap();
+/// assert_eq!((b.min, b.max, b.frac_at_floor, b.frac_at_ceiling), (0.02, 0.02, 1.0, 0.0));
+/// assert!(evaluate(&Config::dppo(), &batch, Par::Seq)?.diagnostics.delta_b_row.is_none());
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BudgetStats {
     /// Mean δ_b^row.
@@ -279,6 +330,14 @@ pub struct BudgetStats {
 }
 
 /// verl's metric names (see the [module docs](self) for the definitions).
+///
+/// ```
+/// use cppo::{Config, Diagnostics, Tally};
+/// let t = Tally { tokens: 4, by_reason: [0, 3, 0, 1, 0], k1_sum: 0.2, ..Tally::default() };
+/// let v = Diagnostics::new(&t, &Config::cppo()).verl;
+/// assert_eq!(v.pg_clipfrac, 1.0 / (4.0 + 1e-8)); // verl's masked_mean denominator
+/// assert_eq!(v.ppo_kl, 0.2 / (4.0 + 1e-8));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VerlMetrics {
     /// `actor/pg_clipfrac`: masked response tokens / (N + 1e-8).
@@ -290,6 +349,15 @@ pub struct VerlMetrics {
 }
 
 /// UniRL's metric names (see the [module docs](self) for the definitions).
+///
+/// ```
+/// use cppo::{Config, Diagnostics, Tally};
+/// let by_reason = [0, 3, 0, 1, 0];
+/// let t = Tally { tokens: 4, by_reason, ratio_sum: 4.4, ratio_max: 1.5, ..Tally::default() };
+/// let u = Diagnostics::new(&t, &Config::cppo()).unirl;
+/// assert_eq!(u.masked_fraction, 0.25); // an exact fraction, unlike verl's
+/// assert_eq!((u.ratio_mean, u.ratio_max), (4.4 / 4.0, 1.5));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnirlMetrics {
     /// masked response tokens / N.
@@ -321,6 +389,14 @@ fn mean(sum: f64, den: u64) -> f64 {
 
 impl Diagnostics {
     /// The metrics of a tally, for the config that produced it.
+    ///
+    /// ```
+    /// use cppo::{Config, Diagnostics, Tally};
+    /// // An empty tally logs zeros, never NaN.
+    /// let d = Diagnostics::new(&Tally::default(), &Config::cppo());
+    /// assert_eq!((d.masked_frac, d.ratio_min, d.divergence_mean), (0.0, 0.0, 0.0));
+    /// assert!(Diagnostics::new(&Tally::default(), &Config::grpo()).delta_b_row.is_none());
+    /// ```
     pub fn new(t: &Tally, cfg: &Config) -> Self {
         let n = t.tokens;
         let empty = n == 0;

@@ -72,6 +72,14 @@ use crate::error::Result;
 use crate::float::Float;
 
 /// What to generate. Every field has a default; build with `..SynthSpec::default()`.
+///
+/// ```
+/// use cppo::synth::{SynthSpec, SyntheticBatch};
+/// let spec = SynthSpec { rows: 3, len: 10, response_frac: 0.5, ..SynthSpec::default() };
+/// let data = SyntheticBatch::<f32>::generate(&spec);
+/// assert_eq!(data.logp.dim(), (3, 10));
+/// assert_eq!(data.mask.iter().filter(|&&m| m).count(), 15); // half of the 30 slots
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct SynthSpec {
     /// B: rows (sequences). Default 16.
@@ -113,6 +121,16 @@ impl Default for SynthSpec {
 
 /// A generated batch, owning its arrays; [`SyntheticBatch::batch`] borrows them as a
 /// [`Batch`]. Field names and shapes are those of [`Batch`]'s inputs.
+///
+/// ```
+/// use cppo::synth::{SynthSpec, SyntheticBatch};
+/// let spec = SynthSpec { rows: 4, len: 32, topk: Some(3), ..SynthSpec::default() };
+/// let data = SyntheticBatch::<f64>::generate(&spec);
+/// assert_eq!(data.advantages.len(), 4);
+/// assert!(data.logp_ref.is_none()); // with_ref is off
+/// assert_eq!(data.batch()?.topk_width(), Some(3));
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct SyntheticBatch<F> {
     /// (B, L): the current policy's log-probs of the sampled tokens.

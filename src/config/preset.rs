@@ -63,6 +63,15 @@ use crate::rule::{CppoParams, Rule};
 use crate::schedule::Positions;
 
 /// A named config. See the [module docs](self) for what each reproduces.
+///
+/// ```
+/// use cppo::{Config, Preset};
+/// let p: Preset = "paper_moe".parse()?;
+/// assert_eq!(p, Preset::PaperMoe);
+/// assert_eq!(p.config().rule.cppo_params().unwrap().delta, 0.20);
+/// assert_eq!(Preset::Cppo.config(), Config::cppo());
+/// # Ok::<(), cppo::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Preset {
     /// The crate's default: the paper's dense setting on binary TV.
