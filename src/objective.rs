@@ -53,7 +53,7 @@
 //! boundary itself, a set of measure zero.
 //!
 //! The optional KL penalty to a reference policy adds, per response token and before
-//! aggregation, with x = logp_ref − logp and coefficient β:
+//! aggregation, with x = clamp(logp_ref − logp, −20, 20) and coefficient β:
 //!
 //! | estimator | l | g |
 //! |---|---|---|
@@ -62,8 +62,11 @@
 //! | `k3` | β (eˣ − x − 1) | β (1 − eˣ) |
 //!
 //! The penalty is not masked by the trust region: it applies to every response token.
-//! `x` is not clamped (verl clamps k3 to ±10, which zeroes its gradient there; this
-//! crate keeps the exact estimator).
+//! `x` is clamped to ±20 ([`LOG_RATIO_CLAMP`], as verl clamps it before k3's
+//! exponential), so that every estimator stays finite whatever the log-probs (e^x would
+//! overflow from x ≈ 710, and β·∞ is NaN at β = 0); as for the ratio, g is the closed
+//! form at the clamped x. verl also clamps k3's value to [−10, 10], which zeroes its
+//! gradient from x ≈ 2.6 on; this crate keeps the estimator exact there.
 //!
 //! ```
 //! use cppo::objective::Objective;
@@ -96,7 +99,8 @@ pub const DEFAULT_RATIO_CAP: f64 = 10.0;
 /// assert_eq!(o, Objective::Cispo { eps_high: DEFAULT_CISPO_EPS_HIGH });
 /// ```
 pub const DEFAULT_CISPO_EPS_HIGH: f64 = 0.28;
-/// The clamp on the log-ratio logp − logp_old before exponentiation.
+/// The clamp on the log-ratio logp − logp_old before exponentiation, and on the KL
+/// penalty's x = logp_ref − logp.
 ///
 /// ```
 /// use cppo::objective::{ratio, LOG_RATIO_CLAMP};
@@ -586,7 +590,7 @@ impl KlPenalty {
     #[inline(always)]
     pub fn eval(&self, logp: f64, logp_ref: f64) -> (f64, f64) {
         let beta = self.coef;
-        let x = logp_ref - logp;
+        let x = (logp_ref - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
         match self.estimator {
             KlEstimator::K1 => (-beta * x, beta),
             KlEstimator::K2 => (beta * x * x / 2.0, -beta * x),

@@ -102,3 +102,58 @@ fn k3_is_never_negative() {
         assert!(e.outputs.divergence.iter().all(|&d| d >= 0.0), "{div:?}");
     }
 }
+
+/// The k3 KL penalty's exponent was not clamped: coef 0 with logp −1000 and logp_ref −1
+/// gave a NaN loss, token_loss and grad; coef 1 with logp −746 gave +∞ and −∞; in f32,
+/// logp −100 gave infinite outputs. x = logp_ref − logp is clamped to ±20 for every
+/// estimator, so each is finite, and equal to its value at x = 20.
+#[test]
+fn the_kl_penalty_is_finite_for_any_log_probs() {
+    use cppo::{KlEstimator, KlPenalty};
+    for (estimator, coef, logp) in [
+        (KlEstimator::K3, 0.0, -1000.0),
+        (KlEstimator::K3, 1.0, -746.0),
+        (KlEstimator::K3, 1.0, -1e300),
+        (KlEstimator::K2, 1.0, -1e300),
+        (KlEstimator::K1, 1.0, -1e300),
+    ] {
+        let kl = KlPenalty { estimator, coef };
+        let cfg = Config {
+            kl: Some(kl),
+            ..Config::dppo()
+        };
+        // A = 0: the objective term is 0, token_loss and grad are the KL term's.
+        let (lp, lq, lr) = (array![[logp]], array![[logp]], array![[-1.0]]);
+        let (adv, mask) = (array![0.0], array![[true]]);
+        let batch = Batch::new(&lp, &lq, &adv, &mask)
+            .unwrap()
+            .with_logp_ref(&lr)
+            .unwrap();
+        let e = evaluate(&cfg, &batch, Par::Seq).unwrap();
+        let (l, g) = kl.eval(-21.0, -1.0); // x = 20: the clamped value
+        assert!(l.is_finite() && g.is_finite());
+        assert_eq!(
+            e.outputs.token_loss[[0, 0]],
+            l,
+            "{estimator:?} {coef} {logp}"
+        );
+        assert_eq!(e.outputs.grad[[0, 0]], g, "{estimator:?} {coef} {logp}");
+        assert!(e.loss.is_finite());
+    }
+    // In f32: logp −100 against logp_ref −1, k3 with β = 1: e^20 fits in an f32.
+    let cfg = Config {
+        kl: Some(KlPenalty {
+            estimator: KlEstimator::K3,
+            coef: 1.0,
+        }),
+        ..Config::dppo()
+    };
+    let (lp, lr) = (array![[-100.0f32]], array![[-1.0f32]]);
+    let (adv, mask) = (array![1.0f32], array![[true]]);
+    let batch = Batch::new(&lp, &lp, &adv, &mask)
+        .unwrap()
+        .with_logp_ref(&lr)
+        .unwrap();
+    let e = evaluate(&cfg, &batch, Par::Seq).unwrap();
+    assert!(e.outputs.token_loss[[0, 0]].is_finite() && e.outputs.grad[[0, 0]].is_finite());
+}

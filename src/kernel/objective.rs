@@ -11,7 +11,7 @@ use super::rule::kept;
 use super::{BLK, Work};
 use crate::config::Config;
 use crate::float::Float;
-use crate::objective::{KlEstimator, KlPenalty, Objective, gmpo_log_ratio};
+use crate::objective::{KlEstimator, KlPenalty, LOG_RATIO_CLAMP, Objective, gmpo_log_ratio};
 use crate::outputs::RowOut;
 use crate::simd::{exp_to, expm1_to};
 
@@ -175,7 +175,11 @@ pub(crate) fn kl_terms(kl: &KlPenalty, st: &InStage, wk: &mut Work) {
         // `KlPenalty::eval`'s k3 with the block's e^x − 1 in one SIMD call.
         let mut x = [0.0f64; BLK];
         for k in 0..n {
-            x[k] = if st.on[k] { wk.lref[k] - st.lp[k] } else { 0.0 };
+            x[k] = if st.on[k] {
+                (wk.lref[k] - st.lp[k]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            } else {
+                0.0
+            };
         }
         let mut em1 = [0.0f64; BLK];
         expm1_to(&x[..n], &mut em1[..n]);

@@ -71,10 +71,10 @@ pub fn ref_objective(obj: &Objective, rho: f64, a: f64, lp: f64) -> (f64, f64, u
     }
 }
 
-/// The KL penalty's (l, g) with x = logp_ref − logp.
+/// The KL penalty's (l, g) with x = logp_ref − logp, clamped to ±20.
 pub fn ref_kl(kl: &KlPenalty, lp: f64, lr: f64) -> (f64, f64) {
     let beta = kl.coef;
-    let x = lr - lp;
+    let x = (lr - lp).clamp(-20.0, 20.0);
     match kl.estimator {
         KlEstimator::K1 => (-beta * x, beta),
         KlEstimator::K2 => (beta * x * x / 2.0, -beta * x),
