@@ -627,15 +627,49 @@ impl<'a, F: Float> Batch<'a, F> {
             Advantages::PerRow(a) => a[i],
         }
         .to_f64();
-        if a.is_finite() {
-            Ok(a)
-        } else {
-            Err(Error::NonFinite {
-                array: "advantages",
-                at: At::new(i, j),
-                value: a,
-            })
-        }
+        check_adv(a, At::new(i, j)).map(|()| a)
+    }
+}
+
+/// The largest |A| an advantage may have at a response position: 1e9.
+///
+/// Real advantages are of order 1 (normalized) to a few thousand (raw returns). The bound
+/// keeps every output finite, in f32 too (|token_loss| ≤ e^20 · 1e9 under the
+/// ratio-weighted objectives), and the exact fixed-point sums of the sequence-level
+/// objectives far from their range. A larger value is [`Error::OutOfRange`].
+///
+/// ```
+/// use cppo::{Batch, Config, Error, Par, evaluate};
+/// use cppo::batch::MAX_ABS_ADVANTAGE;
+/// use cppo::ndarray::array;
+/// let (lp, mask) = (array![[-0.5, -0.7]], array![[true, true]]);
+/// let ok = array![[MAX_ABS_ADVANTAGE, -MAX_ABS_ADVANTAGE]];
+/// assert!(evaluate(&Config::cppo(), &Batch::new(&lp, &lp, &ok, &mask)?, Par::Seq).is_ok());
+/// let bad = array![[1.0, 1e19]];
+/// let err = evaluate(&Config::cppo(), &Batch::new(&lp, &lp, &bad, &mask)?, Par::Seq);
+/// assert!(matches!(err, Err(Error::OutOfRange { array: "advantages", .. })));
+/// # Ok::<(), cppo::Error>(())
+/// ```
+pub const MAX_ABS_ADVANTAGE: f64 = 1e9;
+
+/// An advantage read at a response position: finite and within ±[`MAX_ABS_ADVANTAGE`].
+#[inline(always)]
+pub(crate) fn check_adv(a: f64, at: At) -> Result<()> {
+    if !a.is_finite() {
+        Err(Error::NonFinite {
+            array: "advantages",
+            at,
+            value: a,
+        })
+    } else if a.abs() > MAX_ABS_ADVANTAGE {
+        Err(Error::OutOfRange {
+            array: "advantages",
+            at,
+            value: a,
+            limit: MAX_ABS_ADVANTAGE,
+        })
+    } else {
+        Ok(())
     }
 }
 

@@ -144,6 +144,19 @@ pub enum Error {
         /// The offending value, widened to `f64`.
         value: f64,
     },
+    /// A value beyond the range the crate accepts for its array: an advantage with
+    /// |A| > [`MAX_ABS_ADVANTAGE`](crate::batch::MAX_ABS_ADVANTAGE).
+    #[error("{array} at {at} is {value}, beyond the accepted range ±{limit:e}")]
+    OutOfRange {
+        /// The array's name.
+        array: &'static str,
+        /// Where the value is.
+        at: At,
+        /// The offending value, widened to `f64`.
+        value: f64,
+        /// The bound on |value|.
+        limit: f64,
+    },
     /// A log-probability above the 1e-4 tolerance.
     #[error("{array} at {at} is {value}, above the 1e-4 tolerance for a log-probability")]
     PositiveLogProb {

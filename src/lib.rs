@@ -89,6 +89,10 @@
 //!   without a KL penalty is no error there. [`Batch::validate`], which knows no config,
 //!   checks every array the batch holds.
 //! - Per-row advantages that are NaN are reported at the row's first response column.
+//! - An advantage beyond ±1e9 ([`batch::MAX_ABS_ADVANTAGE`]) is [`Error::OutOfRange`]:
+//!   the bound keeps every output finite, in f32 too, and the exact fixed-point sums far
+//!   from their range.
+//! - The KL penalty's x = logp_ref − logp is clamped to ±20, as the log-ratio is.
 //! - A float mask must be finite everywhere, padding included: a NaN mask value is an
 //!   error, not a guess.
 //! - Every log-prob array (`logp`, `logp_old`, the top-K pair, `logp_ref`) follows the
@@ -98,7 +102,7 @@
 //! - The gradient is the objective's closed form everywhere, also where the log-ratio
 //!   clamp at ±20 is active (the clamped loss is flat there, and autograd would give 0);
 //!   such tokens are far outside every trust region.
-//! - The KL penalty is not masked by the trust region and its x is not clamped.
+//! - The KL penalty is not masked by the trust region.
 //! - TRM-avg sums D_t in exact fixed point (units of 2^−64), so its decision does not
 //!   depend on how a row is chunked.
 //! - Fractions and means in [`Diagnostics`] are 0 when their denominator is 0.

@@ -157,3 +157,52 @@ fn the_kl_penalty_is_finite_for_any_log_probs() {
     let e = evaluate(&cfg, &batch, Par::Seq).unwrap();
     assert!(e.outputs.token_loss[[0, 0]].is_finite() && e.outputs.grad[[0, 0]].is_finite());
 }
+
+/// GMPO chunked differed from whole when |A| ≥ about 2^63 (A = [1e19, 1, −1e19]: whole
+/// grad 6.7e−21, chunked −0.1228), a fixed-point sum overflowing silently; and
+/// advantages of 1e300 (3.4e38 in f32) overflowed token_loss and grad. Advantages beyond
+/// ±1e9 are an error naming the first of them, in every entry point.
+#[test]
+fn huge_advantages_are_out_of_range() {
+    let cfg = parse(r#"{"objective": {"kind": "gmpo"}}"#);
+    let (lp, lq) = (array![[-0.5, -0.7, -0.2]], array![[-0.6, -0.6, -0.3]]);
+    let mask = array![[true, true, true]];
+    let adv = array![[1e19, 1.0, -1e19]];
+    let batch = Batch::new(&lp, &lq, &adv, &mask).unwrap();
+    let want = |e: Error| match e {
+        Error::OutOfRange {
+            array: "advantages",
+            at,
+            value,
+            ..
+        } => (at.row, at.col, value),
+        other => panic!("{other}"),
+    };
+    assert_eq!(
+        want(evaluate(&cfg, &batch, Par::Seq).unwrap_err()),
+        (0, 0, 1e19)
+    );
+    assert_eq!(want(batch.validate().unwrap_err()), (0, 0, 1e19));
+    let pos = ChunkPos { col0: 0, width: 3 };
+    assert_eq!(
+        want(row_partials(&cfg, &batch, pos, Par::Seq).unwrap_err()),
+        (0, 0, 1e19)
+    );
+    // Per-row advantages, in f32: 3.4e38 is refused at the row's first response column.
+    let (lp, mask) = (array![[-0.5f32, -0.7]], array![[false, true]]);
+    let adv = array![3.4e38f32];
+    let batch = Batch::new(&lp, &lp, &adv, &mask).unwrap();
+    let (row, col, _) = want(evaluate(&Config::cppo(), &batch, Par::Rayon).unwrap_err());
+    assert_eq!((row, col), (0, 1));
+    // The bound itself is accepted, and every output is finite in f32.
+    let adv = array![cppo::batch::MAX_ABS_ADVANTAGE as f32];
+    let batch = Batch::new(&lp, &lp, &adv, &mask).unwrap();
+    let e = evaluate(&Config::cppo(), &batch, Par::Seq).unwrap();
+    assert!(
+        e.outputs
+            .token_loss
+            .iter()
+            .chain(&e.outputs.grad)
+            .all(|x| x.is_finite())
+    );
+}

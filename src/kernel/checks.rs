@@ -11,7 +11,7 @@ use super::Work;
 use super::divergence::token_divergence;
 use super::lanes::{InStage, Pos, RowIn};
 use super::topk::TopkScratch;
-use crate::batch::{read_logprob, read_weight};
+use crate::batch::{MAX_ABS_ADVANTAGE, check_adv, read_logprob, read_weight};
 use crate::divergence::LOGP_TOLERANCE;
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -34,7 +34,9 @@ pub(crate) fn weight_ok(x: f64) -> bool {
 fn token_ok(st: &InStage, k: usize) -> bool {
     st.mask_ok[k]
         & (!st.on[k]
-            | (logprob_ok(st.lp_raw[k]) & logprob_ok(st.lq_raw[k]) & st.adv[k].is_finite()))
+            | (logprob_ok(st.lp_raw[k])
+                & logprob_ok(st.lq_raw[k])
+                & (st.adv[k].abs() <= MAX_ABS_ADVANTAGE)))
 }
 
 /// Whether every token of the staged block passes [`token_ok`]: an integer count, which
@@ -65,14 +67,7 @@ fn staged_error<F: Float>(row: &RowIn<'_, F>, st: &InStage, k: usize, pos: Pos) 
     }
     read_logprob(st.lp_raw[k], "logp", at)?;
     read_logprob(st.lq_raw[k], "logp_old", at)?;
-    if !st.adv[k].is_finite() {
-        return Err(Error::NonFinite {
-            array: "advantages",
-            at,
-            value: st.adv[k],
-        });
-    }
-    Ok(())
+    check_adv(st.adv[k], at)
 }
 
 /// A block's checks, divergences and extra inputs token by token in column order: the
