@@ -28,7 +28,7 @@ impl RunSummary {
             .collect()
     }
 
-    /// Mean greedy accuracy over the last [`FINAL_WINDOW`] evaluations; 0 for a run
+    /// Mean greedy accuracy over the last `FINAL_WINDOW` (5) evaluations; 0 for a run
     /// that ended on an error (its policy is unusable).
     pub fn final_accuracy(&self) -> f64 {
         if self.error.is_some() {
