@@ -54,8 +54,7 @@ fn corrupt_carries_are_refused() {
     ] {
         assert!(serde_json::from_str::<Carry>(&json).is_err(), "{json}");
     }
-    // NaN has no JSON spelling; the check refuses it all the same through any format
-    // that has one, as the same `TryFrom` runs.
+    // (NaN has no JSON spelling; the same check, `S >= 0 and finite`, refuses it.)
     let ok = r#"{"col": 4, "t": 2, "s": 0.1, "w": 1.9, "min_ratio": 1.0}"#;
     let carry: Carry = serde_json::from_str(ok).unwrap();
     assert_eq!((carry.col(), carry.tokens()), (4, 2));

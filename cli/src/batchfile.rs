@@ -48,7 +48,7 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use crate::failure::{Failure, chain};
 use crate::npz::{
     ALWAYS, Declared, Dtype, Input, NpyFloat, OwnedAdvantages, OwnedMask, Role, check_data_len,
-    one_float_type,
+    one_float_type, regular_file,
 };
 
 /// The input arrays the configs use, owned, in one float type `F`.
@@ -521,18 +521,7 @@ impl StInput {
             ))
         };
         let meta = fs::metadata(path).map_err(cannot_open)?;
-        if meta.is_dir() {
-            return Err(Failure::Input(format!(
-                "input {} is a directory",
-                path.display()
-            )));
-        }
-        if !meta.is_file() {
-            return Err(Failure::Input(format!(
-                "input {} is not a regular file",
-                path.display()
-            )));
-        }
+        regular_file(path, &meta)?;
         let file_len = meta.len();
         let mut file = File::open(path).map_err(cannot_open)?;
         let mut prefix = [0u8; 8];

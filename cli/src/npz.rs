@@ -297,24 +297,26 @@ fn duplicate_entry(file: &mut File, start: u64, file_len: u64) -> io::Result<Opt
     Ok(None)
 }
 
+/// Refuses an input that is not a regular file (a directory, a device such as
+/// `/dev/zero`, a pipe): its size is unknown, and reading it could never end.
+pub fn regular_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), Failure> {
+    let what = if meta.is_dir() {
+        "is a directory"
+    } else if !meta.is_file() {
+        "is not a regular file"
+    } else {
+        return Ok(());
+    };
+    Err(Failure::Input(format!("input {} {what}", path.display())))
+}
+
 impl Input {
     /// Opens an archive and lists its arrays.
     pub fn open(path: &Path) -> Result<Self, Failure> {
         let cannot_open = |e| Failure::input(format!("cannot open input {}", path.display()), &e);
         let file = File::open(path).map_err(cannot_open)?;
         let meta = file.metadata().map_err(cannot_open)?;
-        if meta.is_dir() {
-            return Err(Failure::Input(format!(
-                "input {} is a directory",
-                path.display()
-            )));
-        }
-        if !meta.is_file() {
-            return Err(Failure::Input(format!(
-                "input {} is not a regular file",
-                path.display()
-            )));
-        }
+        regular_file(path, &meta)?;
         let not_npz = |e: &dyn fmt::Display| {
             Failure::Input(format!(
                 "input {} is not a readable npz archive: {e}",
