@@ -42,9 +42,9 @@ use ndarray::{
 };
 
 use crate::aggregate::Counts;
-use crate::divergence::LOGP_TOLERANCE;
 use crate::error::{At, Error, Result};
 use crate::float::{Float, MaskElem, dispatch_mask, with_mask};
+use crate::limits::{LOGP_TOLERANCE, MAX_ABS_ADVANTAGE, MAX_IS_WEIGHT, MIN_LOGPROB};
 
 /// The advantages of a batch: one per token (B, L), or one per row (B,).
 ///
@@ -631,28 +631,7 @@ impl<'a, F: Float> Batch<'a, F> {
     }
 }
 
-/// The largest |A| an advantage may have at a response position: 1e9.
-///
-/// Real advantages are of order 1 (normalized) to a few thousand (raw returns). The bound
-/// keeps every output finite, in f32 too (|token_loss| ≤ e^20 · 1e9 under the
-/// ratio-weighted objectives), and the exact fixed-point sums of the sequence-level
-/// objectives far from their range. A larger value is [`Error::OutOfRange`].
-///
-/// ```
-/// use cppo::{Batch, Config, Error, Par, evaluate};
-/// use cppo::batch::MAX_ABS_ADVANTAGE;
-/// use cppo::ndarray::array;
-/// let (lp, mask) = (array![[-0.5, -0.7]], array![[true, true]]);
-/// let ok = array![[MAX_ABS_ADVANTAGE, -MAX_ABS_ADVANTAGE]];
-/// assert!(evaluate(&Config::cppo(), &Batch::new(&lp, &lp, &ok, &mask)?, Par::Seq).is_ok());
-/// let bad = array![[1.0, 1e19]];
-/// let err = evaluate(&Config::cppo(), &Batch::new(&lp, &lp, &bad, &mask)?, Par::Seq);
-/// assert!(matches!(err, Err(Error::OutOfRange { array: "advantages", .. })));
-/// # Ok::<(), cppo::Error>(())
-/// ```
-pub const MAX_ABS_ADVANTAGE: f64 = 1e9;
-
-/// An advantage read at a response position: finite and within ±[`MAX_ABS_ADVANTAGE`].
+/// An advantage read at a response position: finite and within ±[`MAX_ABS_ADVANTAGE`] (see [`crate::limits`]).
 #[inline(always)]
 pub(crate) fn check_adv(a: f64, at: At) -> Result<()> {
     if !a.is_finite() {
@@ -666,14 +645,14 @@ pub(crate) fn check_adv(a: f64, at: At) -> Result<()> {
             array: "advantages",
             at,
             value: a,
-            limit: MAX_ABS_ADVANTAGE,
+            limit: MAX_ABS_ADVANTAGE.copysign(a),
         })
     } else {
         Ok(())
     }
 }
 
-/// A weight read at a response position: finite and ≥ 0.
+/// A weight read at a response position: in [0, 1e6] (see [`crate::limits`]).
 #[inline(always)]
 pub(crate) fn read_weight<F: Float>(x: F, array: &'static str, at: At) -> Result<f64> {
     let x = x.to_f64();
@@ -689,12 +668,20 @@ pub(crate) fn read_weight<F: Float>(x: F, array: &'static str, at: At) -> Result
             at,
             value: x,
         })
+    } else if x > MAX_IS_WEIGHT {
+        Err(Error::OutOfRange {
+            array,
+            at,
+            value: x,
+            limit: MAX_IS_WEIGHT,
+        })
     } else {
         Ok(x)
     }
 }
 
-/// A log-prob read at a response position: finite, at most 1e-4, and (0, 1e-4] read as 0.
+/// A log-prob read at a response position: finite, in [−1e4, 1e-4], and (0, 1e-4] read
+/// as 0 (see [`crate::limits`]).
 #[inline(always)]
 pub(crate) fn read_logprob<F: Float>(x: F, array: &'static str, at: At) -> Result<f64> {
     let x = x.to_f64();
@@ -703,6 +690,13 @@ pub(crate) fn read_logprob<F: Float>(x: F, array: &'static str, at: At) -> Resul
             array,
             at,
             value: x,
+        })
+    } else if x < MIN_LOGPROB {
+        Err(Error::OutOfRange {
+            array,
+            at,
+            value: x,
+            limit: MIN_LOGPROB,
         })
     } else if x <= 0.0 {
         Ok(x)

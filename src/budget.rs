@@ -41,7 +41,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::limits::{check, check_at_least, check_nonnegative};
 
 /// The paper's quantile q = 0.9 (P90).
 ///
@@ -80,7 +81,7 @@ pub struct Calibration {
     /// q ∈ (0, 1]: which quantile of the row's divergences. Default 0.9.
     #[serde(default = "default_quantile")]
     pub quantile: f64,
-    /// k ≥ 0: the scale applied to the quantile. Default 1.
+    /// k ∈ [0, 1e6]: the scale applied to the quantile. Default 1.
     #[serde(default = "default_scale")]
     pub scale: f64,
     /// c ≥ 1: δ_b^row is at most c δ_b. Default 2.
@@ -124,7 +125,7 @@ impl Calibration {
         ceiling: DEFAULT_CEILING,
     };
 
-    /// Checks q ∈ (0, 1], k ≥ 0 and c ≥ 1, all finite. Errors name the config field
+    /// Checks q ∈ (0, 1], k ∈ [0, 1e6] and c ∈ [1, 1e6]. Errors name the config field
     /// (`rule.calibration.quantile`, ...).
     ///
     /// ```
@@ -134,24 +135,14 @@ impl Calibration {
     /// assert!(Calibration { ceiling: 0.5, ..Calibration::default() }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, what: &str, v: f64| Error::InvalidConfig {
-            field,
-            reason: format!("must be {what}, got {v}"),
-        };
-        if !(self.quantile > 0.0 && self.quantile <= 1.0) {
-            return Err(bad("rule.calibration.quantile", "in (0, 1]", self.quantile));
-        }
-        if !(self.scale >= 0.0 && self.scale.is_finite()) {
-            return Err(bad("rule.calibration.scale", ">= 0 and finite", self.scale));
-        }
-        if !(self.ceiling >= 1.0 && self.ceiling.is_finite()) {
-            return Err(bad(
-                "rule.calibration.ceiling",
-                ">= 1 and finite",
-                self.ceiling,
-            ));
-        }
-        Ok(())
+        check(
+            self.quantile > 0.0 && self.quantile <= 1.0,
+            "rule.calibration.quantile",
+            "in (0, 1]",
+            self.quantile,
+        )?;
+        check_nonnegative("rule.calibration.scale", self.scale)?;
+        check_at_least("rule.calibration.ceiling", 1.0, self.ceiling)
     }
 
     /// δ_b^row = min(c δ_b, max(δ_b, k Q_q(D))) for the floor `delta_b` and the row's

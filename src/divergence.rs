@@ -43,20 +43,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Log-probabilities in (0, `LOGP_TOLERANCE`] are read as 0 (bf16 rounding of a
-/// probability of 1); anything larger is an error.
-///
-/// ```
-/// use cppo::{divergence::LOGP_TOLERANCE, ndarray::array, Batch};
-/// let (adv, mask) = (array![1.0], array![[true]]);
-/// let ok = array![[LOGP_TOLERANCE]]; // read as 0
-/// assert!(Batch::new(&ok, &ok, &adv, &mask)?.validate().is_ok());
-/// let bad = array![[2.0 * LOGP_TOLERANCE]];
-/// assert!(Batch::new(&bad, &ok, &adv, &mask)?.validate().is_err());
-/// # Ok::<(), cppo::Error>(())
-/// ```
-pub const LOGP_TOLERANCE: f64 = 1e-4;
-
 /// The guard added to both Bernoulli "rest" masses in [`binary_kl`], as in the DPPO
 /// reference code.
 ///

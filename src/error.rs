@@ -144,9 +144,11 @@ pub enum Error {
         /// The offending value, widened to `f64`.
         value: f64,
     },
-    /// A value beyond the range the crate accepts for its array: an advantage with
-    /// |A| > [`MAX_ABS_ADVANTAGE`](crate::batch::MAX_ABS_ADVANTAGE).
-    #[error("{array} at {at} is {value}, beyond the accepted range ±{limit:e}")]
+    /// A finite value beyond the range the crate accepts for its array (see
+    /// [`crate::limits`]): an advantage with |A| > [`MAX_ABS_ADVANTAGE`](crate::limits::MAX_ABS_ADVANTAGE),
+    /// a log-prob below [`MIN_LOGPROB`](crate::limits::MIN_LOGPROB), an IS weight above
+    /// [`MAX_IS_WEIGHT`](crate::limits::MAX_IS_WEIGHT).
+    #[error("{array} at {at} is {value:e}, beyond the accepted bound {limit:e}")]
     OutOfRange {
         /// The array's name.
         array: &'static str,
@@ -154,7 +156,8 @@ pub enum Error {
         at: At,
         /// The offending value, widened to `f64`.
         value: f64,
-        /// The bound on |value|.
+        /// The bound the value passed, signed: ±1e9 for an advantage, −1e4 for a
+        /// log-prob, 1e6 for an IS weight.
         limit: f64,
     },
     /// A log-probability above the 1e-4 tolerance.

@@ -24,6 +24,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`batch`] | the validated, borrowed input view; masks of any element type |
+//! | [`limits`] | the accepted ranges of inputs and config values, and the promise that every `Ok` is finite |
 //! | [`divergence`] | per-token D_t: binary TV/KL, top-K TV/KL, k2/k3 log-ratio estimators |
 //! | [`schedule`] | position weights w_t, by response token or by column |
 //! | [`budget`] | CPPO's per-row prefix budget δ_b^row, calibrated by a quantile of the row's D |
@@ -89,14 +90,15 @@
 //!   without a KL penalty is no error there. [`Batch::validate`], which knows no config,
 //!   checks every array the batch holds.
 //! - Per-row advantages that are NaN are reported at the row's first response column.
-//! - An advantage beyond ±1e9 ([`batch::MAX_ABS_ADVANTAGE`]) is [`Error::OutOfRange`]:
-//!   the bound keeps every output finite, in f32 too, and the exact fixed-point sums far
-//!   from their range.
+//! - Every `Ok` is finite, in f32 too, but for the NaNs the docs name: an advantage
+//!   beyond ±1e9, a log-prob below −1e4 and a config parameter beyond 1e6 are errors
+//!   ([`limits`] has every bound, and why it suffices).
 //! - The KL penalty's x = logp_ref − logp is clamped to ±20, as the log-ratio is.
 //! - A float mask must be finite everywhere, padding included: a NaN mask value is an
 //!   error, not a guess.
 //! - Every log-prob array (`logp`, `logp_old`, the top-K pair, `logp_ref`) follows the
-//!   same rule: NaN/inf at a response position is an error, (0, 1e-4] reads as 0.
+//!   same rule: NaN/inf at a response position is an error, a value below −1e4 too,
+//!   (0, 1e-4] reads as 0.
 //! - A count override (`num_tokens`, `num_seqs`) below the batch's own count is an error
 //!   ([`Error::CountTooSmall`]), reported after any bad value in the batch.
 //! - The gradient is the objective's closed form everywhere, also where the log-ratio
@@ -154,6 +156,7 @@ pub mod engine;
 pub mod error;
 pub mod float;
 mod kernel;
+pub mod limits;
 pub mod objective;
 pub mod outputs;
 mod rows;

@@ -81,7 +81,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::rule::{check, check_nonnegative, check_positive};
+use crate::limits::{check, check_nonnegative, check_positive, check_temperature};
 
 /// The default `ratio_cap` C of `detached_is` (the DPPO reference code's).
 ///
@@ -128,16 +128,16 @@ pub enum Objective {
     Surrogate,
     /// The DPPO reference code's REINFORCE path: −min(ρ, C) A logp, weight detached.
     DetachedIs {
-        /// C > 0, default 10.
+        /// C ∈ (0, 1e6], default 10.
         #[serde(default = "default_ratio_cap")]
         ratio_cap: f64,
     },
     /// PPO's clipped objective, optionally with dual clip.
     PpoClip {
-        /// ε_low ≥ 0, default 0.2.
+        /// ε_low ∈ [0, 1e6], default 0.2.
         #[serde(default = "default_eps")]
         eps_low: f64,
-        /// ε_high ≥ 0, default 0.2.
+        /// ε_high ∈ [0, 1e6], default 0.2.
         #[serde(default = "default_eps")]
         eps_high: f64,
         /// Dual-clip constant c > 1 for A < 0, or `None`.
@@ -146,26 +146,26 @@ pub enum Objective {
     },
     /// CISPO: −min(ρ, 1 + ε_high) A logp, weight detached.
     Cispo {
-        /// ε_high ≥ 0, default 0.28.
+        /// ε_high ∈ [0, 1e6], default 0.28.
         #[serde(default = "default_cispo_eps_high")]
         eps_high: f64,
     },
     /// GSPO: PPO's clip on the sequence ratio s = exp(mean_t r_t), in verl's token-level
     /// form.
     Gspo {
-        /// ε_low ≥ 0, default 3e-4 (the GSPO paper's).
+        /// ε_low ∈ [0, 1e6], default 3e-4 (the GSPO paper's).
         #[serde(default = "default_gspo_eps_low")]
         eps_low: f64,
-        /// ε_high ≥ 0, default 4e-4 (the GSPO paper's).
+        /// ε_high ∈ [0, 1e6], default 4e-4 (the GSPO paper's).
         #[serde(default = "default_gspo_eps_high")]
         eps_high: f64,
     },
     /// GMPO: the geometric mean of the token ratios, each clipped in log space.
     Gmpo {
-        /// ε_low ≥ 0 (log space), default 0.4 (the GMPO paper's).
+        /// ε_low ∈ [0, 1e6] (log space), default 0.4 (the GMPO paper's).
         #[serde(default = "default_gmpo_eps")]
         eps_low: f64,
-        /// ε_high ≥ 0 (log space), default 0.4 (the GMPO paper's).
+        /// ε_high ∈ [0, 1e6] (log space), default 0.4 (the GMPO paper's).
         #[serde(default = "default_gmpo_eps")]
         eps_high: f64,
     },
@@ -186,10 +186,10 @@ pub enum Objective {
     },
     /// SAPO: −A (4/τ) σ(τ(ρ − 1)), τ by the sign of A.
     Sapo {
-        /// τ for A > 0, > 0, default 1.0.
+        /// τ for A > 0, in [1e-6, 1e6], default 1.0.
         #[serde(default = "default_tau_pos")]
         tau_pos: f64,
-        /// τ for A ≤ 0, > 0, default 1.05.
+        /// τ for A ≤ 0, in [1e-6, 1e6], default 1.05.
         #[serde(default = "default_tau_neg")]
         tau_neg: f64,
     },
@@ -320,7 +320,7 @@ impl Objective {
         }
     }
 
-    /// Checks `ratio_cap` > 0, ε ≥ 0, `dual_clip` > 1.
+    /// Checks `ratio_cap` ∈ (0, 1e6], each ε ∈ [0, 1e6], `dual_clip` ∈ (1, 1e6], each τ ∈ [1e-6, 1e6] (see [`crate::limits`]).
     ///
     /// ```
     /// use cppo::{Error, Objective};
@@ -342,9 +342,9 @@ impl Objective {
                 check_nonnegative("objective.eps_high", eps_high)?;
                 match dual_clip {
                     Some(c) => check(
-                        c > 1.0 && c.is_finite(),
+                        c > 1.0 && c <= crate::limits::MAX_PARAM,
                         "objective.dual_clip",
-                        "> 1 and finite",
+                        "> 1 and at most 1e6",
                         c,
                     ),
                     None => Ok(()),
@@ -352,8 +352,8 @@ impl Objective {
             }
             Self::Cispo { eps_high } => check_nonnegative("objective.eps_high", eps_high),
             Self::Sapo { tau_pos, tau_neg } => {
-                check_positive("objective.tau_pos", tau_pos)?;
-                check_positive("objective.tau_neg", tau_neg)
+                check_temperature("objective.tau_pos", tau_pos)?;
+                check_temperature("objective.tau_neg", tau_neg)
             }
             Self::Gspo { eps_low, eps_high } | Self::Gmpo { eps_low, eps_high } => {
                 check_nonnegative("objective.eps_low", eps_low)?;
@@ -563,12 +563,12 @@ pub enum KlEstimator {
 pub struct KlPenalty {
     /// Which estimator.
     pub estimator: KlEstimator,
-    /// The coefficient β ≥ 0.
+    /// The coefficient β ∈ [0, 1e6].
     pub coef: f64,
 }
 
 impl KlPenalty {
-    /// Checks β ≥ 0 and finite.
+    /// Checks β ∈ [0, 1e6].
     ///
     /// ```
     /// use cppo::{KlEstimator, KlPenalty};

@@ -48,7 +48,8 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::budget::Calibration;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::limits::{check_nonnegative, check_positive};
 use crate::schedule::{Positions, Schedule};
 
 mod gate;
@@ -182,9 +183,9 @@ pub fn cppo_threshold(delta: f64, delta_b: Option<f64>, s_prev: f64, w_prev: f64
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CppoParams {
-    /// δ > 0: the token threshold (on w_t D_t). Default 0.15.
+    /// δ ∈ (0, 1e6]: the token threshold (on w_t D_t). Default 0.15.
     pub delta: f64,
-    /// δ_b ≥ 0: the prefix budget per unit of weight (the floor of the calibrated
+    /// δ_b ∈ [0, 1e6]: the prefix budget per unit of weight (the floor of the calibrated
     /// budget), or `None` (JSON `null`) for no prefix budget. Default 0.02.
     pub delta_b: Option<f64>,
     /// w_min ∈ (0, 1]: the last position's weight. Default 0.8.
@@ -298,26 +299,26 @@ pub enum Rule {
     None,
     /// PPO/GRPO's ratio clip, applied as a mask: feasible iff 1 − ε_low ≤ ρ ≤ 1 + ε_high.
     Ratio {
-        /// ε_low ≥ 0, default 0.2.
+        /// ε_low ∈ [0, 1e6], default 0.2.
         eps_low: f64,
-        /// ε_high ≥ 0, default 0.28.
+        /// ε_high ∈ [0, 1e6], default 0.28.
         eps_high: f64,
     },
     /// DPPO: feasible iff D_t ≤ δ.
     Dppo {
-        /// δ > 0, default 0.15.
+        /// δ ∈ (0, 1e6], default 0.15.
         delta: f64,
     },
     /// CPPO (`cppo`, or `cppo_soft` when the parameters hold a gate).
     Cppo(CppoParams),
     /// TRM, max form: a whole row is kept iff max_t D_t ≤ δ. No corrective bypass.
     TrmMax {
-        /// δ > 0, default 0.15.
+        /// δ ∈ (0, 1e6], default 0.15.
         delta: f64,
     },
     /// TRM, mean form: a whole row is kept iff mean_t D_t ≤ δ. No corrective bypass.
     TrmAvg {
-        /// δ > 0, default 0.15.
+        /// δ ∈ (0, 1e6], default 0.15.
         delta: f64,
     },
 }
@@ -327,35 +328,6 @@ impl Default for Rule {
     fn default() -> Self {
         Self::Cppo(CppoParams::default())
     }
-}
-
-pub(crate) fn check(ok: bool, field: &'static str, what: &str, value: f64) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidConfig {
-            field,
-            reason: format!("must be {what}, got {value}"),
-        })
-    }
-}
-
-pub(crate) fn check_positive(field: &'static str, value: f64) -> Result<()> {
-    check(
-        value > 0.0 && value.is_finite(),
-        field,
-        "> 0 and finite",
-        value,
-    )
-}
-
-pub(crate) fn check_nonnegative(field: &'static str, value: f64) -> Result<()> {
-    check(
-        value >= 0.0 && value.is_finite(),
-        field,
-        ">= 0 and finite",
-        value,
-    )
 }
 
 impl Rule {

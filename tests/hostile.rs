@@ -112,9 +112,9 @@ fn the_kl_penalty_is_finite_for_any_log_probs() {
     for (estimator, coef, logp) in [
         (KlEstimator::K3, 0.0, -1000.0),
         (KlEstimator::K3, 1.0, -746.0),
-        (KlEstimator::K3, 1.0, -1e300),
-        (KlEstimator::K2, 1.0, -1e300),
-        (KlEstimator::K1, 1.0, -1e300),
+        (KlEstimator::K3, 1.0, cppo::limits::MIN_LOGPROB),
+        (KlEstimator::K2, 1.0, cppo::limits::MIN_LOGPROB),
+        (KlEstimator::K1, 1.0, cppo::limits::MIN_LOGPROB),
     ] {
         let kl = KlPenalty { estimator, coef };
         let cfg = Config {
@@ -194,7 +194,7 @@ fn huge_advantages_are_out_of_range() {
     let (row, col, _) = want(evaluate(&Config::cppo(), &batch, Par::Rayon).unwrap_err());
     assert_eq!((row, col), (0, 1));
     // The bound itself is accepted, and every output is finite in f32.
-    let adv = array![cppo::batch::MAX_ABS_ADVANTAGE as f32];
+    let adv = array![cppo::limits::MAX_ABS_ADVANTAGE as f32];
     let batch = Batch::new(&lp, &lp, &adv, &mask).unwrap();
     let e = evaluate(&Config::cppo(), &batch, Par::Seq).unwrap();
     assert!(
@@ -204,4 +204,216 @@ fn huge_advantages_are_out_of_range() {
             .chain(&e.outputs.grad)
             .all(|x| x.is_finite())
     );
+}
+
+/// Log-probs below −1000 gave ±∞: −f64::MAX under `detached_is`, `cispo` and `minpro`
+/// (which multiply by logp), in the binary-KL and top-K-KL sums, and as CPPO's
+/// threshold. A log-prob below −1e4 is an error naming the array and position, in every
+/// log-prob array, through every entry point.
+#[test]
+fn log_probs_below_the_floor_are_out_of_range() {
+    use cppo::limits::MIN_LOGPROB;
+    let (ok, mask) = (array![[-0.5, -0.7]], array![[true, true]]);
+    let adv = array![1.0];
+    let low = array![[-0.5, -f64::MAX]];
+    let want = |r: cppo::Result<_>, array: &str| match r {
+        Err(Error::OutOfRange {
+            array: a,
+            at,
+            limit,
+            ..
+        }) if a == array => assert_eq!((at.row, at.col, limit), (0, 1, MIN_LOGPROB)),
+        Err(other) => panic!("{array}: {other}"),
+        Ok(_) => panic!("{array}: accepted"),
+    };
+    for obj in ["detached_is", "cispo", "minpro"] {
+        let cfg = parse(&format!(r#"{{"objective": {{"kind": "{obj}"}}}}"#));
+        let b = Batch::new(&low, &ok, &adv, &mask).unwrap();
+        want(evaluate(&cfg, &b, Par::Seq).map(|_| ()), "logp");
+        let b = Batch::new(&ok, &low, &adv, &mask).unwrap();
+        want(evaluate(&cfg, &b, Par::Rayon).map(|_| ()), "logp_old");
+        want(b.validate(), "logp_old");
+    }
+    // Row partials read the values when the rule needs whole-row sums.
+    let cfg = parse(r#"{"rule": "trm_avg", "objective": {"kind": "cispo"}}"#);
+    let b = Batch::new(&ok, &low, &adv, &mask).unwrap();
+    let pos = ChunkPos { col0: 0, width: 2 };
+    want(
+        row_partials(&cfg, &b, pos, Par::Seq).map(|_| ()),
+        "logp_old",
+    );
+    let cfg = parse(r#"{"kl": {"estimator": "k3", "coef": 0.1}}"#);
+    let b = Batch::new(&ok, &ok, &adv, &mask)
+        .unwrap()
+        .with_logp_ref(&low)
+        .unwrap();
+    want(evaluate(&cfg, &b, Par::Seq).map(|_| ()), "logp_ref");
+    // The top-K pair: −2e4 among the K log-probs of column 1.
+    let (mut old, new) = (
+        cppo::ndarray::Array3::from_elem((1, 2, 2), -1.0),
+        cppo::ndarray::Array3::from_elem((1, 2, 2), -1.0),
+    );
+    old[[0, 1, 1]] = -2e4;
+    let b = Batch::new(&ok, &ok, &adv, &mask)
+        .unwrap()
+        .with_topk(&old, &new)
+        .unwrap();
+    want(
+        evaluate(&parse(r#"{"divergence": "topk_kl"}"#), &b, Par::Seq).map(|_| ()),
+        "topk_logp_old",
+    );
+}
+
+/// Config values that validation accepted made the math non-finite (`sapo` with
+/// `tau_pos` 5e-324 gave a loss of −∞; δ_b · W and β · x² overflow for huge
+/// parameters). Every real parameter is at most 1e6 and SAPO's temperatures at least
+/// 1e-6, refused by name when the config is read.
+#[test]
+fn config_values_that_break_the_math_are_refused() {
+    for (json, field) in [
+        (
+            r#"{"objective": {"kind": "sapo", "tau_pos": 5e-324}}"#,
+            "objective.tau_pos",
+        ),
+        (
+            r#"{"objective": {"kind": "sapo", "tau_neg": 1e7}}"#,
+            "objective.tau_neg",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "delta": 1e300}}"#,
+            "rule.delta",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "delta_b": 1.5e6}}"#,
+            "rule.delta_b",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid", "tau": 0.0}}"#,
+            "rule.tau",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo_soft", "gate": "sigmoid", "tau": 2e6}}"#,
+            "rule.tau",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "calibration": {"scale": 1e7}}}"#,
+            "rule.calibration.scale",
+        ),
+        (
+            r#"{"rule": {"kind": "cppo", "calibration": {"ceiling": 1e300}}}"#,
+            "rule.calibration.ceiling",
+        ),
+        (
+            r#"{"rule": {"kind": "ratio", "eps_high": 1e300}}"#,
+            "rule.eps_high",
+        ),
+        (
+            r#"{"rule": {"kind": "trm_avg", "delta": 2e6}}"#,
+            "rule.delta",
+        ),
+        (
+            r#"{"objective": {"kind": "detached_is", "ratio_cap": 1e300}}"#,
+            "objective.ratio_cap",
+        ),
+        (
+            r#"{"objective": {"kind": "ppo_clip", "dual_clip": 1e300}}"#,
+            "objective.dual_clip",
+        ),
+        (
+            r#"{"objective": {"kind": "gmpo", "eps_low": 1e7}}"#,
+            "objective.eps_low",
+        ),
+        (
+            r#"{"objective": {"kind": "minpro", "clip": 1e7}}"#,
+            "objective.clip",
+        ),
+        (r#"{"kl": {"estimator": "k2", "coef": 1e300}}"#, "kl.coef"),
+    ] {
+        let err = serde_json::from_str::<Config>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{json}: {err}");
+    }
+}
+
+/// The corners of every range at once: log-probs at −1e4 and 0, advantages at ±1e9, IS
+/// weights at 1e6 and every parameter at its bound, for every divergence, rule,
+/// objective and KL estimator: every output is finite, in f32.
+#[test]
+fn every_output_is_finite_at_the_corners_of_the_ranges() {
+    use cppo::limits::{MAX_ABS_ADVANTAGE as A, MAX_IS_WEIGHT, MIN_LOGPROB as LO};
+    let lp = array![[LO, 0.0, -1.0, LO, 0.0, -3.0]].mapv(|x: f64| x as f32);
+    let lq = array![[0.0, LO, -1.0, LO, -1e-3, 0.0]].mapv(|x: f64| x as f32);
+    let lr = array![[0.0, LO, LO, 0.0, -1.0, LO]].mapv(|x: f64| x as f32);
+    let isw = Array2::from_elem((1, 6), MAX_IS_WEIGHT as f32);
+    let adv = array![[A, -A, A, -A, A, -A]].mapv(|x: f64| x as f32);
+    let mask = Array2::from_elem((1, 6), true);
+    let topk_old = cppo::ndarray::Array3::from_shape_fn((1, 6, 3), |(_, j, k)| {
+        [0.0, LO, -0.5][(j + k) % 3] as f32
+    });
+    let topk_new = topk_old.mapv(|x| if x == 0.0 { LO as f32 } else { 0.0 });
+    let batch = Batch::new(&lp, &lq, &adv, &mask)
+        .unwrap()
+        .with_topk(&topk_old, &topk_new)
+        .unwrap()
+        .with_logp_ref(&lr)
+        .unwrap()
+        .with_is_weights(&isw)
+        .unwrap();
+    let rules = [
+        r#""none""#,
+        r#"{"kind": "dppo", "delta": 1e6}"#,
+        r#"{"kind": "trm_avg", "delta": 1e-300}"#,
+        r#"{"kind": "cppo", "delta": 1e6, "delta_b": 1e6, "w_min": 1e-300,
+            "calibration": {"quantile": 1.0, "scale": 1e6, "ceiling": 1e6}}"#,
+        r#"{"kind": "cppo", "delta": 5e-324, "delta_b": 0.0, "positions": "column"}"#,
+        r#"{"kind": "cppo_soft", "gate": "sigmoid", "tau": 5e-324, "delta": 1e-300}"#,
+    ];
+    let objectives = [
+        r#"{"kind": "surrogate"}"#,
+        r#"{"kind": "detached_is", "ratio_cap": 1e6}"#,
+        r#"{"kind": "ppo_clip", "eps_low": 1e6, "eps_high": 0.0, "dual_clip": 1e6}"#,
+        r#"{"kind": "cispo", "eps_high": 1e6}"#,
+        r#"{"kind": "gspo", "eps_low": 1e6, "eps_high": 1e6}"#,
+        r#"{"kind": "gmpo", "eps_low": 1e6, "eps_high": 0.0}"#,
+        r#"{"kind": "minpro", "clip": 1e6, "include_current": false}"#,
+        r#"{"kind": "sapo", "tau_pos": 1e-6, "tau_neg": 1e6}"#,
+    ];
+    let mut runs = 0;
+    for div in ["binary_tv", "binary_kl", "topk_tv", "topk_kl", "k2", "k3"] {
+        for rule in rules {
+            for obj in objectives {
+                for est in ["k1", "k2", "k3"] {
+                    let cfg = parse(&format!(
+                        r#"{{"divergence": "{div}", "rule": {rule}, "objective": {obj},
+                            "aggregation": "seq-mean-token-sum-norm", "norm_length": 1,
+                            "kl": {{"estimator": "{est}", "coef": 1e6}}}}"#
+                    ));
+                    let e = evaluate(&cfg, &batch, Par::Seq).unwrap();
+                    let o = &e.outputs;
+                    let what = format!("{div} {rule} {obj} {est}");
+                    assert!(e.loss.is_finite(), "{what}: loss {}", e.loss);
+                    for (name, a) in [
+                        ("divergence", &o.divergence),
+                        ("weight", &o.weight),
+                        ("token_loss", &o.token_loss),
+                        ("grad", &o.grad),
+                    ] {
+                        assert!(a.iter().all(|x| x.is_finite()), "{what}: {name} {a}");
+                    }
+                    if rule != r#""none""# {
+                        let t = &o.threshold;
+                        assert!(t.iter().all(|x| x.is_finite()), "{what}: threshold {t}");
+                    }
+                    let d = serde_json::to_string(&e.diagnostics).unwrap();
+                    assert!(
+                        !d.contains("null,") || d.matches("null").count() <= 3,
+                        "{d}"
+                    );
+                    runs += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(runs, 6 * 6 * 8 * 3);
 }

@@ -11,21 +11,21 @@ use super::Work;
 use super::divergence::token_divergence;
 use super::lanes::{InStage, Pos, RowIn};
 use super::topk::TopkScratch;
-use crate::batch::{MAX_ABS_ADVANTAGE, check_adv, read_logprob, read_weight};
-use crate::divergence::LOGP_TOLERANCE;
+use crate::batch::{check_adv, read_logprob, read_weight};
 use crate::error::{Error, Result};
 use crate::float::Float;
+use crate::limits::{LOGP_TOLERANCE, MAX_ABS_ADVANTAGE, MAX_IS_WEIGHT, MIN_LOGPROB};
 
-/// A log-prob a response position may hold: finite and at most 1e-4 (NaN fails both).
+/// A log-prob a response position may hold: in [−1e4, 1e-4] (NaN and ±∞ fail).
 #[inline(always)]
 pub(crate) fn logprob_ok(x: f64) -> bool {
-    (x <= LOGP_TOLERANCE) & (x > f64::NEG_INFINITY)
+    (x <= LOGP_TOLERANCE) & (x >= MIN_LOGPROB)
 }
 
-/// An IS weight a response position may hold: finite and ≥ 0 (NaN fails).
+/// An IS weight a response position may hold: in [0, 1e6] (NaN fails).
 #[inline(always)]
 pub(crate) fn weight_ok(x: f64) -> bool {
-    (0.0..f64::INFINITY).contains(&x)
+    (0.0..=MAX_IS_WEIGHT).contains(&x)
 }
 
 /// Whether token k passes the checks of the staged inputs: a valid mask value and, for a
