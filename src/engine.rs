@@ -195,6 +195,19 @@ pub fn reserve_scratch(width: usize) {
     rayon::broadcast(|_| crate::kernel::row_stats::reserve_divergences(width));
 }
 
+/// The instruction set the engine's per-row pass runs with on this CPU, chosen at run
+/// time: `"avx512"` (AVX-512 F, DQ, BW and VL with FMA), `"avx2"` (AVX2 with FMA) or
+/// `"baseline"`. Every build performs the same IEEE operations, so the results are the
+/// same bits whichever runs; only the speed differs.
+///
+/// ```
+/// let isa = cppo::engine::instruction_set();
+/// assert!(["avx512", "avx2", "baseline"].contains(&isa));
+/// ```
+pub fn instruction_set() -> &'static str {
+    crate::simd::isa().name()
+}
+
 /// The checks every call makes before its pass: the config, the output shapes, and the
 /// arrays the config needs.
 pub(crate) fn check_call<F: Float>(

@@ -115,6 +115,17 @@ pub(crate) enum Isa {
     Base,
 }
 
+impl Isa {
+    /// The name `engine::instruction_set` reports.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Avx512 => "avx512",
+            Self::Avx2 => "avx2",
+            Self::Base => "baseline",
+        }
+    }
+}
+
 /// The best [`Isa`] the CPU supports (the feature checks are cached by std).
 #[inline]
 pub(crate) fn isa() -> Isa {

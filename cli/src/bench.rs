@@ -1,9 +1,13 @@
 //! `cppo bench`: times [`cppo::evaluate_into`] on a synthetic batch made in-process by
-//! [`cppo::synth`].
+//! [`cppo::synth`], or on the user's own batch file (`--input`).
 //!
 //! The batch and the output buffers are allocated before timing; each timed run is one
-//! `evaluate_into` call on a rayon pool of the requested size. The result is the best of
-//! the runs, after one untimed warm-up run.
+//! `evaluate_into` call on a rayon pool of the requested size. Untimed warm-up runs come
+//! first (at least one, and at least [`WARM_UP`] of them in time); then runs are timed
+//! until there are at least `--repeats` of them and they add up to at least `--min-time`
+//! seconds, so that a batch of a few milliseconds is measured over many runs on a noisy
+//! machine. The report gives the best run and the median, the CPU model and the
+//! instruction set the engine's dispatcher chose.
 //!
 //! Memory: during the runs only the batch, the output buffers asked for (`--outputs`) and
 //! the engine's own working memory are alive. The report gives the bytes of the first
@@ -20,10 +24,18 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use cppo::ndarray::Array2;
 use cppo::synth::{SynthSpec, SyntheticBatch};
-use cppo::{Config, Float, Outputs, OutputsMut, Par, evaluate_into};
+use cppo::{Batch, Config, Float, Outputs, OutputsMut, Par, evaluate_into};
 
+use crate::batchfile::{self, Loaded, MaxMemory, Needs};
 use crate::eval::read_config;
 use crate::failure::Failure;
+use crate::npz::NpyFloat;
+
+/// The least time spent in untimed warm-up runs.
+const WARM_UP: Duration = Duration::from_millis(100);
+
+/// The most timed runs, whatever `--min-time` asks (a guard for tiny batches).
+const MAX_RUNS: usize = 100_000;
 
 /// K of the top-K pair when the divergence needs one and `--topk` is not given.
 const DEFAULT_TOPK: usize = 20;
@@ -31,12 +43,21 @@ const DEFAULT_TOPK: usize = 20;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// B: rows (sequences) of the synthetic batch.
-    #[arg(long, value_name = "B")]
-    rows: NonZeroUsize,
+    #[arg(long, value_name = "B", required_unless_present = "input")]
+    rows: Option<NonZeroUsize>,
 
     /// L: padded width of the synthetic batch, in tokens.
-    #[arg(long, value_name = "L")]
-    len: NonZeroUsize,
+    #[arg(long, value_name = "L", required_unless_present = "input")]
+    len: Option<NonZeroUsize>,
+
+    /// Time the engine on this batch file (npz or safetensors, as `cppo eval` reads it)
+    /// instead of a synthetic batch; its float type is the file's.
+    #[arg(long, value_name = "BATCH", conflicts_with_all = ["rows", "len", "dtype", "topk"])]
+    input: Option<PathBuf>,
+
+    /// The most memory the --input file's arrays may take once read (as for `cppo eval`).
+    #[arg(long, value_name = "BYTES", default_value = "8G", value_parser = MaxMemory::parse)]
+    max_memory: MaxMemory,
 
     /// The config (JSON, as for `cppo eval`); default: the cppo preset (binary TV,
     /// delta 0.2, delta_b 0.05, w_min 0.8, surrogate, token-mean). A top-K divergence
@@ -48,13 +69,18 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     threads: Option<NonZeroUsize>,
 
-    /// Float type of the batch and the outputs.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    dtype: Dtype,
+    /// Float type of the synthetic batch and the outputs [default: f32].
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
 
-    /// Timed runs; the best is reported.
+    /// The fewest timed runs.
     #[arg(long, value_name = "R", default_value = "10")]
     repeats: NonZeroUsize,
+
+    /// The least total time of the timed runs, in seconds (more runs are made until
+    /// both --repeats and --min-time are met).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.5, value_parser = parse_seconds)]
+    min_time: f64,
 
     /// K of the top-K pair, for top-K divergences only [default: 20].
     #[arg(long, value_name = "K")]
@@ -132,7 +158,17 @@ impl<F: Float> Buffers<F> {
 struct Measured {
     /// The best run.
     best: Duration,
-    /// Bytes of the synthetic batch's arrays.
+    /// The median run.
+    median: Duration,
+    /// Timed runs made.
+    runs: usize,
+    /// Their total time.
+    total: Duration,
+    /// B and L of the batch.
+    shape: (usize, usize),
+    /// Response tokens of the batch.
+    response_tokens: u64,
+    /// Bytes of the batch's arrays.
     inputs_bytes: usize,
     /// Bytes of the output buffers.
     outputs_bytes: usize,
@@ -164,19 +200,46 @@ impl Dtype {
     }
 }
 
+/// The seconds of `--min-time`: finite, ≥ 0 and at most an hour.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (0.0..=3600.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?} is not a number of seconds in [0, 3600]")),
+    }
+}
+
+/// What is timed: the synthetic batch's spec, or a batch read from a file.
+enum Source {
+    Synthetic(SynthSpec, Dtype),
+    File(Loaded),
+}
+
 /// Runs `cppo bench`.
 pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     let cfg = match &args.config {
         Some(path) => read_config(path)?,
         None => Config::cppo(),
     };
-    let topk = topk_width(&cfg, args.topk)?;
-    let spec = SynthSpec {
-        rows: args.rows.get(),
-        len: args.len.get(),
-        topk,
-        with_ref: cfg.kl.is_some(),
-        ..SynthSpec::default()
+    let source = match (&args.input, args.rows, args.len) {
+        (Some(path), _, _) => {
+            Source::File(batchfile::load(path, Needs::of(&[cfg]), args.max_memory)?)
+        }
+        (None, Some(rows), Some(len)) => {
+            let spec = SynthSpec {
+                rows: rows.get(),
+                len: len.get(),
+                topk: topk_width(&cfg, args.topk)?,
+                with_ref: cfg.kl.is_some(),
+                ..SynthSpec::default()
+            };
+            Source::Synthetic(spec, args.dtype.unwrap_or(Dtype::F32))
+        }
+        // clap requires --rows and --len without --input.
+        _ => {
+            return Err(Failure::Input(
+                "--rows and --len, or --input, are required".into(),
+            ));
+        }
     };
     let threads = args.threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
@@ -186,18 +249,80 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
         .num_threads(threads)
         .build()
         .map_err(|e| Failure::system(format!("cannot start {threads} threads"), &e))?;
-    let repeats = args.repeats.get();
-    let measured = match args.dtype {
-        Dtype::F32 => measure::<f32>(&cfg, &spec, &pool, repeats, args.outputs)?,
-        Dtype::F64 => measure::<f64>(&cfg, &spec, &pool, repeats, args.outputs)?,
+    let timing = Timing {
+        repeats: args.repeats.get(),
+        min_time: Duration::from_secs_f64(args.min_time),
+        outputs: args.outputs,
+    };
+    let (measured, what) = match &source {
+        Source::Synthetic(spec, Dtype::F32) => (
+            synthetic::<f32>(&cfg, spec, &pool, &timing)?,
+            Described::of_spec(spec, Dtype::F32),
+        ),
+        Source::Synthetic(spec, Dtype::F64) => (
+            synthetic::<f64>(&cfg, spec, &pool, &timing)?,
+            Described::of_spec(spec, Dtype::F64),
+        ),
+        Source::File(Loaded::F32(a)) => {
+            let batch = a.batch().map_err(|e| Failure::Input(e.to_string()))?;
+            (
+                timed(&cfg, &batch, arrays_bytes(a), &pool, &timing)?,
+                Described::of_batch(&batch, Dtype::F32),
+            )
+        }
+        Source::File(Loaded::F64(a)) => {
+            let batch = a.batch().map_err(|e| Failure::Input(e.to_string()))?;
+            (
+                timed(&cfg, &batch, arrays_bytes(a), &pool, &timing)?,
+                Described::of_batch(&batch, Dtype::F64),
+            )
+        }
     };
     // The peak was reset after generation: the process's peak is the larger of the two.
     let peak_rss = measured.generation_peak_rss.max(peak_rss());
     println!(
         "{}",
-        report(args, &cfg, &spec, threads, &measured, peak_rss)
+        report(args, &cfg, &what, threads, &measured, peak_rss)
     );
     Ok(())
+}
+
+/// How timed runs are made.
+struct Timing {
+    repeats: usize,
+    min_time: Duration,
+    outputs: OutputSet,
+}
+
+/// What the report says of the batch.
+struct Described {
+    dtype: Dtype,
+    topk: Option<usize>,
+    with_ref: bool,
+    with_is_weights: bool,
+    input: &'static str,
+}
+
+impl Described {
+    fn of_spec(spec: &SynthSpec, dtype: Dtype) -> Self {
+        Self {
+            dtype,
+            topk: spec.topk,
+            with_ref: spec.with_ref,
+            with_is_weights: false,
+            input: "synthetic",
+        }
+    }
+
+    fn of_batch<F: Float>(batch: &Batch<'_, F>, dtype: Dtype) -> Self {
+        Self {
+            dtype,
+            topk: batch.topk_width(),
+            with_ref: batch.has_logp_ref(),
+            with_is_weights: batch.has_is_weights(),
+            input: "file",
+        }
+    }
 }
 
 /// K of the top-K pair: `--topk` or [`DEFAULT_TOPK`] for a top-K divergence, none
@@ -214,44 +339,79 @@ fn topk_width(cfg: &Config, topk: Option<NonZeroUsize>) -> Result<Option<usize>,
     }
 }
 
-/// Generates the batch, allocates the outputs, and times `repeats` runs after one
-/// warm-up run.
-fn measure<F: Float>(
+/// Generates the synthetic batch, then times it ([`timed`]).
+fn synthetic<F: Float>(
     cfg: &Config,
     spec: &SynthSpec,
     pool: &rayon::ThreadPool,
-    repeats: usize,
-    outputs: OutputSet,
+    timing: &Timing,
 ) -> Result<Measured, Failure> {
     let data = SyntheticBatch::<F>::generate(spec);
-    let inputs_bytes = batch_bytes(&data);
     let batch = data
         .batch()
         .map_err(|e| Failure::Input(format!("synthetic batch: {e}")))?;
     // The generator's temporaries are gone: from here on the peak is that of the batch,
     // the outputs and the engine.
+    timed(cfg, &batch, batch_bytes(&data), pool, timing)
+}
+
+/// Allocates the outputs, warms up and times runs of `evaluate_into` on `batch`.
+fn timed<F: Float>(
+    cfg: &Config,
+    batch: &Batch<'_, F>,
+    inputs_bytes: usize,
+    pool: &rayon::ThreadPool,
+    timing: &Timing,
+) -> Result<Measured, Failure> {
     let generation_peak_rss = peak_rss();
     let reset = reset_peak_rss();
-    let mut out = Buffers::<F>::new(outputs, batch.shape());
-    let best = pool
+    let mut out = Buffers::<F>::new(timing.outputs, batch.shape());
+    let counts = batch.counts().map_err(|e| Failure::Input(e.to_string()))?;
+    let runs = pool
         .install(|| {
-            evaluate_into(cfg, &batch, out.view_mut(), Par::Rayon)?;
-            let mut best = Duration::MAX;
-            for _ in 0..repeats {
-                let start = Instant::now();
-                evaluate_into(cfg, &batch, out.view_mut(), Par::Rayon)?;
-                best = best.min(start.elapsed());
+            let start = Instant::now();
+            while start.elapsed() < WARM_UP {
+                evaluate_into(cfg, batch, out.view_mut(), Par::Rayon)?;
             }
-            Ok(best)
+            let mut runs = Vec::with_capacity(timing.repeats);
+            let mut total = Duration::ZERO;
+            while runs.len() < MAX_RUNS && (runs.len() < timing.repeats || total < timing.min_time)
+            {
+                let start = Instant::now();
+                evaluate_into(cfg, batch, out.view_mut(), Par::Rayon)?;
+                let took = start.elapsed();
+                runs.push(took);
+                total += took;
+            }
+            Ok(runs)
         })
         .map_err(|e: cppo::Error| Failure::Input(e.to_string()))?;
+    let mut sorted = runs.clone();
+    sorted.sort_unstable();
     Ok(Measured {
-        best,
+        best: sorted[0],
+        median: sorted[sorted.len() / 2],
+        runs: runs.len(),
+        total: runs.iter().sum(),
+        shape: batch.shape(),
+        response_tokens: counts.tokens,
         inputs_bytes,
         outputs_bytes: out.bytes(),
         generation_peak_rss,
         timed_peak_rss: if reset { peak_rss() } else { None },
     })
+}
+
+/// Bytes of a batch file's arrays, as they are held.
+fn arrays_bytes<F: NpyFloat>(a: &batchfile::Arrays<F>) -> usize {
+    let f = size_of::<F>();
+    let floats = a.logp.len()
+        + a.logp_old.len()
+        + a.advantages.len()
+        + a.topk.as_ref().map_or(0, |(o, n)| o.len() + n.len())
+        + a.logp_ref.as_ref().map_or(0, |r| r.len())
+        + a.is_weights.as_ref().map_or(0, |w| w.len());
+    floats * f + a.mask.bytes()
 }
 
 /// Bytes of a synthetic batch's arrays.
@@ -295,39 +455,60 @@ fn bytes_per_token(float: usize, topk: Option<usize>, with_ref: bool, outputs: O
     read + written
 }
 
+/// The CPU's model name (Linux: `model name` of `/proc/cpuinfo`; `None` elsewhere).
+fn cpu_model() -> Option<String> {
+    let info = fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "model name").then(|| value.trim().to_string())
+    })
+}
+
 /// The one JSON line.
 fn report(
     args: &BenchArgs,
     cfg: &Config,
-    spec: &SynthSpec,
+    what: &Described,
     threads: usize,
     m: &Measured,
     peak_rss: Option<u64>,
 ) -> serde_json::Value {
-    let tokens = spec.rows as f64 * spec.len as f64;
-    let bytes = bytes_per_token(args.dtype.size(), spec.topk, spec.with_ref, args.outputs);
+    let (rows, len) = m.shape;
+    let tokens = rows as f64 * len as f64;
+    let mut bytes = bytes_per_token(what.dtype.size(), what.topk, what.with_ref, args.outputs);
+    bytes += usize::from(what.with_is_weights) * what.dtype.size();
     // A run is never 0 s, but a division by 0 would print `null`, not fail.
     let secs = m.best.as_secs_f64().max(f64::MIN_POSITIVE);
+    let median = m.median.as_secs_f64().max(f64::MIN_POSITIVE);
     serde_json::json!({
-        "rows": spec.rows,
-        "len": spec.len,
+        "input": what.input,
+        "rows": rows,
+        "len": len,
+        "response_tokens": m.response_tokens,
         "threads": threads,
-        "dtype": args.dtype.name(),
+        "dtype": what.dtype.name(),
         "rule": cfg.rule.name(),
         "divergence": cfg.divergence.name(),
         "objective": cfg.objective.name(),
         "aggregation": cfg.aggregation.name(),
-        "topk": spec.topk,
-        "logp_ref": spec.with_ref,
+        "topk": what.topk,
+        "logp_ref": what.with_ref,
+        "is_weights": what.with_is_weights,
         "outputs": args.outputs.name(),
         "repeats": args.repeats.get(),
+        "runs": m.runs,
+        "total_s": m.total.as_secs_f64(),
         "ms": secs * 1e3,
+        "median_ms": median * 1e3,
         "tokens_per_s": tokens / secs,
+        "median_tokens_per_s": tokens / median,
         "bytes_per_token": bytes,
         "gb_per_s": tokens * bytes as f64 / secs / 1e9,
         "inputs_bytes": m.inputs_bytes,
         "outputs_bytes": m.outputs_bytes,
         "peak_rss_bytes": peak_rss,
         "timed_peak_rss_bytes": m.timed_peak_rss,
+        "cpu": cpu_model(),
+        "isa": cppo::engine::instruction_set(),
     })
 }

@@ -84,24 +84,31 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Eval(eval::EvalArgs),
 
-    /// Time the engine on a synthetic batch; print one JSON line
+    /// Time the engine on a synthetic batch or on your own; print one JSON line
     ///
-    /// The batch (cppo::synth: ragged GRPO-style rows, 90% of the B x L slots are
-    /// response tokens, hostile padding) and the output buffers (--outputs) are allocated
-    /// before timing. Each run is one evaluate_into call on a rayon pool of --threads
-    /// threads; the best of --repeats runs is reported, after one untimed warm-up run.
+    /// The batch (--rows and --len: cppo::synth, ragged GRPO-style rows, 90% of the
+    /// B x L slots are response tokens, hostile padding; or --input: a batch file, read
+    /// as `cppo eval` reads it) and the output buffers (--outputs) are allocated before
+    /// timing. Each run is one evaluate_into call on a rayon pool of --threads threads.
+    /// Untimed warm-up runs come first (at least 0.1 s of them); then runs are timed
+    /// until there are at least --repeats and they add up to at least --min-time
+    /// seconds (0.5 by default), so that short runs are measured many times.
     ///
-    /// JSON fields: rows, len, threads, dtype, rule, divergence, objective, aggregation,
-    /// topk, logp_ref, outputs, repeats, ms (best run), tokens_per_s (B x L slots per
-    /// second, padding included), bytes_per_token, gb_per_s (bytes_per_token x
+    /// JSON fields: input (synthetic or file), rows, len, response_tokens, threads,
+    /// dtype, rule, divergence, objective, aggregation, topk, logp_ref, is_weights,
+    /// outputs, repeats, runs (timed runs made), total_s (their total), ms (best run),
+    /// median_ms, tokens_per_s (B x L slots per second of the best run, padding
+    /// included), median_tokens_per_s, bytes_per_token, gb_per_s (bytes_per_token x
     /// tokens_per_s / 1e9), inputs_bytes (the batch's arrays), outputs_bytes (the output
     /// buffers), peak_rss_bytes (the process's peak resident set size, VmHWM; Linux only,
     /// else null), timed_peak_rss_bytes (the same peak counted from the end of batch
     /// generation, i.e. without the generator's temporaries; null where it cannot be
-    /// reset).
+    /// reset), cpu (the CPU's model name; Linux only, else null), isa (the instruction
+    /// set the engine's dispatcher chose: avx512, avx2 or baseline).
     ///
     /// Byte model, per token slot, with s = 4 (f32) or 8 (f64):
-    ///   read:    logp, logp_old 2s; mask (bool) 1; top-K pair 2Ks if used; logp_ref s if used
+    ///   read:    logp, logp_old 2s; mask (bool) 1; top-K pair 2Ks if used; logp_ref s if used;
+    ///            is_weights s if the --input file holds them
     ///   written: --outputs all: divergence, weight, threshold, token_loss, grad 5s;
     ///              keep 1; reason 1
     ///            --outputs grad: grad s; keep 1

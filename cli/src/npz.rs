@@ -204,6 +204,14 @@ impl<F> OwnedAdvantages<F> {
             Self::PerToken(a) => a.view().into(),
         }
     }
+
+    /// How many values they hold.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::PerRow(a) => a.len(),
+            Self::PerToken(a) => a.len(),
+        }
+    }
 }
 
 /// The mask, in one of the element types the library takes.
@@ -221,6 +229,16 @@ impl OwnedMask {
             Self::U8(m) => Mask::U8(m.view()),
             Self::F32(m) => Mask::F32(m.view()),
             Self::F64(m) => Mask::F64(m.view()),
+        }
+    }
+
+    /// The bytes it holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Bool(m) => m.len(),
+            Self::U8(m) => m.len(),
+            Self::F32(m) => 4 * m.len(),
+            Self::F64(m) => 8 * m.len(),
         }
     }
 }

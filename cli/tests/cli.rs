@@ -1371,7 +1371,17 @@ fn golden_fixtures() {
 
 #[test]
 fn bench_prints_one_json_line() {
-    let run = cppo(&["bench", "--rows", "4", "--len", "64", "--repeats", "2"]);
+    let run = cppo(&[
+        "bench",
+        "--rows",
+        "4",
+        "--len",
+        "64",
+        "--repeats",
+        "2",
+        "--min-time",
+        "0",
+    ]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.stdout.lines().count(), 1, "{run:?}");
     let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
@@ -1443,6 +1453,57 @@ fn bench_topk_kl_f64() {
     assert_eq!(v["topk"], 5);
     assert_eq!(v["logp_ref"], true);
     assert_eq!(v["bytes_per_token"], 2 * 8 + 1 + 2 * 5 * 8 + 8 + 5 * 8 + 2);
+}
+
+/// `--input` times the engine on the user's own batch: its shape, float type and
+/// response tokens are the file's; the runs add up to at least `--min-time`; the report
+/// names the CPU and the instruction set the dispatcher chose.
+#[test]
+fn bench_input_times_the_file() {
+    let s = Scratch::new();
+    let input = example_npz(&s, &[]).finish();
+    let run = cppo(&[
+        OsStr::new("bench"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--repeats"),
+        OsStr::new("3"),
+        OsStr::new("--min-time"),
+        OsStr::new("0.2"),
+        OsStr::new("--outputs"),
+        OsStr::new("grad"),
+    ]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["input"], "file");
+    assert_eq!((v["rows"].as_u64(), v["len"].as_u64()), (Some(2), Some(6)));
+    assert_eq!(v["dtype"], "float64");
+    assert_eq!(v["response_tokens"], 10);
+    assert!(v["total_s"].as_f64().unwrap() >= 0.2, "{v}");
+    assert!(v["runs"].as_u64().unwrap() >= 3, "{v}");
+    assert!(
+        v["ms"].as_f64().unwrap() <= v["median_ms"].as_f64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["inputs_bytes"], 2 * 6 * 8 * 2 + 2 * 8 + 2 * 6);
+    assert_eq!(v["bytes_per_token"], 2 * 8 + 1 + 8 + 1);
+    let isa = v["isa"].as_str().unwrap();
+    assert!(["avx512", "avx2", "baseline"].contains(&isa), "{v}");
+    assert!(v.get("cpu").is_some(), "{v}");
+    // A bad file fails as `cppo eval` does; --input with --rows is a usage error.
+    let bad = example_with(&s, "logp", &with_value(&example().logp, (0, 1), 0.5));
+    let run = cppo(&[OsStr::new("bench"), OsStr::new("--input"), bad.as_os_str()]);
+    s.assert_bad_input(&run, &["logp", "row 0, column 1"]);
+    let run = cppo(&[
+        OsStr::new("bench"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--rows"),
+        OsStr::new("2"),
+    ]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    let run = cppo(&["bench", "--rows", "2", "--len", "8", "--min-time", "-1"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
 }
 
 #[test]
