@@ -17,6 +17,8 @@ use crate::float::Float;
 use crate::limits::{LOGP_TOLERANCE, MAX_ABS_ADVANTAGE, MAX_IS_WEIGHT, MIN_LOGPROB};
 
 /// A log-prob a response position may hold: in [−1e4, 1e-4] (NaN and ±∞ fail).
+// Two comparisons joined by a non-short-circuit `&`, which the block loop vectorizes.
+#[allow(clippy::manual_range_contains)]
 #[inline(always)]
 pub(crate) fn logprob_ok(x: f64) -> bool {
     (x <= LOGP_TOLERANCE) & (x >= MIN_LOGPROB)
