@@ -62,7 +62,7 @@ use objective::{MinproGrad, kl_terms, objective_terms};
 use row_stats::RowFacts;
 use rule::{kept, reasons_and_shares, rule_test};
 use sums::lane_sum;
-use tally::{Decile, tally_block};
+use tally::{Decile, TallyPlan, tally_block};
 use topk::TopkScratch;
 
 /// Columns per block.
@@ -263,6 +263,10 @@ pub(crate) fn run_row_impl<F: Float>(
     let mut st = InStage::new();
     let mut wk = Work::new();
     let mut minpro_grad = MinproGrad::for_config(cfg, prefix.min_ratio);
+    let tally_plan = TallyPlan {
+        row_adv: row.adv.as_ref().err().copied(),
+        clips: !matches!(cfg.objective, crate::Objective::Surrogate),
+    };
 
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
@@ -315,7 +319,7 @@ pub(crate) fn run_row_impl<F: Float>(
         put!(&mut out.grad, j0, n, |k| F::from_f64(wk.grad[k] * agg_w));
 
         row_loss += lane_sum(&wk.loss[..n], &wk.loss[..n], |a, _| a);
-        tally_block(&mut tally, &st, &wk, n, &mut decile);
+        tally_block(&mut tally, &st, &wk, n, &mut decile, tally_plan);
     }
     if let Some(mg) = &mut minpro_grad {
         mg.flush(None, &mut wk, 0, agg_w, &mut out);

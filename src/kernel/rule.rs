@@ -10,7 +10,7 @@
 use super::lanes::InStage;
 use super::row_stats::RowFacts;
 use super::schedule::block_weights;
-use super::{Plan, Work};
+use super::{BLK, Plan, Work};
 use crate::rule::{Gate, Reason, Rule};
 use crate::simd::exp_to;
 
@@ -96,19 +96,28 @@ pub(crate) fn rule_test(
                     }
                 }
                 Some(db) => {
+                    // Only the two running sums are sequential: S and W before each
+                    // token (the sums of the response tokens before it, in column
+                    // order), then the tests in a vectorized pass. Adding 0 for a
+                    // token off the mask leaves a sum as it was (S, W ≥ 0), so these
+                    // are the bits of a scan that skips it.
+                    let (mut s_before, mut w_before) = ([0.0f64; BLK], [0.0f64; BLK]);
+                    for k in 0..n {
+                        let on = st.on[k];
+                        (s_before[k], w_before[k]) = (s, ws);
+                        s += if on { w[k] * d[k] } else { 0.0 };
+                        ws += if on { w[k] } else { 0.0 };
+                    }
                     for k in 0..n {
                         let wd = w[k] * d[k];
-                        let r = delta + db * ws;
-                        let slack = r - s;
+                        let r = delta + db * w_before[k];
+                        let slack = r - s_before[k];
                         c[k] = if slack < delta { slack } else { delta };
-                        let on = st.on[k];
-                        let sn = s + wd;
+                        let sn = s_before[k] + wd;
                         let token_ok = wd <= delta;
                         feasible[k] = token_ok & (sn <= r);
                         fail[k] = pick(token_ok, BUDGET, TOKEN);
                         (room[k], s_new[k]) = (r, sn);
-                        s = if on { sn } else { s };
-                        ws += if on { w[k] } else { 0.0 };
                     }
                 }
             }

@@ -8,8 +8,9 @@
 /// Lanes of the fixed-order sums.
 pub(crate) const LANES: usize = 8;
 
+/// The lanes combined pairwise, in a fixed order.
 #[inline(always)]
-fn combine(acc: [f64; LANES], f: impl Fn(f64, f64) -> f64) -> f64 {
+pub(crate) fn combine(acc: [f64; LANES], f: impl Fn(f64, f64) -> f64) -> f64 {
     let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
     f(f(f(a0, a4), f(a2, a6)), f(f(a1, a5), f(a3, a7)))
 }
@@ -27,23 +28,6 @@ pub(crate) fn lane_sum(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> f64
     }
     for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
         acc[l] += f(x, y);
-    }
-    combine(acc, |x, y| x + y)
-}
-
-/// Σ of `vals` where `on`, in LANES interleaved partial sums (see [`lane_sum`]).
-#[inline(always)]
-pub(crate) fn masked_sum(vals: &[f64], on: &[bool]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let (cv, co) = (vals.chunks_exact(LANES), on.chunks_exact(LANES));
-    let (rv, ro) = (cv.remainder(), co.remainder());
-    for (xv, xo) in cv.zip(co) {
-        for l in 0..LANES {
-            acc[l] += if xo[l] { xv[l] } else { 0.0 };
-        }
-    }
-    for (l, (&v, &o)) in rv.iter().zip(ro).enumerate() {
-        acc[l] += if o { v } else { 0.0 };
     }
     combine(acc, |x, y| x + y)
 }
