@@ -33,6 +33,7 @@ use crate::error::Result;
 use crate::float::Float;
 use crate::objective::{GSPO_LOG_RATIO_MAX, Objective, gmpo_log_ratio};
 use crate::rule::Rule;
+use crate::simd::{Isa, isa};
 
 /// 2^64: the unit of [`FixedSum`].
 const FIXED_ONE: f64 = 18_446_744_073_709_551_616.0;
@@ -128,8 +129,49 @@ pub(crate) fn needs_row_stats(cfg: &Config) -> bool {
 }
 
 /// The first sweep over row `row` (a whole row or a chunk of one): its [`RowStats`]
-/// and, into `sink`, the divergences of its response tokens in column order.
+/// and, into `sink`, the divergences of its response tokens in column order. Runs in
+/// the widest build the CPU supports, as the main sweep does ([`super::run_row`]).
 pub(crate) fn row_stats<F: Float>(
+    cfg: &Config,
+    row: &RowIn<'_, F>,
+    sink: Option<&mut Vec<f64>>,
+) -> Result<RowStats> {
+    match isa() {
+        // SAFETY: `isa` checked that the CPU has these features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { row_stats_avx512(cfg, row, sink) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { row_stats_avx2(cfg, row, sink) },
+        _ => row_stats_impl(cfg, row, sink),
+    }
+}
+
+/// [`row_stats_impl`] for AVX2 and FMA (bit-identical to the baseline build, as the
+/// main sweep's builds are).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_stats_avx2<F: Float>(
+    cfg: &Config,
+    row: &RowIn<'_, F>,
+    sink: Option<&mut Vec<f64>>,
+) -> Result<RowStats> {
+    row_stats_impl(cfg, row, sink)
+}
+
+/// [`row_stats_impl`] for AVX-512 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,fma")]
+fn row_stats_avx512<F: Float>(
+    cfg: &Config,
+    row: &RowIn<'_, F>,
+    sink: Option<&mut Vec<f64>>,
+) -> Result<RowStats> {
+    row_stats_impl(cfg, row, sink)
+}
+
+#[inline(always)]
+fn row_stats_impl<F: Float>(
     cfg: &Config,
     row: &RowIn<'_, F>,
     mut sink: Option<&mut Vec<f64>>,
