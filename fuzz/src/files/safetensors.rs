@@ -281,7 +281,15 @@ pub(super) fn st_file(
                 let e = &plan.entries[i];
                 let (start, end, refuse) = match r.random_range(0..5) {
                     0 => (e.start, data_len + r.random_range(1..=64), BOTH),
-                    1 => (e.start + data_len, e.end + data_len, BOTH),
+                    // Past the end, unless the tensor is empty and lands on the end.
+                    1 => {
+                        let past = e.end > 0;
+                        (
+                            e.start + data_len,
+                            e.end + data_len,
+                            if past { BOTH } else { EITHER },
+                        )
+                    }
                     2 if e.start < e.end => (e.end, e.start, BOTH),
                     3 => (e.start, u64::MAX, BOTH),
                     _ => {
