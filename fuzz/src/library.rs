@@ -866,6 +866,15 @@ fn param(rng: &mut StdRng) -> f64 {
     }
 }
 
+/// A parameter that may be `null` (off), with probability `p_null`.
+fn param_or_null(rng: &mut StdRng, p_null: f64) -> Value {
+    if rng.random_bool(p_null) {
+        Value::Null
+    } else {
+        json!(param(rng))
+    }
+}
+
 /// An integer config field.
 fn count(rng: &mut StdRng) -> Value {
     json!(pick(rng, &[0u64, 1, 2, 3, 7, 64, 1000, 1 << 40, u64::MAX]))
@@ -937,13 +946,7 @@ pub fn random_config(rng: &mut StdRng) -> Value {
             put(
                 &mut rule,
                 "delta_b",
-                maybe(rng, 0.5, |r| {
-                    if r.random_bool(0.2) {
-                        Value::Null
-                    } else {
-                        json!(param(r))
-                    }
-                }),
+                maybe(rng, 0.5, |r| param_or_null(r, 0.2)),
             );
             put(
                 &mut rule,
@@ -1031,17 +1034,7 @@ pub fn random_config(rng: &mut StdRng) -> Value {
                 "include_current",
                 maybe(rng, 0.5, |r| json!(r.random_bool(0.5))),
             );
-            put(
-                &mut obj,
-                "clip",
-                maybe(rng, 0.5, |r| {
-                    if r.random_bool(0.3) {
-                        Value::Null
-                    } else {
-                        json!(param(r))
-                    }
-                }),
-            );
+            put(&mut obj, "clip", maybe(rng, 0.5, |r| param_or_null(r, 0.3)));
             put(
                 &mut obj,
                 "stop_gradient",
