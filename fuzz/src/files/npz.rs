@@ -107,9 +107,15 @@ pub(super) fn npz_file(
                 if descr == plans[i].descr {
                     continue;
                 }
+                // A float array must keep logp's type; any array whose element size
+                // changes no longer matches its data, unless it holds no element.
+                let holds_elements = a.shape.iter().product::<usize>() > 0;
                 let refused = match npy_kind(&descr) {
                     None => true,
-                    Some((kind, size)) => size != a.dt.size() || (name != "mask" && kind != 'f'),
+                    Some((kind, size)) => {
+                        let wrong_type = name != "mask" && (kind != 'f' || size != a.dt.size());
+                        wrong_type || (size != a.dt.size() && holds_elements)
+                    }
                 };
                 let label = format!("{} has dtype {descr:?}", plans[i].entry);
                 plans[i].descr = descr;
