@@ -211,7 +211,7 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 /// What is timed: the synthetic batch's spec, or a batch read from a file.
 enum Source {
     Synthetic(SynthSpec, Dtype),
-    File(Loaded),
+    File(Box<Loaded>),
 }
 
 /// Runs `cppo bench`.
@@ -221,9 +221,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
         None => Config::cppo(),
     };
     let source = match (&args.input, args.rows, args.len) {
-        (Some(path), _, _) => {
-            Source::File(batchfile::load(path, Needs::of(&[cfg]), args.max_memory)?)
-        }
+        (Some(path), _, _) => Source::File(Box::new(batchfile::load(
+            path,
+            Needs::of(&[cfg]),
+            args.max_memory,
+        )?)),
         (None, Some(rows), Some(len)) => {
             let spec = SynthSpec {
                 rows: rows.get(),
@@ -263,20 +265,22 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
             synthetic::<f64>(&cfg, spec, &pool, &timing)?,
             Described::of_spec(spec, Dtype::F64),
         ),
-        Source::File(Loaded::F32(a)) => {
-            let batch = a.batch().map_err(|e| Failure::Input(e.to_string()))?;
-            (
-                timed(&cfg, &batch, arrays_bytes(a), &pool, &timing)?,
-                Described::of_batch(&batch, Dtype::F32),
-            )
-        }
-        Source::File(Loaded::F64(a)) => {
-            let batch = a.batch().map_err(|e| Failure::Input(e.to_string()))?;
-            (
-                timed(&cfg, &batch, arrays_bytes(a), &pool, &timing)?,
-                Described::of_batch(&batch, Dtype::F64),
-            )
-        }
+        Source::File(file) => match file.as_ref() {
+            Loaded::F32(a) => {
+                let batch = a.batch().map_err(|e| Failure::Input(e.to_string()))?;
+                (
+                    timed(&cfg, &batch, arrays_bytes(a), &pool, &timing)?,
+                    Described::of_batch(&batch, Dtype::F32),
+                )
+            }
+            Loaded::F64(a) => {
+                let batch = a.batch().map_err(|e| Failure::Input(e.to_string()))?;
+                (
+                    timed(&cfg, &batch, arrays_bytes(a), &pool, &timing)?,
+                    Described::of_batch(&batch, Dtype::F64),
+                )
+            }
+        },
     };
     // The peak was reset after generation: the process's peak is the larger of the two.
     let peak_rss = measured.generation_peak_rss.max(peak_rss());
