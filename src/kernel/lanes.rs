@@ -289,28 +289,19 @@ impl InStage {
     /// compute, check or tally).
     #[inline(always)]
     pub(crate) fn load<F: Float>(&mut self, row: &RowIn<'_, F>, j0: usize, n: usize) -> bool {
-        self.n = n;
-        row.mask.load(j0, &mut self.on[..n], &mut self.mask_ok[..n]);
-        // An invalid mask value (non-finite float) counts as on, so a block without a
-        // response token has nothing to report either.
-        if !self.on[..n].iter().fold(false, |a, &o| a | o) {
+        if !self.load_logprobs(row, j0, n) {
             return false;
         }
-        row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
-        row.logp_old.load(j0, &mut self.lq_raw[..n], F::to_f64);
         match &row.adv {
             Ok(lane) => lane.load(j0, &mut self.adv[..n], F::to_f64),
             Err(a) => self.adv[..n].fill(*a),
         }
 
         for k in 0..n {
-            self.lp[k] = self.lp_raw[k].min(0.0);
-            self.lq[k] = self.lq_raw[k].min(0.0);
             self.log_ratio[k] = (self.lp[k] - self.lq[k]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
         }
         if row.div.needs_probs() {
-            exp_to(&self.lp[..n], &mut self.p[..n]);
-            exp_to(&self.lq[..n], &mut self.q[..n]);
+            self.load_probs();
             // ρ = p/q saves an exponential where it equals e^r to rounding: the log-ratio
             // inside the clamp, and p and q normal numbers (the SIMD exp flushes results
             // below e^−708 to 0). Elsewhere, e^r itself.
@@ -333,6 +324,54 @@ impl InStage {
         } else {
             exp_to(&self.log_ratio[..n], &mut self.rho[..n]);
         }
+        true
+    }
+
+    /// The mask and the log-probs of columns `j0..j0 + n`, clamped to ≤ 0 ((0, 1e-4]
+    /// read as 0); `false`, with only the mask loaded, for a block with no response
+    /// token.
+    #[inline(always)]
+    fn load_logprobs<F: Float>(&mut self, row: &RowIn<'_, F>, j0: usize, n: usize) -> bool {
+        self.n = n;
+        row.mask.load(j0, &mut self.on[..n], &mut self.mask_ok[..n]);
+        // An invalid mask value (non-finite float) counts as on, so a block without a
+        // response token has nothing to report either.
+        if !self.on[..n].iter().fold(false, |a, &o| a | o) {
+            return false;
+        }
+        row.logp.load(j0, &mut self.lp_raw[..n], F::to_f64);
+        row.logp_old.load(j0, &mut self.lq_raw[..n], F::to_f64);
+        for k in 0..n {
+            self.lp[k] = self.lp_raw[k].min(0.0);
+            self.lq[k] = self.lq_raw[k].min(0.0);
+        }
+        true
+    }
+
+    /// p = e^logp and q = e^logp_old of the loaded log-probs.
+    #[inline(always)]
+    fn load_probs(&mut self) {
+        let n = self.n;
+        exp_to(&self.lp[..n], &mut self.p[..n]);
+        exp_to(&self.lq[..n], &mut self.q[..n]);
+    }
+
+    /// What the binary divergences read of columns `j0..j0 + n` (the mask, the clamped
+    /// log-probs, p and q), unchecked: for the calibrated budget's first sweep, which
+    /// gathers D only, and whose row's values the main sweep checks in order (a bad
+    /// value there is that sweep's error, whatever the first made of it). `false` for
+    /// a block with no response token.
+    #[inline(always)]
+    pub(crate) fn load_binary<F: Float>(
+        &mut self,
+        row: &RowIn<'_, F>,
+        j0: usize,
+        n: usize,
+    ) -> bool {
+        if !self.load_logprobs(row, j0, n) {
+            return false;
+        }
+        self.load_probs();
         true
     }
 }

@@ -25,6 +25,7 @@ use std::cell::RefCell;
 use serde::{Deserialize, Serialize};
 
 use super::checks::ordered_block;
+use super::divergence::block_divergences;
 use super::lanes::{InStage, RowIn};
 use super::sums::{lane_fold, max};
 use super::{BLK, Work, block_values};
@@ -188,6 +189,22 @@ fn row_stats_impl<F: Float>(
     let mut st = InStage::new();
     let mut wk = Work::new();
     let l = row.width();
+    if let (Some(buf), false, true) = (
+        sink.as_deref_mut(),
+        needs_row_stats(cfg),
+        row.div.needs_probs(),
+    ) {
+        // Only the divergences, of a binary divergence: no checks (the row's sweep
+        // makes them, in order, and fails on a bad value before any output), no ratio.
+        for j0 in (0..l).step_by(BLK) {
+            let n = BLK.min(l - j0);
+            if st.load_binary(row, j0, n) {
+                block_divergences(row, &st, j0, &mut wk.d, &mut scratch);
+                gather(buf, &st.on[..n], &wk.d[..n]);
+            }
+        }
+        return Ok(stats);
+    }
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
         if !st.load(row, j0, n) {
@@ -203,12 +220,7 @@ fn row_stats_impl<F: Float>(
             stats.d_max = lane_fold(&wk.d[..n], stats.d_max, max);
         }
         if let Some(buf) = sink.as_deref_mut() {
-            buf.extend(
-                on.iter()
-                    .zip(&wk.d[..n])
-                    .filter(|(o, _)| **o)
-                    .map(|(_, d)| *d),
-            );
+            gather(buf, on, &wk.d[..n]);
         }
         for k in 0..n {
             if !on[k] {
@@ -228,6 +240,12 @@ fn row_stats_impl<F: Float>(
         }
     }
     Ok(stats)
+}
+
+/// Appends the divergences `d` of the response tokens (`on`) to `buf`.
+#[inline(always)]
+fn gather(buf: &mut Vec<f64>, on: &[bool], d: &[f64]) {
+    buf.extend(on.iter().zip(d).filter(|(o, _)| **o).map(|(_, d)| *d));
 }
 
 /// What a row's sweep needs to know about the whole row before it starts.
