@@ -7,7 +7,7 @@
 //! stored.
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
-use candle_nn::ops::{log_softmax, softmax};
+use candle_nn::ops::softmax;
 
 use crate::rng::Rng;
 
@@ -137,6 +137,44 @@ impl Params {
         Ok(Self::from_tensors(self.arch, ts.into_iter()))
     }
 
+    /// Saves the weights to a safetensors file (tensors named `p000`, `p001`, … in
+    /// the model's order), for a warm start reused across runs.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let named: std::collections::HashMap<String, Tensor> = self
+            .tensors()
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (format!("p{i:03}"), t.clone()))
+            .collect();
+        candle_core::safetensors::save(&named, path)
+    }
+
+    /// Loads weights that [`Params::save`] wrote for the same architecture; an error if
+    /// a tensor is missing or has another shape.
+    pub fn load(arch: Arch, path: &std::path::Path, dev: &Device) -> Result<Self> {
+        let mut named = candle_core::safetensors::load(path, dev)?;
+        let shapes: Vec<_> = Self::init(arch, &mut Rng::new(0, 0), dev)?
+            .tensors()
+            .iter()
+            .map(|t| t.dims().to_vec())
+            .collect();
+        let mut ts = Vec::with_capacity(shapes.len());
+        for (i, shape) in shapes.iter().enumerate() {
+            let t = named.remove(&format!("p{i:03}")).ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: tensor p{i:03} is missing", path.display()))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: tensor p{i:03} has shape {:?}, the model needs {shape:?}",
+                    path.display(),
+                    t.dims()
+                )));
+            }
+            ts.push(t);
+        }
+        Ok(Self::from_tensors(arch, ts.into_iter()))
+    }
+
     /// A trainable policy starting from these weights.
     pub fn to_policy(&self) -> Result<Policy> {
         let vars = self
@@ -218,11 +256,6 @@ impl Params {
         }
         let h = layer_norm(&x, &self.lnf_g, &self.lnf_b)?.reshape((b * t, d))?;
         h.matmul(&self.head)?.reshape((b, t, self.arch.vocab))
-    }
-
-    /// Log-probabilities (B, T, V) of the next token at every position.
-    pub fn log_probs(&self, tokens: &Tensor) -> Result<Tensor> {
-        log_softmax(&self.logits(tokens)?, D::Minus1)
     }
 }
 

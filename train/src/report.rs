@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::probe::Probe;
 use crate::rl::IterLog;
 
 /// One finished run.
@@ -10,9 +11,15 @@ pub struct RunSummary {
     pub rule: String,
     pub seed: u64,
     pub logs: Vec<IterLog>,
+    /// The run's measurements by response position.
+    pub probe: Probe,
     pub error: Option<String>,
     /// Accuracy of the warm-started base, before RL.
     pub base_accuracy: f64,
+    /// Sampled accuracy Avg@k of the warm-started base (NaN without sampled evaluations).
+    pub base_sampled: f64,
+    /// The evaluations a run that goes to the end makes, iteration 0 included.
+    pub expected_evals: usize,
     pub secs: f64,
 }
 
@@ -37,6 +44,37 @@ impl RunSummary {
         let e = self.evals();
         let tail = &e[e.len().saturating_sub(FINAL_WINDOW)..];
         tail.iter().sum::<f64>() / tail.len().max(1) as f64
+    }
+
+    fn sampled_evals(&self) -> Vec<f64> {
+        self.logs
+            .iter()
+            .map(|l| l.sampled_accuracy)
+            .filter(|a| !a.is_nan())
+            .collect()
+    }
+
+    /// Mean sampled accuracy (Avg@k) over all evaluations, iteration 0 included: the
+    /// normalised area under the sampled-accuracy curve (NaN without sampled
+    /// evaluations). A run that ended on an error counts 0 for the evaluations it missed.
+    pub fn sampled_auc(&self) -> f64 {
+        let e = self.sampled_evals();
+        if e.is_empty() {
+            return f64::NAN;
+        }
+        let expected = self.expected_evals.max(e.len());
+        e.iter().sum::<f64>() / expected as f64
+    }
+
+    /// Mean sampled accuracy over the last `FINAL_WINDOW` evaluations; 0 for a run that
+    /// ended on an error.
+    pub fn sampled_final(&self) -> f64 {
+        if self.error.is_some() {
+            return 0.0;
+        }
+        let e = self.sampled_evals();
+        let tail = &e[e.len().saturating_sub(FINAL_WINDOW)..];
+        tail.iter().sum::<f64>() / tail.len() as f64
     }
 
     /// The best greedy accuracy seen.
@@ -101,9 +139,9 @@ pub fn table(runs: &[RunSummary], rules: &[String]) -> String {
     let first = rules.first().map_or("", String::as_str);
     let _ = writeln!(
         s,
-        "| rule | seeds | base acc | final acc | best acc | mean acc | final − base | collapses | max KL k3 | masked | final − {first} (paired) |"
+        "| rule | seeds | base acc | final acc | best acc | mean acc | sampled AUC | final − base | collapses | max KL k3 | masked | final − {first} (paired) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let fmt = |xs: &[f64]| {
         let (m, sd) = mean_sd(xs);
         format!("{m:.3} ± {sd:.3}")
@@ -126,12 +164,13 @@ pub fn table(runs: &[RunSummary], rules: &[String]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {rule} | {} | {} | {} | {} | {} | {} | {collapses}/{} | {max_kl:.3} | {} | {} |",
+            "| {rule} | {} | {} | {} | {} | {} | {} | {} | {collapses}/{} | {max_kl:.3} | {} | {} |",
             rs.len(),
             col(&|r| r.base_accuracy),
             col(&RunSummary::final_accuracy),
             col(&RunSummary::best_accuracy),
             col(&RunSummary::mean_accuracy),
+            col(&RunSummary::sampled_auc),
             col(&|r| r.final_accuracy() - r.base_accuracy),
             rs.len(),
             col(&RunSummary::mean_masked),
@@ -148,21 +187,31 @@ pub fn table(runs: &[RunSummary], rules: &[String]) -> String {
 /// One line per run, as CSV.
 pub fn runs_csv(runs: &[RunSummary]) -> String {
     let mut s = String::from(
-        "rule,seed,base_accuracy,final_accuracy,best_accuracy,mean_accuracy,collapsed,max_kl_k3,mean_masked,secs,error\n",
+        "rule,seed,base_accuracy,final_accuracy,best_accuracy,mean_accuracy,base_sampled,sampled_final,sampled_auc,collapsed,max_kl_k3,mean_masked,budget_spike_rows,budget_creep_rows,bypass_grad_share,d_p50,d_p90,d_p99,secs,error\n",
     );
     for r in runs {
+        let q = r.probe.d_quantiles(&[0.5, 0.9, 0.99]);
         let _ = writeln!(
             s,
-            "{},{},{:.4},{:.4},{:.4},{:.4},{},{:.5},{:.5},{:.1},{}",
+            "{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{},{:.5},{:.5},{},{},{:.5},{:.5},{:.5},{:.5},{:.1},{}",
             r.rule,
             r.seed,
             r.base_accuracy,
             r.final_accuracy(),
             r.best_accuracy(),
             r.mean_accuracy(),
+            r.base_sampled,
+            r.sampled_final(),
+            r.sampled_auc(),
             r.collapsed(),
             r.max_kl(),
             r.mean_masked(),
+            r.probe.spike_rows,
+            r.probe.creep_rows,
+            r.probe.bypass_grad_share(),
+            q[0],
+            q[1],
+            q[2],
             r.secs,
             r.error.as_deref().unwrap_or("").replace(',', ";"),
         );

@@ -1,12 +1,12 @@
 //! The trainer: supervised warm start, sampling, and the RL update that takes its
 //! advantages, mask, loss and gradient from `cppo`.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{D, Device, Tensor};
-use candle_nn::ops::softmax_last_dim;
+use candle_nn::ops::{log_softmax, softmax_last_dim};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use cppo::advantage::{GroupNorm, grpo};
 use cppo::ndarray::{Array1, Array2, Axis};
@@ -14,6 +14,7 @@ use cppo::{Batch, Config, OutputsMut, Par, evaluate_into};
 
 use crate::Res;
 use crate::model::{Params, Policy};
+use crate::probe::{Probe, StepOutputs};
 use crate::rng::Rng;
 use crate::task::{PAD, Task};
 
@@ -41,14 +42,28 @@ pub struct Hyper {
     pub grad_clip: f64,
     /// Evaluate greedy accuracy every this many iterations (and at the last).
     pub eval_every: usize,
-    /// Held-out prompts for the greedy accuracy.
+    /// Held-out prompts for the greedy and sampled accuracies.
     pub eval_prompts: usize,
+    /// Samples per held-out prompt for the sampled accuracy Avg@k (0: greedy only).
+    pub eval_samples: usize,
+    /// The rollout temperature τ_μ: rollouts are sampled from softmax(z / τ_μ) and
+    /// `logp_old` is their log-prob under that distribution, while the trained policy is
+    /// softmax(z). τ_μ ≠ 1 is a behaviour-policy mismatch of a fixed size per token.
+    pub tau_mu: f64,
 }
 
 impl Hyper {
     /// Optimizer steps per rollout batch: the staleness of the last step's data.
     pub fn steps_per_rollout(&self) -> usize {
         self.minibatches * self.epochs
+    }
+
+    /// The evaluations of a run that goes to the end (after iteration 1, every
+    /// `eval_every`-th and the last).
+    pub fn evaluations(&self) -> usize {
+        (1..=self.iters)
+            .filter(|&i| i == 1 || i == self.iters || i.is_multiple_of(self.eval_every.max(1)))
+            .count()
     }
 }
 
@@ -60,6 +75,9 @@ pub struct IterLog {
     pub reward: f64,
     /// Greedy accuracy on the held-out prompts (NaN when not evaluated).
     pub accuracy: f64,
+    /// Sampled accuracy Avg@k (temperature 1) on the held-out prompts (NaN when not
+    /// evaluated).
+    pub sampled_accuracy: f64,
     /// Mean per-token entropy of the rollout policy on its samples.
     pub entropy: f64,
     /// Mean response length (tokens, EOS included).
@@ -79,22 +97,21 @@ pub struct IterLog {
     pub ratio_max: f64,
     /// Global gradient norm before clipping, mean over steps.
     pub grad_norm: f64,
+    /// The iteration's share of |dL/dlogp| carried by bypassed tokens.
+    pub bypass_grad_share: f64,
     pub secs: f64,
 }
 
 impl IterLog {
-    pub const CSV_HEADER: &'static str = "iter,reward,accuracy,entropy,resp_len,flat_groups,loss,masked_frac,masked_token,masked_budget,bypass_frac,kl_k3,kl_k3_last,divergence_max,ratio_max,grad_norm,secs";
+    pub const CSV_HEADER: &'static str = "iter,reward,accuracy,sampled_accuracy,entropy,resp_len,flat_groups,loss,masked_frac,masked_token,masked_budget,bypass_frac,kl_k3,kl_k3_last,divergence_max,ratio_max,grad_norm,bypass_grad_share,secs";
 
     pub fn csv(&self) -> String {
         format!(
-            "{},{:.6},{},{:.6},{:.4},{:.4},{:.6e},{:.6},{:.6},{:.6},{:.6},{:.6e},{:.6e},{:.6},{:.6},{:.6e},{:.3}",
+            "{},{:.6},{},{},{:.6},{:.4},{:.4},{:.6e},{:.6},{:.6},{:.6},{:.6},{:.6e},{:.6e},{:.6},{:.6},{:.6e},{:.6},{:.3}",
             self.iter,
             self.reward,
-            if self.accuracy.is_nan() {
-                String::new()
-            } else {
-                format!("{:.6}", self.accuracy)
-            },
+            blank_nan(self.accuracy),
+            blank_nan(self.sampled_accuracy),
             self.entropy,
             self.resp_len,
             self.flat_groups,
@@ -108,19 +125,30 @@ impl IterLog {
             self.divergence_max,
             self.ratio_max,
             self.grad_norm,
+            self.bypass_grad_share,
             self.secs,
         )
     }
 }
 
-/// Responses for `prompts` (each `task.prompt_len()` tokens): sampled at temperature 1
-/// with `rng`, or greedy without. A response ends at EOS (included) or at the task's
-/// response length.
+/// An evaluation's value, or an empty CSV field where there was none.
+fn blank_nan(x: f64) -> String {
+    if x.is_nan() {
+        String::new()
+    } else {
+        format!("{x:.6}")
+    }
+}
+
+/// Responses for `prompts` (each `task.prompt_len()` tokens): sampled from
+/// softmax(z / `temperature`) with `rng`, or greedy without. A response ends at EOS
+/// (included) or at the task's response length.
 pub fn generate(
     params: &Params,
     task: &Task,
     prompts: &[Vec<u32>],
     mut rng: Option<&mut Rng>,
+    temperature: f64,
     dev: &Device,
 ) -> Res<Vec<Vec<u32>>> {
     let (b, p, r) = (prompts.len(), task.prompt_len(), task.response_len());
@@ -133,7 +161,10 @@ pub fn generate(
     for _ in 0..r {
         let logits = params.forward(&input, &mut cache)?;
         let t = logits.dim(1)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+        let mut last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+        if temperature != 1.0 {
+            last = (last / temperature)?;
+        }
         let probs = softmax_last_dim(&last)?.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(b);
         for (i, row) in probs.iter().enumerate() {
@@ -158,6 +189,12 @@ pub fn generate(
     Ok(out)
 }
 
+/// The sampling stream of the evaluation after iteration `iter`: the same for every rule
+/// of a seed (common random numbers for the paired comparison).
+pub fn eval_rng(seed: u64, iter: usize) -> Rng {
+    Rng::new(seed, 1000 + iter as u64)
+}
+
 fn argmax(xs: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in xs.iter().enumerate() {
@@ -168,8 +205,8 @@ fn argmax(xs: &[f32]) -> usize {
     best
 }
 
-/// Exact-match accuracy on `set` (digit lists): greedy without `rng`, sampled at
-/// temperature 1 with it.
+/// Exact-match accuracy on `set` (digit lists): greedy without `rng`, one sample per
+/// prompt at temperature 1 with it.
 pub fn accuracy(
     params: &Params,
     task: &Task,
@@ -180,7 +217,7 @@ pub fn accuracy(
     let mut correct = 0.0;
     for chunk in set.chunks(256) {
         let prompts: Vec<_> = chunk.iter().map(|d| task.prompt(d)).collect();
-        let outs = generate(params, task, &prompts, rng.as_deref_mut(), dev)?;
+        let outs = generate(params, task, &prompts, rng.as_deref_mut(), 1.0, dev)?;
         correct += chunk
             .iter()
             .zip(&outs)
@@ -188,6 +225,23 @@ pub fn accuracy(
             .sum::<f64>();
     }
     Ok(correct / set.len() as f64)
+}
+
+/// Sampled accuracy Avg@k: the mean exact-match rate over `k` samples per prompt of
+/// `set` at temperature 1, drawn from `rng`.
+pub fn sampled_accuracy(
+    params: &Params,
+    task: &Task,
+    set: &[Vec<u32>],
+    k: usize,
+    rng: &mut Rng,
+    dev: &Device,
+) -> Res<f64> {
+    let mut sum = 0.0;
+    for _ in 0..k {
+        sum += accuracy(params, task, set, Some(rng), dev)?;
+    }
+    Ok(sum / k as f64)
 }
 
 /// Full sequences (B, seq_len), PAD after the response.
@@ -203,14 +257,23 @@ fn pack(task: &Task, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Vec<u32> {
 }
 
 /// Log-probabilities (B, R) of the response tokens of `seqs` (B, seq_len) under
-/// `params`, by teacher forcing, and the full next-token log-probs (B, R, V).
-fn response_logp(params: &Params, task: &Task, seqs: &Tensor) -> Res<(Tensor, Tensor)> {
+/// softmax(z / `temperature`) of `params`, by teacher forcing, and the full next-token
+/// log-probs (B, R, V).
+fn response_logp(
+    params: &Params,
+    task: &Task,
+    seqs: &Tensor,
+    temperature: f64,
+) -> Res<(Tensor, Tensor)> {
     let s = task.seq_len();
     let (p, r) = (task.prompt_len(), task.response_len());
     let input = seqs.narrow(1, 0, s - 1)?;
     let target = seqs.narrow(1, p, r)?.contiguous()?;
-    let all = params
-        .log_probs(&input)?
+    let mut logits = params.logits(&input)?;
+    if temperature != 1.0 {
+        logits = (logits / temperature)?;
+    }
+    let all = log_softmax(&logits, D::Minus1)?
         .narrow(1, p - 1, r)?
         .contiguous()?;
     let logp = all.gather(&target.unsqueeze(2)?, 2)?.squeeze(2)?;
@@ -277,8 +340,7 @@ pub fn warm_start(
         },
     )?;
     let mut rng = Rng::new(seed, 1);
-    let mut vrng = Rng::new(seed, 2);
-    let valid: Vec<Vec<u32>> = (0..256).map(|_| task.digits(&mut vrng)).collect();
+    let valid = validation_set(task, seed);
     let (batch, max_steps) = (sft.batch, sft.max_steps);
     let mut acc = 0.0;
     for step in 1..=max_steps {
@@ -286,7 +348,7 @@ pub fn warm_start(
         let prompts: Vec<_> = digits.iter().map(|d| task.prompt(d)).collect();
         let answers: Vec<_> = digits.iter().map(|d| task.answer(d)).collect();
         let seqs = Tensor::from_vec(pack(task, &prompts, &answers), (batch, task.seq_len()), dev)?;
-        let (logp, _) = response_logp(&policy.params, task, &seqs)?;
+        let (logp, _) = response_logp(&policy.params, task, &seqs, 1.0)?;
         let loss = logp.mean_all()?.neg()?;
         opt.backward_step(&loss)?;
         if step.is_multiple_of(10) || step == max_steps {
@@ -305,9 +367,24 @@ pub fn warm_start(
     Ok((policy.params.snapshot()?, max_steps, acc))
 }
 
+/// The warm start's validation prompts.
+fn validation_set(task: &Task, seed: u64) -> Vec<Vec<u32>> {
+    let mut vrng = Rng::new(seed, 2);
+    (0..256).map(|_| task.digits(&mut vrng)).collect()
+}
+
+/// The sampled accuracy on the warm start's validation set, as [`warm_start`] measures
+/// it when it decides to stop.
+pub fn validation_accuracy(params: &Params, task: &Task, seed: u64, dev: &Device) -> Res<f64> {
+    let valid = validation_set(task, seed);
+    accuracy(params, task, &valid, Some(&mut Rng::new(seed, 3)), dev)
+}
+
 /// What a run reports when it ends.
 pub struct RunResult {
     pub logs: Vec<IterLog>,
+    /// The run's measurements by response position.
+    pub probe: Probe,
     /// Set when the run stopped early on an error (a non-finite log-prob, say).
     pub error: Option<String>,
 }
@@ -333,6 +410,7 @@ pub fn train(
             Err(e) => {
                 return Ok(RunResult {
                     logs,
+                    probe: run.probe,
                     error: Some(format!("iteration {iter}: {e}")),
                 });
             }
@@ -344,11 +422,16 @@ pub fn train(
         if !finite {
             return Ok(RunResult {
                 logs,
+                probe: run.probe,
                 error: Some(format!("iteration {iter}: non-finite loss or gradient")),
             });
         }
     }
-    Ok(RunResult { logs, error: None })
+    Ok(RunResult {
+        logs,
+        probe: run.probe,
+        error: None,
+    })
 }
 
 /// A run's state between iterations.
@@ -364,9 +447,17 @@ struct Run<'a> {
     shuffle_rng: Rng,
     /// Snapshots of the policy at the start of the last `lag + 1` iterations.
     behind: VecDeque<Params>,
-    /// The gradient buffer, reused every step (`evaluate_into` allocates nothing).
+    /// The crate's per-token outputs, reused every step (`evaluate_into` allocates
+    /// nothing).
     grad: Array2<f32>,
+    divergence: Array2<f32>,
+    threshold: Array2<f32>,
+    reason: Array2<u8>,
     groups: Vec<u64>,
+    /// The held-out prompts, which training prompts never repeat.
+    held_out: HashSet<Vec<u32>>,
+    seed: u64,
+    probe: Probe,
 }
 
 impl<'a> Run<'a> {
@@ -409,7 +500,13 @@ impl<'a> Run<'a> {
             shuffle_rng: Rng::new(seed, 12),
             behind: VecDeque::new(),
             grad: Array2::zeros((b / h.minibatches, h.task.response_len())),
+            divergence: Array2::zeros((b / h.minibatches, h.task.response_len())),
+            threshold: Array2::zeros((b / h.minibatches, h.task.response_len())),
+            reason: Array2::zeros((b / h.minibatches, h.task.response_len())),
             groups: (0..b).map(|i| (i / h.group) as u64).collect(),
+            held_out: eval_set.iter().cloned().collect(),
+            seed,
+            probe: Probe::new(h.task.response_len()),
         })
     }
 
@@ -426,15 +523,33 @@ impl<'a> Run<'a> {
 
         // Sample G answers per prompt and score them with the checker.
         let digits: Vec<Vec<u32>> = (0..h.prompts)
-            .flat_map(|_| std::iter::repeat_n(task.digits(&mut self.prompt_rng), h.group))
+            .flat_map(|_| {
+                let d = loop {
+                    let d = task.digits(&mut self.prompt_rng);
+                    if !self.held_out.contains(&d) {
+                        break d;
+                    }
+                };
+                std::iter::repeat_n(d, h.group)
+            })
             .collect();
         let prompts: Vec<_> = digits.iter().map(|d| task.prompt(d)).collect();
-        let responses = generate(rollout, &task, &prompts, Some(&mut self.sample_rng), dev)?;
-        let rewards: Vec<f64> = digits
-            .iter()
-            .zip(&responses)
-            .map(|(d, o)| task.reward(d, o))
-            .collect();
+        let responses = generate(
+            rollout,
+            &task,
+            &prompts,
+            Some(&mut self.sample_rng),
+            h.tau_mu,
+            dev,
+        )?;
+        let mut rewards = Vec::with_capacity(b);
+        for (d, o) in digits.iter().zip(&responses) {
+            let first_error = task.first_error(d, o);
+            if let Some(t) = first_error {
+                self.probe.add_failure(t);
+            }
+            rewards.push(f64::from(u8::from(first_error.is_none())));
+        }
         let flat_groups = rewards
             .chunks(h.group)
             .filter(|g| g.iter().all(|&x| x == g[0]))
@@ -446,10 +561,10 @@ impl<'a> Run<'a> {
         let adv: Array1<f32> = adv.iter().map(|&a| a as f32).collect();
         let mask = Array2::from_shape_fn((b, r), |(i, j)| j < responses[i].len());
 
-        // logp_old: the rollout policy's log-probs of its own tokens, teacher-forced (as
-        // verl recomputes them), and its entropy for the log.
+        // logp_old: the rollout policy's log-probs of its own tokens at its temperature,
+        // teacher-forced (as verl recomputes them), and its entropy for the log.
         let seqs = Tensor::from_vec(pack(&task, &prompts, &responses), (b, s), dev)?;
-        let (logp_old_t, all_old) = response_logp(rollout, &task, &seqs)?;
+        let (logp_old_t, all_old) = response_logp(rollout, &task, &seqs, h.tau_mu)?;
         let logp_old = to_array2(&logp_old_t)?;
         let ent = to_array2(&(all_old.exp()? * &all_old)?.sum(D::Minus1)?.neg()?)?;
         let n_tok = mask.iter().filter(|&&m| m).count().max(1) as f64;
@@ -465,6 +580,7 @@ impl<'a> Run<'a> {
             iter,
             reward: rewards.iter().sum::<f64>() / b as f64,
             accuracy: f64::NAN,
+            sampled_accuracy: f64::NAN,
             entropy,
             resp_len: n_tok / b as f64,
             flat_groups,
@@ -474,13 +590,14 @@ impl<'a> Run<'a> {
         // Every step after the first trains on data from an older policy.
         let steps = h.steps_per_rollout() as f64;
         let mut rows: Vec<usize> = (0..b).collect();
+        let (mut bypassed_grad, mut total_grad) = (0.0, 0.0);
         for _ in 0..h.epochs {
             self.shuffle_rng.shuffle(&mut rows);
             for idx in rows.chunks(mb) {
                 let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
                 let seqs_mb = seqs.index_select(&Tensor::from_vec(ids, mb, dev)?, 0)?;
                 // 1. The current policy's log-probs of the sampled tokens, tracked.
-                let (logp, _) = response_logp(&self.policy.params, &task, &seqs_mb)?;
+                let (logp, _) = response_logp(&self.policy.params, &task, &seqs_mb, 1.0)?;
                 // 2. A detached host copy; the crate computes the mask, loss and dL/dlogp.
                 let logp_host = to_array2(&logp.detach())?;
                 let logp_old_mb = logp_old.select(Axis(0), idx);
@@ -489,9 +606,26 @@ impl<'a> Run<'a> {
                 let batch = Batch::new(&logp_host, &logp_old_mb, &adv_mb, &mask_mb)?;
                 let out = OutputsMut {
                     grad: Some(self.grad.view_mut()),
+                    divergence: Some(self.divergence.view_mut()),
+                    threshold: Some(self.threshold.view_mut()),
+                    reason: Some(self.reason.view_mut()),
                     ..Default::default()
                 };
                 let summary = evaluate_into(self.cfg, &batch, out, Par::Seq)?;
+                let before = (self.probe.grad_bypassed(), self.probe.grad_total());
+                self.probe.add_step(
+                    &logp_host,
+                    &logp_old_mb,
+                    &mask_mb,
+                    &StepOutputs {
+                        divergence: self.divergence.view(),
+                        threshold: self.threshold.view(),
+                        reason: self.reason.view(),
+                        grad: self.grad.view(),
+                    },
+                );
+                bypassed_grad += self.probe.grad_bypassed() - before.0;
+                total_grad += self.probe.grad_total() - before.1;
                 // 3. grad enters the graph as a constant: d/dlogp sum(grad * logp) = grad.
                 let grad = self.grad.as_slice().expect("a fresh array is contiguous");
                 let g = Tensor::from_slice(grad, (mb, r), dev)?;
@@ -511,8 +645,19 @@ impl<'a> Run<'a> {
                 log.ratio_max = log.ratio_max.max(d.ratio_max);
             }
         }
+        log.bypass_grad_share = bypassed_grad / total_grad;
         if iter.is_multiple_of(h.eval_every.max(1)) || iter == h.iters || iter == 1 {
             log.accuracy = accuracy(&self.policy.params, &task, self.eval_set, None, dev)?;
+            if h.eval_samples > 0 {
+                log.sampled_accuracy = sampled_accuracy(
+                    &self.policy.params,
+                    &task,
+                    self.eval_set,
+                    h.eval_samples,
+                    &mut eval_rng(self.seed, iter),
+                    dev,
+                )?;
+            }
         }
         Ok(log)
     }

@@ -67,3 +67,108 @@ fn trainer_runs_every_rule_end_to_end() {
         assert!(table.contains(&format!("| {rule} |")), "{table}");
     }
 }
+
+/// The running-sum task with a rollout temperature, the shared detached-IS objective,
+/// arms with parameters, a cached shared warm start, and `--analyze` over two cells.
+#[test]
+fn running_sum_cells_and_their_analysis() {
+    let dir = tempfile::tempdir().unwrap();
+    let cell = |name: &str, horizon: &str| {
+        let out = dir.path().join(name);
+        let args = train::Args::parse_from([
+            "train",
+            "--compare",
+            "--task",
+            "sum",
+            "--horizon",
+            horizon,
+            "--rules",
+            "dppo:delta=0.1,cppo_budget,none",
+            "--is-cap",
+            "3",
+            "--tau-mu",
+            "1.1",
+            "--lag",
+            "1",
+            "--seeds",
+            "1,2",
+            "--warm-seed",
+            "7",
+            "--warm-cache",
+            dir.path().join("warm").to_str().unwrap(),
+            "--d-model",
+            "32",
+            "--layers",
+            "1",
+            "--iters",
+            "2",
+            "--eval-every",
+            "1",
+            "--eval-prompts",
+            "16",
+            "--eval-samples",
+            "2",
+            "--prompts",
+            "4",
+            "--minibatches",
+            "2",
+            "--sft-max-steps",
+            "20",
+            "--sft-batch",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        (train::run(args).unwrap(), out)
+    };
+    let (runs, first) = cell("a", "3");
+    assert_eq!(runs.len(), 6);
+    for r in &runs {
+        assert!(r.error.is_none(), "{}: {:?}", r.rule, r.error);
+        let auc = r.sampled_auc();
+        assert!((0.0..=1.0).contains(&auc), "{}: {auc}", r.rule);
+    }
+    // Both seeds share warm start 7, trained once and cached.
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("warm"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1);
+    // The same cell again loads the cached warm start and reproduces every number.
+    let (rerun, _) = cell("a2", "3");
+    for (x, y) in runs.iter().zip(&rerun) {
+        assert_eq!(without_secs(&x.csv()), without_secs(&y.csv()), "{}", x.rule);
+    }
+    let (_, second) = cell("b", "4");
+    let pos = std::fs::read_to_string(first.join("cppo_budget_seed1_pos.csv")).unwrap();
+    assert_eq!(pos.lines().count(), 1 + 4, "{pos}");
+    let analysis = dir.path().join("analysis");
+    let report = train::run(train::Args::parse_from([
+        "train",
+        "--analyze",
+        &format!("{},{}", first.display(), second.display()),
+        "--reference",
+        "dppo:delta=0.1",
+        "--primary",
+        &format!("{}:cppo_budget", second.display()),
+        "--out",
+        analysis.to_str().unwrap(),
+    ]));
+    assert!(report.unwrap().is_empty());
+    let md = std::fs::read_to_string(analysis.join("report.md")).unwrap();
+    assert!(md.contains("primary: not adjusted"), "{md}");
+    assert!(md.contains("| T = 3; sum, lag 1"), "{md}");
+    // Two horizons of one drift group: a slope line per compared arm.
+    assert!(md.contains("| 3, 4 | cppo_budget | 2 |"), "{md}");
+    for svg in ["horizon.svg", "positions.svg"] {
+        let s = std::fs::read_to_string(analysis.join(svg)).unwrap();
+        assert!(s.starts_with("<svg") && s.contains("polyline"), "{svg}");
+    }
+}
+
+/// A run's CSV without its last column (the seconds an iteration took).
+fn without_secs(csv: &str) -> String {
+    csv.lines()
+        .map(|l| l.rsplit_once(',').map_or(l, |(rest, _)| rest))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
