@@ -1,0 +1,85 @@
+#!/bin/sh
+# The running-sum experiment of TRAINING.md, phase by phase. Each line is one cell and
+# runs on its own (cargo build --release -p cppo-train first); a cell writes its
+# CSVs, setting.json and table to its directory under $OUT.
+#
+#   sh train/experiment.sh calibrate   # D's quantiles under no mask, tuning seeds
+#   sh train/experiment.sh tune        # each rule's own parameter, 3 values, tuning seeds
+#   sh train/experiment.sh tune_cppo   # CPPO's delta_b, 3 values, at DPPO's tuned delta
+#   sh train/experiment.sh grid        # the main grid, fresh seeds
+#   sh train/experiment.sh ablations   # the paper's ablations at the longest horizon
+#   sh train/experiment.sh analyze     # the statistics, tables and plots
+#
+# The primary endpoint, fixed before the grid ran: the sampled-accuracy AUC (Avg@4 on
+# 128 held-out prompts, every 5 iterations, iteration 0 included) of CPPO minus DPPO
+# at the longest horizon (T = 16) in the stale setting (lag 4), over seeds 1-20, with
+# its paired 95 % t interval and the exact signed-rank test. Everything else is
+# secondary and Holm-corrected.
+set -eu
+B=${B:-target/release/cppo-train}
+OUT=${OUT:-target/experiment}
+JOBS=${JOBS:-2}
+# Shared by every cell: the running-sum task, 30 iterations, one warm start per horizon
+# (warm seed 1, cached), detached IS with C = 3 (verl's clip_ratio_c) as every arm's
+# objective.
+COMMON="--compare --task sum --iters 30 --is-cap 3 --warm-seed 1 --warm-cache $OUT/warm --jobs $JOBS"
+# The two kinds of drift: staleness (rollouts from the policy 4 iterations back), and a
+# small position-uniform mismatch (rollouts sampled at tau_mu = 1.1, on-policy otherwise).
+STALE="--lag 4"
+MISMATCH="--lag 0 --tau-mu 1.1"
+TUNE_SEEDS=101,102
+SEEDS=1,2,3,4,5,6,7,8,9,10
+PRIMARY_SEEDS=1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20
+
+# The tuned arms (the tune phase's winners, on the tuning seeds only; see TRAINING.md).
+# delta_b is the median of D under no mask (calibrate), with the paper's calibration
+# (P90 of the row's D, within [delta_b, 2 delta_b]).
+GRPO=${GRPO:-grpo}
+DPPO=${DPPO:-dppo}
+CPPO_DELTA=${CPPO_DELTA:-cppo}
+CPPO=${CPPO:-cppo}
+ARMS="none,$GRPO,$DPPO,$CPPO"
+
+case "${1:-}" in
+calibrate)
+    # The first 5 iterations only: D as the warm start's drift makes it, before an
+    # unmasked run drifts away (or collapses).
+    for T in 8 16; do
+        $B $COMMON $STALE --horizon $T --iters 5 --rules none --seeds $TUNE_SEEDS --out $OUT/calibrate_T$T
+    done
+    ;;
+tune)
+    # Three values of each rule's own parameter, at T = 8 (calibrate's D there: P50
+    # 0.0015-0.0024, P90 0.21-0.25, P99 0.69-0.86). GRPO's clip scales both epsilons.
+    $B $COMMON $STALE --horizon 8 --seeds $TUNE_SEEDS --out $OUT/tune_T8 \
+        --rules grpo:eps_low=0.1:eps_high=0.14,grpo,grpo:eps_low=0.3:eps_high=0.42,dppo:delta=0.1,dppo:delta=0.2,dppo:delta=0.4
+    ;;
+tune_cppo)
+    # CPPO's own parameter, delta_b (the calibration's base), at the delta DPPO chose:
+    # the median of D, 5x and 25x it.
+    $B $COMMON $STALE --horizon 8 --seeds $TUNE_SEEDS --out $OUT/tune_cppo_T8 \
+        --rules "$CPPO_DELTA:delta_b=0.002,$CPPO_DELTA:delta_b=0.01,$CPPO_DELTA:delta_b=0.05"
+    ;;
+grid)
+    for T in 4 8; do
+        $B $COMMON $STALE --horizon $T --rules $ARMS --seeds $SEEDS --out $OUT/stale_T$T
+        $B $COMMON $MISMATCH --horizon $T --rules $ARMS --seeds $SEEDS --out $OUT/mismatch_T$T
+    done
+    $B $COMMON $STALE --horizon 16 --rules $ARMS --seeds $PRIMARY_SEEDS --out $OUT/stale_T16
+    $B $COMMON $MISMATCH --horizon 16 --rules $ARMS --seeds $SEEDS --out $OUT/mismatch_T16
+    ;;
+ablations)
+    # CPPO's ablations and TRM-avg, with the tuned CPPO's delta and delta_b.
+    $B $COMMON $STALE --horizon 16 --seeds $SEEDS --out $OUT/ablations_T16 \
+        --rules "$DPPO,$CPPO,${ABLATION_ARMS:?set ABLATION_ARMS}"
+    ;;
+analyze)
+    G=$OUT/stale_T4,$OUT/stale_T8,$OUT/stale_T16,$OUT/mismatch_T4,$OUT/mismatch_T8,$OUT/mismatch_T16
+    $B --analyze "$G" --reference "$DPPO" --primary "$OUT/stale_T16:$CPPO" --out $OUT/analysis
+    $B --analyze "$OUT/ablations_T16" --reference "$CPPO" --out $OUT/analysis_ablations
+    ;;
+*)
+    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|analyze" >&2
+    exit 2
+    ;;
+esac
