@@ -34,10 +34,10 @@ PRIMARY_SEEDS=1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20
 # The tuned arms (the tune phase's winners, on the tuning seeds only; see TRAINING.md).
 # delta_b is the median of D under no mask (calibrate), with the paper's calibration
 # (P90 of the row's D, within [delta_b, 2 delta_b]).
-GRPO=${GRPO:-grpo}
-DPPO=${DPPO:-dppo}
-CPPO_DELTA=${CPPO_DELTA:-cppo}
-CPPO=${CPPO:-cppo}
+GRPO=${GRPO:-grpo:eps_low=0.1:eps_high=0.14}
+DPPO=${DPPO:-dppo:delta=0.1}
+CPPO_DELTA=${CPPO_DELTA:-cppo:delta=0.1}
+CPPO=${CPPO:-cppo:delta=0.1:delta_b=0.002}
 ARMS="none,$GRPO,$DPPO,$CPPO"
 
 case "${1:-}" in
@@ -61,17 +61,21 @@ tune_cppo)
         --rules "$CPPO_DELTA:delta_b=0.002,$CPPO_DELTA:delta_b=0.01,$CPPO_DELTA:delta_b=0.05"
     ;;
 grid)
-    for T in 4 8; do
+    # The primary cell first.
+    $B $COMMON $STALE --horizon 16 --rules $ARMS --seeds $PRIMARY_SEEDS --out $OUT/stale_T16
+    for T in 8 4; do
         $B $COMMON $STALE --horizon $T --rules $ARMS --seeds $SEEDS --out $OUT/stale_T$T
+    done
+    for T in 4 8 16; do
         $B $COMMON $MISMATCH --horizon $T --rules $ARMS --seeds $SEEDS --out $OUT/mismatch_T$T
     done
-    $B $COMMON $STALE --horizon 16 --rules $ARMS --seeds $PRIMARY_SEEDS --out $OUT/stale_T16
-    $B $COMMON $MISMATCH --horizon 16 --rules $ARMS --seeds $SEEDS --out $OUT/mismatch_T16
     ;;
 ablations)
-    # CPPO's ablations and TRM-avg, with the tuned CPPO's delta and delta_b.
+    # CPPO's ablations and TRM-avg, at the tuned CPPO's delta and delta_b, against it.
+    D=delta=0.1
+    DB=delta_b=0.002
     $B $COMMON $STALE --horizon 16 --seeds $SEEDS --out $OUT/ablations_T16 \
-        --rules "$DPPO,$CPPO,${ABLATION_ARMS:?set ABLATION_ARMS}"
+        --rules "$CPPO,cppo_weights:$D,cppo_budget:$D:$DB,cppo_shuffled:$D:$DB,cppo_soft:$D:$DB,trm_avg:$D"
     ;;
 analyze)
     G=$OUT/stale_T4,$OUT/stale_T8,$OUT/stale_T16,$OUT/mismatch_T4,$OUT/mismatch_T8,$OUT/mismatch_T16

@@ -141,7 +141,7 @@ impl Cell {
 
     /// The mean over seeds of a per-position column of `arm`'s `_pos.csv` files.
     fn by_position(&self, arm: &str, column: &str) -> Res<Vec<f64>> {
-        let stem = arm.replace(':', "_").replace('=', "-");
+        let stem = crate::file_stem(arm);
         let mut sum: Vec<f64> = Vec::new();
         let mut count = 0.0;
         for r in self.runs.iter().filter(|r| r.arm == arm) {
@@ -389,6 +389,49 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
     }
     let _ = writeln!(s);
 
+    // By position, at each drift group's longest horizon.
+    let _ = writeln!(
+        s,
+        "## By response position, at each drift group's longest horizon (mean over seeds)\n"
+    );
+    let _ = writeln!(
+        s,
+        "Positions t = 1 … T + 1 (EOS last). D: mean divergence; token / budget: fractions masked by the token threshold and by the prefix budget; bypassed: kept by the corrective bypass; prefix: mean Σ_{{s ≤ t}} (log π − log μ); first error: share of failed rollouts whose first wrong token is at t.\n"
+    );
+    for cs in groups.values() {
+        let Some(c) = cs.iter().max_by_key(|c| c.n()) else {
+            continue;
+        };
+        let len = c.n() as usize + 1;
+        let picks: Vec<usize> = {
+            let mut v = vec![0, len / 4, len / 2, 3 * len / 4, len - 1];
+            v.dedup();
+            v
+        };
+        let _ = writeln!(s, "### {}\n", c.label());
+        let head: Vec<String> = picks.iter().map(|t| format!("t = {}", t + 1)).collect();
+        let _ = writeln!(s, "| arm | quantity | {} |", head.join(" | "));
+        let _ = writeln!(s, "|---|---|{}", "---|".repeat(picks.len()));
+        for arm in c.arms() {
+            for (col, name) in [
+                ("d_mean", "D"),
+                ("masked_token", "token"),
+                ("masked_budget", "budget"),
+                ("bypassed", "bypassed"),
+                ("prefix_log_ratio", "prefix"),
+                ("first_error", "first error"),
+            ] {
+                let v = c.by_position(&arm, col)?;
+                let cells: Vec<String> = picks
+                    .iter()
+                    .map(|&t| v.get(t).map_or("–".into(), |x| format!("{x:.4}")))
+                    .collect();
+                let _ = writeln!(s, "| {arm} | {name} | {} |", cells.join(" | "));
+            }
+        }
+        let _ = writeln!(s);
+    }
+
     std::fs::create_dir_all(plan.out)?;
     std::fs::write(plan.out.join("report.md"), &s)?;
     std::fs::write(plan.out.join("horizon.svg"), horizon_svg(&groups, ep))?;
@@ -551,65 +594,46 @@ fn positions_svg(cells: &[&Cell]) -> Res<String> {
     let (w, h, gap) = (320.0, 240.0, 170.0);
     let mut s = svg_open(
         70.0 + 3.0 * (w + gap),
-        60.0 + cells.len().max(1) as f64 * (h + 90.0),
-        "masking and divergence by response position (mean over seeds)",
+        80.0 + cells.len().max(1) as f64 * (h + 100.0),
+        "masking, divergence and first errors by response position (mean over seeds)",
     );
     for (row, c) in cells.iter().enumerate() {
-        let y0 = 60.0 + row as f64 * (h + 90.0);
-        let mut masked = Vec::new();
-        let mut div = Vec::new();
-        let mut first = Vec::new();
-        let mut dmax: f64 = 0.0;
-        let mut fmax: f64 = 0.0;
+        let y0 = 80.0 + row as f64 * (h + 100.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="70" y="{}" font-size="13">{}</text>"#,
+            y0 - 28.0,
+            xml(&c.label())
+        );
+        // Each arm's values by relative position t / (T + 1).
+        let by_rel = |v: &[f64]| -> Vec<(f64, f64)> {
+            let len = v.len().max(1) as f64;
+            v.iter()
+                .enumerate()
+                .map(|(t, x)| ((t as f64 + 1.0) / len, *x))
+                .collect()
+        };
+        let (mut masked, mut div, mut first) = (Vec::new(), Vec::new(), Vec::new());
         for arm in c.arms() {
             let tok = c.by_position(&arm, "masked_token")?;
             let bud = c.by_position(&arm, "masked_budget")?;
-            let d = c.by_position(&arm, "d_mean")?;
-            let fe = c.by_position(&arm, "first_error")?;
-            let len = tok.len().max(1) as f64;
-            fmax = fe
-                .iter()
-                .copied()
-                .filter(|v| v.is_finite())
-                .fold(fmax, f64::max);
-            first.push((
-                arm.clone(),
-                fe.iter()
-                    .enumerate()
-                    .map(|(t, v)| ((t as f64 + 1.0) / len, *v))
-                    .collect(),
-            ));
-            masked.push((
-                arm.clone(),
-                tok.iter()
-                    .zip(&bud)
-                    .enumerate()
-                    .map(|(t, (a, b))| ((t as f64 + 1.0) / len, a + b))
-                    .collect(),
-            ));
-            dmax = d
-                .iter()
-                .copied()
-                .filter(|v| v.is_finite())
-                .fold(dmax, f64::max);
-            div.push((
-                arm.clone(),
-                d.iter()
-                    .enumerate()
-                    .map(|(t, v)| ((t as f64 + 1.0) / len, *v))
-                    .collect(),
-            ));
+            let both: Vec<f64> = tok.iter().zip(&bud).map(|(a, b)| a + b).collect();
+            masked.push((arm.clone(), by_rel(&both)));
+            div.push((arm.clone(), by_rel(&c.by_position(&arm, "d_mean")?)));
+            first.push((arm.clone(), by_rel(&c.by_position(&arm, "first_error")?)));
         }
-        let mmax = masked
-            .iter()
-            .flat_map(|(_, p): &Series| p.iter().map(|q| q.1))
-            .filter(|v| v.is_finite())
-            .fold(0.0, f64::max);
-        let label = c.label();
+        let top = |series: &[Series]| {
+            series
+                .iter()
+                .flat_map(|(_, p)| p.iter().map(|q| q.1))
+                .filter(|v| v.is_finite())
+                .fold(0.0, f64::max)
+        };
+        let (mmax, dmax, fmax) = (top(&masked), top(&div), top(&first));
         panel(
             &mut s,
             (70.0, y0, w, h),
-            &format!("masked fraction; {label}"),
+            "masked fraction (token threshold + prefix budget)",
             "position t / (T + 1)",
             (0.0, (mmax * 1.1).max(0.01)),
             &masked,

@@ -60,6 +60,17 @@ pub fn config(arm: &str, objective: Option<Objective>) -> Res<Config> {
         let (key, value) = kv
             .split_once('=')
             .ok_or_else(|| format!("arm {arm:?}: {kv:?} is not key=value"))?;
+        // An ablation's defining field stays as the ablation sets it.
+        let fixed = match name {
+            "cppo_weights" => Some("delta_b"),
+            "cppo_budget" => Some("w_min"),
+            "cppo_shuffled" => Some("shuffle_seed"),
+            "cppo_soft" => Some("kind"),
+            _ => None,
+        };
+        if fixed == Some(key) {
+            return Err(format!("arm {arm:?}: {name} fixes {key}; use cppo to set it").into());
+        }
         let value: Value = serde_json::from_str(value)
             .map_err(|e| format!("arm {arm:?}: {key}: {value:?} is not a JSON value: {e}"))?;
         rule.insert(key.into(), value);
@@ -124,6 +135,8 @@ mod tests {
             "dppo:nope=1",
             "nope",
             "cppo:delta=x",
+            "cppo_weights:delta_b=0.1",
+            "cppo_budget:w_min=0.5",
         ] {
             let e = config(bad, None).unwrap_err().to_string();
             assert!(e.contains(bad.split(':').next().unwrap()), "{bad}: {e}");

@@ -293,7 +293,7 @@ fn shared_objective(a: &Args) -> Option<cppo::objective::Objective> {
 }
 
 /// An arm's name as a file name: `dppo:delta=0.1` -> `dppo_delta-0.1`.
-fn file_stem(arm: &str) -> String {
+pub(crate) fn file_stem(arm: &str) -> String {
     arm.replace(':', "_").replace('=', "-")
 }
 
