@@ -80,6 +80,8 @@ ablations)
 analyze)
     G=$OUT/stale_T4,$OUT/stale_T8,$OUT/stale_T16,$OUT/mismatch_T4,$OUT/mismatch_T8,$OUT/mismatch_T16
     $B --analyze "$G" --reference "$DPPO" --primary "$OUT/stale_T16:$CPPO" --out $OUT/analysis
+    # Secondary: every arm against GRPO's clip.
+    $B --analyze "$G" --reference "$GRPO" --out $OUT/analysis_grpo
     $B --analyze "$OUT/ablations_T16" --reference "$CPPO" --out $OUT/analysis_ablations
     ;;
 *)

@@ -118,6 +118,12 @@ impl Cell {
         format!("T = {}; {}", self.n(), self.group())
     }
 
+    /// The horizon and the drift knobs, for tables whose cells share the rest.
+    fn short(&self) -> String {
+        let s = &self.setting;
+        format!("T = {}, lag {}, τ_μ {}", self.n(), s["lag"], s["tau_mu"])
+    }
+
     /// `metric` of `arm`, by seed.
     fn by_seed(&self, arm: &str, metric: &str) -> BTreeMap<u64, f64> {
         self.runs
@@ -287,7 +293,7 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
                     .primary
                     .as_ref()
                     .is_some_and(|(d, a)| same_dir(d, &c.dir) && *a == arm);
-                rows.push((c.label(), arm, p, primary));
+                rows.push((c.short(), arm, p, primary));
             }
         }
     }

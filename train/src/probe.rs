@@ -3,7 +3,7 @@
 //! whether the prefix budget fires after a spike or after a creep of small deviations.
 //!
 //! Every optimizer step adds its minibatch ([`Probe::add_step`]): the crate's per-token
-//! `divergence`, `threshold`, `reason` and `grad` outputs, and the log-probs it was given.
+//! `divergence`, `weight`, `reason` and `grad` outputs, and the log-probs it was given.
 //! Every rollout adds the position of its failed samples' first error
 //! ([`Probe::add_failure`]). [`Probe::csv`] writes one line per position.
 //!
@@ -15,9 +15,9 @@
 //! - `prefix_log_ratio`: the mean over rows of Σ_{s ≤ t} (log π_s − log μ_s), the row's
 //!   sequence-level log-ratio up to t.
 //! - For each row with a budget-masked token, its first one is classed as a **spike** if
-//!   an earlier response token of the row had D_s above its own threshold c_s (so the
-//!   token test had failed before), else as a **creep** (every earlier token passed its
-//!   test, and the budget acted on their sum).
+//!   an earlier response token of the row failed CPPO's token test, w_s D_s > δ (masked,
+//!   or kept by the bypass), else as a **creep** (every earlier token passed the token
+//!   test, and the budget acted on the sum of their small deviations).
 //! - `bypass_grad_share`: Σ |∂L/∂logp| over bypassed tokens over Σ |∂L/∂logp| over all:
 //!   the share of the gradient that comes from tokens the test would have masked.
 //! - `first_error`: over the rollouts' failed samples, the fraction whose first wrong
@@ -47,19 +47,22 @@ pub struct Probe {
     grad_total: f64,
     /// Every response token's D, for the quantiles that calibrate δ and δ_b.
     d_values: Vec<f32>,
+    /// CPPO's δ: a token with w_t D_t above it failed the token test.
+    delta: f64,
 }
 
 /// The crate's per-token outputs of one step that the probe reads.
 pub struct StepOutputs<'a> {
     pub divergence: ArrayView2<'a, f32>,
-    pub threshold: ArrayView2<'a, f32>,
+    pub weight: ArrayView2<'a, f32>,
     pub reason: ArrayView2<'a, u8>,
     pub grad: ArrayView2<'a, f32>,
 }
 
 impl Probe {
-    /// Sums for responses of at most `len` tokens.
-    pub fn new(len: usize) -> Self {
+    /// Sums for responses of at most `len` tokens, under a rule whose token test is
+    /// w_t D_t ≤ `delta` (CPPO's δ; +∞ for the rules without a prefix budget).
+    pub fn new(len: usize, delta: f64) -> Self {
         let z = vec![0.0; len];
         Self {
             tokens: z.clone(),
@@ -76,6 +79,7 @@ impl Probe {
             grad_bypassed: 0.0,
             grad_total: 0.0,
             d_values: Vec::new(),
+            delta,
         }
     }
 
@@ -98,9 +102,9 @@ impl Probe {
                 if !mask[(i, t)] {
                     continue;
                 }
-                let (d, c, r) = (
+                let (d, w, r) = (
                     out.divergence[(i, t)],
-                    out.threshold[(i, t)],
+                    out.weight[(i, t)],
                     out.reason[(i, t)],
                 );
                 let g = f64::from(out.grad[(i, t)].abs());
@@ -125,7 +129,7 @@ impl Probe {
                         self.creep_rows += 1.0;
                     }
                 }
-                failed_before |= d > c;
+                failed_before |= f64::from(w) * f64::from(d) > self.delta;
             }
         }
     }
@@ -221,32 +225,33 @@ mod tests {
 
     #[test]
     fn classes_spike_and_creep_rows_and_sums_by_position() {
-        // Row 0: token 0 fails its test (D 0.5 > c 0.25, reason 3), token 2 is
-        // budget-masked: a spike. Row 1: tokens 0 and 1 pass, token 2 is budget-masked: a
-        // creep. Row 1's token 1 is bypassed with |grad| 3 of the total 2 + 1 + 3 = 6.
+        // δ = 0.25. Row 0: token 0 fails the token test (w D = 0.5 > 0.25, reason 3),
+        // token 2 is budget-masked: a spike. Row 1: no token has w D > 0.25 (token 1's
+        // D = 0.5 has w = 0.25), token 2 is budget-masked: a creep. Row 1's token 1 is
+        // bypassed with |grad| 3 of the total 2 + 1 + 3 = 6.
         let logp = array![[-1.0f32, -1.0, -1.0], [-0.5, -0.5, -0.5]];
         let old = array![[-1.5f32, -1.0, -2.0], [-1.0, -1.0, -1.0]];
         let mask = array![[true, true, true], [true, true, true]];
-        let divergence = array![[0.5f32, 0.0, 0.125], [0.125, 0.125, 0.125]];
-        let threshold = array![[0.25f32, 0.25, 0.25], [0.25, 0.25, 0.25]];
+        let divergence = array![[0.5f32, 0.0, 0.125], [0.125, 0.5, 0.125]];
+        let weight = array![[1.0f32, 1.0, 1.0], [1.0, 0.25, 1.0]];
         let reason = array![[3u8, 1, 4], [1, 2, 4]];
         let grad = array![[0.0f32, 2.0, 0.0], [1.0, -3.0, 0.0]];
-        let mut p = Probe::new(3);
+        let mut p = Probe::new(3, 0.25);
         p.add_step(
             &logp,
             &old,
             &mask,
             &StepOutputs {
                 divergence: divergence.view(),
-                threshold: threshold.view(),
+                weight: weight.view(),
                 reason: reason.view(),
                 grad: grad.view(),
             },
         );
         assert_eq!((p.spike_rows, p.creep_rows), (1.0, 1.0));
         assert_eq!(p.bypass_grad_share(), 3.0 / 6.0);
-        assert_eq!(p.d_mean(), vec![0.3125, 0.0625, 0.125]);
-        // Six D values: 0, 0.125 (x4), 0.5; nearest rank.
+        assert_eq!(p.d_mean(), vec![0.3125, 0.25, 0.125]);
+        // Six D values: 0, 0.125 (x3), 0.5 (x2); nearest rank.
         assert_eq!(
             p.d_quantiles(&[0.1, 0.5, 0.9, 1.0]),
             vec![0.0, 0.125, 0.5, 0.5]
@@ -263,7 +268,7 @@ mod tests {
 
     #[test]
     fn first_error_fractions() {
-        let mut p = Probe::new(4);
+        let mut p = Probe::new(4, f64::INFINITY);
         for t in [0, 2, 2, 3, 9] {
             p.add_failure(t); // 9 is past the response: ignored
         }

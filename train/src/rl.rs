@@ -451,7 +451,7 @@ struct Run<'a> {
     /// nothing).
     grad: Array2<f32>,
     divergence: Array2<f32>,
-    threshold: Array2<f32>,
+    weight: Array2<f32>,
     reason: Array2<u8>,
     groups: Vec<u64>,
     /// The held-out prompts, which training prompts never repeat.
@@ -501,12 +501,15 @@ impl<'a> Run<'a> {
             behind: VecDeque::new(),
             grad: Array2::zeros((b / h.minibatches, h.task.response_len())),
             divergence: Array2::zeros((b / h.minibatches, h.task.response_len())),
-            threshold: Array2::zeros((b / h.minibatches, h.task.response_len())),
+            weight: Array2::zeros((b / h.minibatches, h.task.response_len())),
             reason: Array2::zeros((b / h.minibatches, h.task.response_len())),
             groups: (0..b).map(|i| (i / h.group) as u64).collect(),
             held_out: eval_set.iter().cloned().collect(),
             seed,
-            probe: Probe::new(h.task.response_len()),
+            probe: Probe::new(
+                h.task.response_len(),
+                cfg.rule.cppo_params().map_or(f64::INFINITY, |p| p.delta),
+            ),
         })
     }
 
@@ -607,7 +610,7 @@ impl<'a> Run<'a> {
                 let out = OutputsMut {
                     grad: Some(self.grad.view_mut()),
                     divergence: Some(self.divergence.view_mut()),
-                    threshold: Some(self.threshold.view_mut()),
+                    weight: Some(self.weight.view_mut()),
                     reason: Some(self.reason.view_mut()),
                     ..Default::default()
                 };
@@ -619,7 +622,7 @@ impl<'a> Run<'a> {
                     &mask_mb,
                     &StepOutputs {
                         divergence: self.divergence.view(),
-                        threshold: self.threshold.view(),
+                        weight: self.weight.view(),
                         reason: self.reason.view(),
                         grad: self.grad.view(),
                     },
