@@ -555,13 +555,27 @@ fn svg_open(width: f64, height: f64, title: &str) -> String {
 
 /// The endpoint's mean over seeds against log₂ T, one panel per drift group.
 fn horizon_svg(groups: &BTreeMap<String, Vec<&Cell>>, ep: &str) -> String {
-    let (w, h, gap) = (380.0, 260.0, 200.0);
+    let (w, h, gap) = (380.0, 260.0, 250.0);
     let n = groups.len().max(1) as f64;
     let mut s = svg_open(
         70.0 + n * (w + gap),
         h + 120.0,
         &format!("{ep} (mean over seeds) against the horizon"),
     );
+    // One y range for every panel, from the data, in steps of 0.05.
+    let all: Vec<f64> = groups
+        .values()
+        .flatten()
+        .flat_map(|c| {
+            c.arms()
+                .into_iter()
+                .flat_map(|a| c.by_seed(&a, ep).into_values())
+        })
+        .filter(|v| v.is_finite())
+        .collect();
+    let lo = (all.iter().copied().fold(f64::INFINITY, f64::min) * 20.0).floor() / 20.0;
+    let hi = (all.iter().copied().fold(f64::NEG_INFINITY, f64::max) * 20.0).ceil() / 20.0;
+    let range = if hi > lo { (lo, hi) } else { (0.0, 1.0) };
     for (k, (g, cs)) in groups.iter().enumerate() {
         let arms = cs[0].arms();
         let series: Vec<Series> = arms
@@ -585,7 +599,7 @@ fn horizon_svg(groups: &BTreeMap<String, Vec<&Cell>>, ep: &str) -> String {
             (70.0 + k as f64 * (w + gap), 60.0, w, h),
             g,
             "log₂ T",
-            (0.0, 1.0),
+            range,
             &series,
         );
     }
@@ -597,7 +611,7 @@ fn horizon_svg(groups: &BTreeMap<String, Vec<&Cell>>, ep: &str) -> String {
 /// failed rollouts by response position (as a fraction of the response), mean over
 /// seeds, at each group's longest horizon.
 fn positions_svg(cells: &[&Cell]) -> Res<String> {
-    let (w, h, gap) = (320.0, 240.0, 170.0);
+    let (w, h, gap) = (320.0, 240.0, 250.0);
     let mut s = svg_open(
         70.0 + 3.0 * (w + gap),
         80.0 + cells.len().max(1) as f64 * (h + 100.0),

@@ -63,7 +63,7 @@ use task::{Kind, Task};
 /// The example's error type: candle's, the crate's, I/O and messages alike.
 pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-/// A small RLVR trainer (sorting digits) that learns with cppo's losses.
+/// A small RLVR trainer (sorting digits, or their running sums) that learns with cppo's losses.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "train", args_override_self = true)]
 pub struct Args {

@@ -27,31 +27,33 @@ pub struct RunSummary {
 pub const FINAL_WINDOW: usize = 5;
 
 impl RunSummary {
-    fn evals(&self) -> Vec<f64> {
-        self.logs
-            .iter()
-            .map(|l| l.accuracy)
-            .filter(|a| !a.is_nan())
-            .collect()
+    /// One evaluation series of the run (greedy or sampled accuracy), where evaluated.
+    fn series(&self, of: fn(&IterLog) -> f64) -> Vec<f64> {
+        self.logs.iter().map(of).filter(|a| !a.is_nan()).collect()
     }
 
-    /// Mean greedy accuracy over the last `FINAL_WINDOW` (5) evaluations; 0 for a run
-    /// that ended on an error (its policy is unusable).
-    pub fn final_accuracy(&self) -> f64 {
-        if self.error.is_some() {
-            return 0.0;
-        }
-        let e = self.evals();
-        let tail = &e[e.len().saturating_sub(FINAL_WINDOW)..];
-        tail.iter().sum::<f64>() / tail.len().max(1) as f64
+    fn evals(&self) -> Vec<f64> {
+        self.series(|l| l.accuracy)
     }
 
     fn sampled_evals(&self) -> Vec<f64> {
-        self.logs
-            .iter()
-            .map(|l| l.sampled_accuracy)
-            .filter(|a| !a.is_nan())
-            .collect()
+        self.series(|l| l.sampled_accuracy)
+    }
+
+    /// The mean of a series' last `FINAL_WINDOW` values (NaN for none); 0 for a run that
+    /// ended on an error (its policy is unusable).
+    fn final_of(&self, e: &[f64]) -> f64 {
+        if self.error.is_some() {
+            return 0.0;
+        }
+        let tail = &e[e.len().saturating_sub(FINAL_WINDOW)..];
+        tail.iter().sum::<f64>() / tail.len() as f64
+    }
+
+    /// Mean greedy accuracy over the last `FINAL_WINDOW` (5) evaluations; 0 for a run
+    /// that ended on an error.
+    pub fn final_accuracy(&self) -> f64 {
+        self.final_of(&self.evals())
     }
 
     /// Mean sampled accuracy (Avg@k) over all evaluations, iteration 0 included: the
@@ -69,12 +71,7 @@ impl RunSummary {
     /// Mean sampled accuracy over the last `FINAL_WINDOW` evaluations; 0 for a run that
     /// ended on an error.
     pub fn sampled_final(&self) -> f64 {
-        if self.error.is_some() {
-            return 0.0;
-        }
-        let e = self.sampled_evals();
-        let tail = &e[e.len().saturating_sub(FINAL_WINDOW)..];
-        tail.iter().sum::<f64>() / tail.len() as f64
+        self.final_of(&self.sampled_evals())
     }
 
     /// The best greedy accuracy seen.
