@@ -156,7 +156,11 @@ fn running_sum_cells_and_their_analysis() {
     assert!(report.unwrap().is_empty());
     let md = std::fs::read_to_string(analysis.join("report.md")).unwrap();
     assert!(md.contains("primary: not adjusted"), "{md}");
-    assert!(md.contains("| T = 3; sum, lag 1"), "{md}");
+    assert!(md.contains("### T = 3; sum, lag 1, τ_μ 1.1"), "{md}");
+    assert!(
+        md.contains("| T = 4, lag 1, τ_μ 1.1 | **cppo_budget** | 2 |"),
+        "{md}"
+    );
     // Two horizons of one drift group: a slope line per compared arm.
     assert!(md.contains("| 3, 4 | cppo_budget | 2 |"), "{md}");
     for svg in ["horizon.svg", "positions.svg"] {
