@@ -25,16 +25,25 @@
 //! that moves back keeps its gradient. The [`preset`] module has the
 //! paper's other settings and the official implementations' defaults.
 //!
+//! With the `json` feature, [`Config::from_json`], [`Config::from_json_file`] and
+//! `str::parse` read one; without it, any serde format does (here `serde_json`). A rule or
+//! an objective may be given by its kind alone (`"rule": "dppo"`, `"objective":
+//! "ppo_clip"`), and an unknown field or name is refused with the closest valid one when
+//! one is close (`token_mean` → `token-mean`, `detla` → `delta`).
+//!
 //! ```
 //! use cppo::Config;
 //! let json = r#"{"divergence": "binary_tv", "rule": {"kind": "cppo", "delta_b": null}}"#;
-//! # let parse = |s: &str| serde_json::from_str::<Config>(s);
+//! let parse = |s: &str| serde_json::from_str::<Config>(s);
 //! let cfg: Config = parse(json).unwrap();
 //! assert_eq!(cfg.rule.cppo_params().unwrap().delta_b, None);
 //! // Unknown fields and bad values are refused at parse time:
 //! assert!(parse(r#"{"rule": {"kind": "dppo", "detla": 0.1}}"#).is_err());
 //! let err = parse(r#"{"rule": {"kind": "dppo", "delta": -1}}"#).unwrap_err();
 //! assert!(err.to_string().contains("rule.delta"));
+//! let err = parse(r#"{"aggregation": "token_mean"}"#).unwrap_err();
+//! assert!(err.to_string().contains("did you mean `token-mean`?"));
+//! assert_eq!(parse(r#"{"rule": "dppo"}"#).unwrap(), Config::dppo());
 //! // A preset, with an override:
 //! let verl = parse(r#"{"preset": "verl_pr6731", "aggregation": "seq-mean-token-mean"}"#).unwrap();
 //! assert_eq!(verl.objective, cppo::Objective::DetachedIs { ratio_cap: 3.0 });
@@ -48,6 +57,7 @@ use crate::error::{Error, Result};
 use crate::objective::{KlPenalty, Objective};
 use crate::rule::{DEFAULT_DELTA, DEFAULT_EPS_HIGH, DEFAULT_EPS_LOW, Rule};
 
+mod hint;
 pub mod preset;
 
 use preset::Preset;
@@ -91,6 +101,34 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 
 /// The wire form: every field optional, so that a preset's values stay where a field
 /// is absent. `Config` converts from it and checks.
+/// An objective object, or its kind alone (`"surrogate"` for `{"kind": "surrogate"}`), as
+/// a rule may be given by its kind.
+fn objective_or_kind<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Objective>, D::Error> {
+    struct ObjectiveVisitor;
+    impl<'de> serde::de::Visitor<'de> for ObjectiveVisitor {
+        type Value = Objective;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(
+                "an objective object such as {\"kind\": \"ppo_clip\"}, or an objective kind",
+            )
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Objective, E> {
+            use serde::de::IntoDeserializer;
+            let kind = std::iter::once(("kind", s.into_deserializer()));
+            Objective::deserialize(serde::de::value::MapDeserializer::<_, E>::new(kind))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            map: A,
+        ) -> std::result::Result<Objective, A::Error> {
+            Objective::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(ObjectiveVisitor).map(Some)
+}
+
 #[derive(Deserialize)]
 #[serde(rename = "Config", deny_unknown_fields)]
 struct ConfigRepr {
@@ -100,7 +138,7 @@ struct ConfigRepr {
     divergence: Option<Divergence>,
     #[serde(default)]
     rule: Option<Rule>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objective_or_kind")]
     objective: Option<Objective>,
     #[serde(default)]
     aggregation: Option<Aggregation>,
@@ -134,24 +172,102 @@ impl TryFrom<ConfigRepr> for Config {
 }
 
 impl<'de> Deserialize<'de> for Config {
-    /// Reads an object (not an array: serde would otherwise read a struct from a
-    /// sequence of its fields), then checks every value.
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct Object;
         impl<'de> serde::de::Visitor<'de> for Object {
-            type Value = ConfigRepr;
+            type Value = Config;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a config object")
             }
+            // The values are checked here, inside the format's map, so that a format that
+            // tracks positions (serde_json) gives the error one.
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 map: A,
-            ) -> std::result::Result<ConfigRepr, A::Error> {
-                ConfigRepr::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            ) -> std::result::Result<Config, A::Error> {
+                let repr =
+                    ConfigRepr::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                        .map_err(|e| match hint::with_hint(&e.to_string()) {
+                            Some(m) => serde::de::Error::custom(m),
+                            None => e,
+                        })?;
+                Config::try_from(repr).map_err(serde::de::Error::custom)
             }
         }
-        let repr = d.deserialize_map(Object)?;
-        Self::try_from(repr).map_err(serde::de::Error::custom)
+        d.deserialize_map(Object)
+    }
+}
+
+/// Reading a config from JSON text (feature `json`).
+#[cfg(feature = "json")]
+impl Config {
+    /// Reads a config from JSON text, in the schema of
+    /// [the command-line contract](crate::doc::command_line): omitted fields take their
+    /// defaults, and every value is checked. A rule or an objective may be given by its
+    /// kind alone (`"rule": "dppo"`). An unknown field or name is refused with the closest
+    /// valid one when one is close.
+    ///
+    /// ```
+    /// use cppo::{Config, Error};
+    /// let cfg = Config::from_json(r#"{"rule": {"kind": "dppo", "delta": 0.2}}"#)?;
+    /// assert_eq!(cfg.rule, cppo::Rule::Dppo { delta: 0.2 });
+    /// // `str::parse` does the same.
+    /// let cfg: Config = r#"{"preset": "verl_pr6731", "rule": "dppo"}"#.parse()?;
+    /// assert_eq!(cfg.rule.name(), "dppo");
+    ///
+    /// let err = Config::from_json(r#"{"aggregation": "token_mean"}"#).unwrap_err();
+    /// assert!(err.to_string().contains("did you mean `token-mean`?"), "{err}");
+    /// assert!(matches!(err, Error::ConfigParse { line: 1, .. }));
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
+    pub fn from_json(text: &str) -> Result<Self> {
+        Self::parse_json(text, None)
+    }
+
+    /// Reads a config from a JSON file, as [`Config::from_json`]; the errors name the
+    /// file.
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join(format!("cppo-doc-{}.json", std::process::id()));
+    /// std::fs::write(&path, r#"{"rule": "cppo", "objective": "detached_is"}"#).unwrap();
+    /// let cfg = cppo::Config::from_json_file(&path)?;
+    /// assert_eq!(cfg.objective, cppo::Objective::DetachedIs { ratio_cap: 10.0 });
+    /// std::fs::remove_file(&path).unwrap();
+    /// assert!(matches!(cppo::Config::from_json_file(&path), Err(cppo::Error::Io { .. })));
+    /// # Ok::<(), cppo::Error>(())
+    /// ```
+    pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        Self::parse_json(&text, Some(shown))
+    }
+
+    fn parse_json(text: &str, path: Option<String>) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::ConfigParse {
+            path,
+            message: hint::strip_position(&e.to_string()).to_string(),
+            line: e.line(),
+            column: e.column(),
+        })
+    }
+}
+
+/// [`Config::from_json`] as [`str::parse`] (feature `json`).
+///
+/// ```
+/// let cfg: cppo::Config = "{}".parse()?;
+/// assert_eq!(cfg, cppo::Config::cppo());
+/// # Ok::<(), cppo::Error>(())
+/// ```
+#[cfg(feature = "json")]
+impl std::str::FromStr for Config {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        Self::from_json(text)
     }
 }
 

@@ -209,6 +209,28 @@ pub enum Error {
         /// The count in this batch.
         local: u64,
     },
+    /// A config's text could not be read as a config: bad JSON, an unknown field or
+    /// name (with a "did you mean" when one is close), or a value out of range. From
+    /// [`Config::from_json`](crate::Config::from_json) (feature `json`).
+    #[error("config{}: {message} (line {line}, column {column})", .path.as_deref().map(|p| format!(" {p}")).unwrap_or_default())]
+    ConfigParse {
+        /// The file the text came from, if it came from one.
+        path: Option<String>,
+        /// What is wrong, naming the field.
+        message: String,
+        /// 1-based line of the text where reading stopped.
+        line: usize,
+        /// 1-based column of the text where reading stopped.
+        column: usize,
+    },
+    /// A file could not be read ([`Config::from_json_file`](crate::Config::from_json_file)).
+    #[error("cannot read {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's message.
+        message: String,
+    },
 }
 
 // A compile-time check: errors can cross threads and be boxed into `anyhow`-style errors.

@@ -149,6 +149,8 @@ pub mod advantage;
 pub mod aggregate;
 pub mod batch;
 pub mod budget;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod chunk;
 pub mod config;
 pub mod divergence;

@@ -434,3 +434,131 @@ fn presets_round_trip() {
         assert_eq!(parse(&s).unwrap(), cfg, "{s}");
     }
 }
+
+/// An unknown name gets the closest valid one, when one is close, for every kind of name
+/// the schema has; a far one gets none.
+#[test]
+fn unknown_names_suggest_the_closest() {
+    for (s, hint) in [
+        (r#"{"aggregation": "token_mean"}"#, "`token-mean`"),
+        (
+            r#"{"aggregation": "Seq-Mean-Token-Sum"}"#,
+            "`seq-mean-token-sum`",
+        ),
+        (r#"{"divergence": "binary-tv"}"#, "`binary_tv`"),
+        (r#"{"divergance": "binary_tv"}"#, "`divergence`"),
+        (r#"{"rule": {"kind": "cpo"}}"#, "`cppo`"),
+        (r#"{"rule": {"kind": "cppo", "detla": 0.1}}"#, "`delta`"),
+        (
+            r#"{"rule": {"kind": "cppo", "positions": "columns"}}"#,
+            "`column`",
+        ),
+        (r#"{"objective": {"kind": "ppo-clip"}}"#, "`ppo_clip`"),
+        (r#"{"objective": "detached-is"}"#, "`detached_is`"),
+        (r#"{"kl": {"estimator": "K3", "coef": 0.1}}"#, "`k3`"),
+    ] {
+        let err = parse(s).expect_err(s).to_string();
+        assert!(err.contains(&format!("did you mean {hint}?")), "{s}: {err}");
+        // The position is serde_json's, once.
+        assert_eq!(err.matches(" at line ").count(), 1, "{s}: {err}");
+    }
+    for s in [
+        r#"{"divergence": "entropy"}"#,
+        r#"{"rule": {"kind": "gspo"}}"#,
+    ] {
+        let err = parse(s).expect_err(s).to_string();
+        assert!(
+            err.contains("unknown") && !err.contains("did you mean"),
+            "{s}: {err}"
+        );
+    }
+}
+
+/// A rule or an objective given by its kind alone takes that kind's defaults.
+#[test]
+fn kinds_alone_stand_for_their_defaults() {
+    assert_eq!(parse(r#"{"rule": "dppo"}"#).unwrap(), Config::dppo());
+    assert_eq!(parse(r#"{"rule": "ratio"}"#).unwrap(), Config::grpo());
+    let o = |s: &str| {
+        parse(&format!(r#"{{"objective": {s}}}"#))
+            .unwrap()
+            .objective
+    };
+    assert_eq!(o(r#""surrogate""#), Objective::Surrogate);
+    assert_eq!(o(r#""detached_is""#), o(r#"{"kind": "detached_is"}"#));
+    assert_eq!(o(r#""ppo_clip""#), o(r#"{"kind": "ppo_clip"}"#));
+    assert_eq!(o(r#""minpro""#), o(r#"{"kind": "minpro"}"#));
+    let err = parse(r#"{"objective": 3}"#).unwrap_err().to_string();
+    assert!(err.contains("an objective kind"), "{err}");
+}
+
+#[cfg(feature = "json")]
+mod from_json {
+    use cppo::{Config, Error};
+
+    #[test]
+    fn text_and_files_read_as_serde_does() {
+        let s = r#"{"preset": "paper_kl", "aggregation": "seq-mean-token-mean"}"#;
+        let want: Config = serde_json::from_str(s).unwrap();
+        assert_eq!(Config::from_json(s).unwrap(), want);
+        assert_eq!(s.parse::<Config>().unwrap(), want);
+        let dir = tempfile_dir();
+        let path = dir.join("cfg.json");
+        std::fs::write(&path, s).unwrap();
+        assert_eq!(Config::from_json_file(&path).unwrap(), want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_carry_the_position_and_the_file() {
+        let text = "{\n  \"rule\": {\"kind\": \"dppo\", \"delta\": -1}\n}";
+        match Config::from_json(text).unwrap_err() {
+            Error::ConfigParse {
+                path: None,
+                message,
+                line,
+                column,
+            } => {
+                assert!(message.contains("rule.delta"), "{message}");
+                assert!(!message.contains(" at line "), "{message}");
+                // Values are checked when the config object is complete: at its end.
+                assert_eq!((line, column), (3, 1));
+            }
+            e => panic!("{e:?}"),
+        }
+        let dir = tempfile_dir();
+        let path = dir.join("bad.json");
+        std::fs::write(&path, "{\"aggregation\": \"token_mean\"}").unwrap();
+        let err = Config::from_json_file(&path).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("config {}: ", path.display())),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("did you mean `token-mean`?") && shown.ends_with("(line 1, column 29)"), /* the closing brace */
+            "{shown}"
+        );
+        let missing = dir.join("absent.json");
+        assert!(
+            matches!(Config::from_json_file(&missing), Err(Error::Io { path, .. }) if path.ends_with("absent.json"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(
+            Config::from_json("{"),
+            Err(Error::ConfigParse { .. })
+        ));
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "cppo-config-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
