@@ -90,6 +90,22 @@ impl<'a, F, S: Data<Elem = F>> From<&'a ArrayBase<S, Ix1>> for Advantages<'a, F>
     }
 }
 
+/// A reference to a reference, as a function that holds `adv: &Array1<f32>` writes
+/// `Batch::new(.., &adv, ..)`.
+impl<'a, F, S: Data<Elem = F>> From<&&'a ArrayBase<S, Ix2>> for Advantages<'a, F> {
+    fn from(a: &&'a ArrayBase<S, Ix2>) -> Self {
+        Self::PerToken(a.view())
+    }
+}
+
+/// A reference to a reference, as a function that holds `adv: &Array1<f32>` writes
+/// `Batch::new(.., &adv, ..)`.
+impl<'a, F, S: Data<Elem = F>> From<&&'a ArrayBase<S, Ix1>> for Advantages<'a, F> {
+    fn from(a: &&'a ArrayBase<S, Ix1>) -> Self {
+        Self::PerRow(a.view())
+    }
+}
+
 macro_rules! define_masks {
     (; $($v:ident: $t:ty,)*) => {
         /// The response mask, in any of the element types trainers use: `bool`, an
@@ -135,6 +151,11 @@ macro_rules! define_masks {
             }
             impl<'a, 'b> From<&'a ArrayView2<'b, $t>> for Mask<'a> {
                 fn from(a: &'a ArrayView2<'b, $t>) -> Self {
+                    Self::$v(a.view())
+                }
+            }
+            impl<'a> From<&&'a Array2<$t>> for Mask<'a> {
+                fn from(a: &&'a Array2<$t>) -> Self {
                     Self::$v(a.view())
                 }
             }

@@ -1463,3 +1463,45 @@ fn layouts_are_what_they_claim() {
             .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
     }
 }
+
+/// A helper that holds its arrays by reference passes `&adv` and `&mask`, references to
+/// references: they are accepted and read the same arrays.
+#[test]
+#[allow(clippy::needless_borrows_for_generic_args)] // the borrows are what is tested
+fn references_to_references_are_accepted() {
+    fn step(
+        logp: &Array2<f32>,
+        adv: &Array1<f32>,
+        adv_tok: &Array2<f32>,
+        mask: &Array2<i64>,
+    ) -> (f64, f64) {
+        let by_row = Batch::new(logp, logp, &adv, &mask).unwrap();
+        let by_tok = Batch::new(logp, logp, &adv_tok, &mask).unwrap();
+        let l = |b: &Batch<'_, f32>| evaluate(&Config::cppo(), b, Par::Seq).unwrap().loss;
+        (l(&by_row), l(&by_tok))
+    }
+    let logp = Array2::from_shape_fn((2, 3), |(i, j)| -0.2 - 0.1 * (i + 2 * j) as f32);
+    let adv = Array1::from(vec![1.0f32, -2.0]);
+    let adv_tok = Array2::from_shape_fn((2, 3), |(i, _)| adv[i]);
+    let mask = Array2::from_shape_vec((2, 3), vec![1i64, 1, 0, 1, 0, 0]).unwrap();
+    let (row, tok) = step(&logp, &adv, &adv_tok, &mask);
+    // On-policy, the surrogate −ρA has value −A per token: (−1 − 1 + 2) / 3 tokens.
+    assert_eq!(row, 0.0);
+    assert_eq!(tok, row);
+    let lp2 = logp.mapv(|x| x - 0.01);
+    let direct = evaluate(
+        &Config::dppo(),
+        &Batch::new(&lp2, &logp, &adv, &mask).unwrap(),
+        Par::Seq,
+    )
+    .unwrap();
+    let adv_ref = &adv;
+    let mask_ref = &mask;
+    let twice = evaluate(
+        &Config::dppo(),
+        &Batch::new(&lp2, &logp, &adv_ref, &mask_ref).unwrap(),
+        Par::Seq,
+    )
+    .unwrap();
+    assert_eq!(direct.loss.to_bits(), twice.loss.to_bits());
+}
