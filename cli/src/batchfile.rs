@@ -31,6 +31,19 @@
 //! Which arrays are read depends on the configs: the top-K pair only when a config's
 //! divergence needs it, `logp_ref` only when a config has a KL penalty; `is_weights`
 //! whenever the file holds it (it multiplies every objective). Others are ignored.
+//!
+//! # Array names
+//!
+//! `--names` ([`Names`]) says which names the file's arrays go by: the crate's
+//! (`logp`, `logp_old`, ...; the default), verl's or TRL's. [`NAME_TABLE`] is the one
+//! table of them: for each array, the names each trainer gives it, looked for in order
+//! (the first the file holds is read); an array a trainer has no name for keeps the
+//! crate's. A missing array is one line that also lists what the file holds (each
+//! array's shape and dtype, from its header alone) and, when the names the file uses
+//! say how, what to do: rerun with `--names verl` or `--names trl`, name positional
+//! arrays (`arr_0`, `arr_1`, ...) with keyword arguments, or save the batch under the
+//! crate's names. Errors about values name the crate's arrays; under `--names verl` or
+//! `trl` they say which of the file's arrays each was read from.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -47,9 +60,372 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::failure::{Failure, chain};
 use crate::npz::{
-    ALWAYS, Declared, Dtype, Input, NpyFloat, OwnedAdvantages, OwnedMask, Role, check_data_len,
-    one_float_type, regular_file,
+    ALWAYS, Declared, Dtype, Found, Input, NpyFloat, OwnedAdvantages, OwnedMask, Role, Want,
+    check_data_len, dtype_fix, one_float_type, regular_file,
 };
+
+// ---------------------------------------------------------------------------------------
+// Array names
+// ---------------------------------------------------------------------------------------
+
+/// `--names`: the convention the file's array names follow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Names {
+    /// The crate's: logp, logp_old, advantages, mask, topk_logp_old, topk_logp, logp_ref,
+    /// is_weights.
+    #[default]
+    Crate,
+    /// verl's batch keys (DataProto): old_log_probs, response_mask, ref_log_prob, ...
+    Verl,
+    /// TRL GRPOTrainer's: per_token_logps, old_per_token_logps, completion_mask, ...
+    Trl,
+}
+
+impl Names {
+    const ALL: [Self; 3] = [Self::Crate, Self::Verl, Self::Trl];
+
+    /// The value of `--names`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Crate => "crate",
+            Self::Verl => "verl",
+            Self::Trl => "trl",
+        }
+    }
+
+    /// The names an array of the crate (`logp`, ...) is looked for under, in order.
+    pub fn candidates(self, array: &str) -> &'static [&'static str] {
+        let Some(row) = NAME_TABLE.iter().find(|r| r.array == array) else {
+            return &[];
+        };
+        let names = match self {
+            Self::Crate => &[][..],
+            Self::Verl => row.verl,
+            Self::Trl => row.trl,
+        };
+        if names.is_empty() {
+            std::slice::from_ref(&row.array)
+        } else {
+            names
+        }
+    }
+
+    /// The name the file holds `array` under, if it holds it.
+    fn find(self, src: &impl Source, array: &str) -> Option<&'static str> {
+        self.candidates(array).iter().copied().find(|n| src.has(n))
+    }
+
+    /// Whether `name` is one of this convention's names.
+    fn uses(self, name: &str) -> bool {
+        NAME_TABLE
+            .iter()
+            .any(|r| self.candidates(r.array).contains(&name))
+    }
+}
+
+/// One array the tool reads: the crate's name, and the names verl and TRL give it, in
+/// the order they are looked for (empty: the trainer has none, the crate's is used).
+#[derive(Debug)]
+pub struct NameRow {
+    pub array: &'static str,
+    pub verl: &'static [&'static str],
+    pub trl: &'static [&'static str],
+}
+
+/// The names of every array the tool reads, by convention: the one table `--names`
+/// reads, the hints of a missing array and `--names`' help are made from.
+///
+/// verl: the batch keys `DataParallelPPOActor.update_policy` (`dp_actor.py`) reads:
+/// `old_log_probs` (the actor's recomputed log-probs, the anchor of verl's own clip; in
+/// bypass mode verl sets it to the rollout engine's `rollout_log_probs`), `advantages`,
+/// `response_mask`, `ref_log_prob`, `rollout_is_weights`, `rollout_log_probs`; the current
+/// log-probs are `log_prob` there (`outputs["log_probs"]`). `rollout_log_probs` (μ, the
+/// inference engine's log-probs, recorded with `rollout.calculate_log_probs=True`) is
+/// read as `logp_old` only when the file has no `old_log_probs`: with both, the trust
+/// region is anchored where verl anchors its own. To anchor on the rollout engine's
+/// log-probs instead, dump `rollout_log_probs` without `old_log_probs`.
+///
+/// TRL: the keys of `GRPOTrainer._compute_loss`'s `inputs` (`old_per_token_logps`,
+/// `completion_mask`, `advantages`, `ref_per_token_logps`, and vLLM's
+/// `sampling_per_token_logps`, read as `logp_old` only without `old_per_token_logps`)
+/// and its local `per_token_logps`.
+pub static NAME_TABLE: [NameRow; 8] = [
+    NameRow {
+        array: "logp",
+        verl: &["log_prob", "log_probs"],
+        trl: &["per_token_logps"],
+    },
+    NameRow {
+        array: "logp_old",
+        verl: &["old_log_probs", "old_log_prob", "rollout_log_probs"],
+        trl: &["old_per_token_logps", "sampling_per_token_logps"],
+    },
+    NameRow {
+        array: "advantages",
+        verl: &["advantages"],
+        trl: &["advantages"],
+    },
+    NameRow {
+        array: "mask",
+        verl: &["response_mask"],
+        trl: &["completion_mask"],
+    },
+    NameRow {
+        array: "topk_logp_old",
+        verl: &[],
+        trl: &[],
+    },
+    NameRow {
+        array: "topk_logp",
+        verl: &[],
+        trl: &[],
+    },
+    NameRow {
+        array: "logp_ref",
+        verl: &["ref_log_prob"],
+        trl: &["ref_per_token_logps"],
+    },
+    NameRow {
+        array: "is_weights",
+        verl: &["rollout_is_weights"],
+        trl: &[],
+    },
+];
+
+/// The four arrays every config reads.
+const REQUIRED: [&str; 4] = ["logp", "logp_old", "advantages", "mask"];
+
+/// `--names`' long help, made from [`NAME_TABLE`].
+pub fn names_help() -> String {
+    let mut help = String::from(
+        "The names the batch file's arrays go by: crate (the default: logp, logp_old, \
+         advantages, mask, ...), verl (verl's batch keys) or trl (TRL GRPOTrainer's). \
+         Where several names are given, the first the file holds is read; an array a \
+         trainer has no name for keeps the crate's name.\n",
+    );
+    for row in &NAME_TABLE {
+        let list = |n: Names| Names::candidates(n, row.array).join(" | ");
+        help.push_str(&format!(
+            "\n  {:<14} verl: {}; trl: {}",
+            row.array,
+            list(Names::Verl),
+            list(Names::Trl)
+        ));
+    }
+    help
+}
+
+/// How arrays are looked up: under which convention's names.
+#[derive(Clone, Copy, Debug)]
+struct Lookup {
+    names: Names,
+}
+
+/// The most arrays a missing-array message lists.
+const MAX_LISTED: usize = 12;
+
+/// A name for a message: at most 64 characters.
+fn shown(name: &str) -> String {
+    if name.chars().count() <= 64 {
+        name.to_string()
+    } else {
+        let head: String = name.chars().take(61).collect();
+        format!("{head}...")
+    }
+}
+
+/// A shape as Python spells it: `(2, 6)`, `(2,)`, `()`.
+fn py_shape(shape: &[usize]) -> String {
+    match shape {
+        [n] => format!("({n},)"),
+        _ => {
+            let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+            format!("({})", dims.join(", "))
+        }
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn or_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// How the file would be saved with the crate's names.
+fn save_hint(format: Format) -> &'static str {
+    match format {
+        Format::Npz => "np.savez(path, logp=..., logp_old=..., advantages=..., mask=...)",
+        Format::Safetensors => {
+            "safetensors.torch.save_file({\"logp\": ..., \"logp_old\": ..., \
+             \"advantages\": ..., \"mask\": ...}, path)"
+        }
+    }
+}
+
+/// Whether a name is one numpy gives a positional argument of `np.savez`.
+fn positional(name: &str) -> bool {
+    name.strip_prefix("arr_")
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What to do about a missing `array`, given the names the file holds.
+fn missing_hint(held: &[String], lookup: Lookup, array: &str, format: Format) -> Option<String> {
+    let has = |n: &str| held.iter().any(|h| h == n);
+    let resolves = |c: Names, a: &str| c.candidates(a).iter().any(|n| has(n));
+    // Another convention under which this array and the four required ones are found,
+    // the one most of whose own names the file holds.
+    let convention = Names::ALL
+        .into_iter()
+        .filter(|&c| c != lookup.names)
+        .filter(|&c| resolves(c, array) && REQUIRED.iter().all(|a| resolves(c, a)))
+        .map(|c| {
+            let own: Vec<&str> = held
+                .iter()
+                .map(String::as_str)
+                .filter(|n| c.uses(n) && !lookup.names.uses(n))
+                .collect();
+            (c, own)
+        })
+        .filter(|(_, own)| !own.is_empty())
+        .max_by_key(|(c, own)| (own.len(), std::cmp::Reverse(*c as u8)));
+    if let Some((c, own)) = convention {
+        let more = if own.len() > 3 { ", ..." } else { "" };
+        let own: Vec<String> = own.iter().take(3).map(|n| shown(n)).collect();
+        let own = format!("({}{more})", own.join(", "));
+        return Some(match c {
+            Names::Crate => {
+                format!("the file uses cppo's own names {own}: rerun without --names")
+            }
+            _ => format!(
+                "the file looks like a {} dump {own}: rerun with --names {}, or save it \
+                 with {}",
+                c.label(),
+                c.flag(),
+                save_hint(format)
+            ),
+        });
+    }
+    // Another convention's name for this array alone.
+    for c in Names::ALL.into_iter().filter(|&c| c != lookup.names) {
+        if let Some(n) = c.candidates(array).iter().find(|n| has(n)) {
+            return Some(format!(
+                "{n} is {}'s name for {array}: save it as {array}",
+                c.label()
+            ));
+        }
+    }
+    if !held.is_empty() && held.iter().all(|n| positional(n)) && format == Format::Npz {
+        return Some(format!(
+            "its arrays have no names (np.savez(path, a, b, ...) calls them arr_0, arr_1, \
+             ...): name them with keyword arguments, {}",
+            save_hint(format)
+        ));
+    }
+    REQUIRED
+        .contains(&array)
+        .then(|| format!("save the batch with {}", save_hint(format)))
+}
+
+impl Names {
+    /// The convention's name in prose.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Crate => "cppo",
+            Self::Verl => "verl",
+            Self::Trl => "TRL",
+        }
+    }
+}
+
+/// The error for a missing array: what was looked for, what to do, and what the file
+/// holds (each array's shape and dtype, from its header alone).
+fn missing(src: &mut impl Source, lookup: Lookup, array: &'static str, needed_by: &str) -> Failure {
+    let mut msg = format!("{}: array {array} is missing", src.path().display());
+    let looked = lookup.names.candidates(array);
+    if looked != [array] {
+        msg.push_str(&format!(
+            " (--names {} reads it from {})",
+            lookup.names.flag(),
+            or_list(looked)
+        ));
+    }
+    msg.push_str(&format!("; it is required by {needed_by}"));
+    let held = src.names();
+    if let Some(hint) = missing_hint(&held, lookup, array, src.format()) {
+        msg.push_str("; ");
+        msg.push_str(&hint);
+    }
+    if held.is_empty() {
+        msg.push_str("; the file holds no arrays");
+    } else {
+        let listed: Vec<String> = held
+            .iter()
+            .take(MAX_LISTED)
+            .map(|n| match src.peek(n) {
+                Some((shape, dtype)) => format!("{} {} {dtype}", shown(n), py_shape(&shape)),
+                None => shown(n),
+            })
+            .collect();
+        let count = match held.len() {
+            1 => "1 array".to_string(),
+            n => format!("{n} arrays"),
+        };
+        msg.push_str(&format!("; the file holds {count}: {}", listed.join(", ")));
+        if held.len() > MAX_LISTED {
+            msg.push_str(&format!(", and {} more", held.len() - MAX_LISTED));
+        }
+    }
+    Failure::Input(msg)
+}
+
+/// The file's names of the arrays read, as `--names` found them.
+#[derive(Clone, Copy, Debug)]
+struct Resolved {
+    names: Names,
+    logp: &'static str,
+    logp_old: &'static str,
+    advantages: &'static str,
+    mask: &'static str,
+    topk: Option<(&'static str, &'static str)>,
+    logp_ref: Option<&'static str>,
+    is_weights: Option<&'static str>,
+}
+
+impl Resolved {
+    /// ` (under --names verl: logp is the file's log_prob, ...)` for the arrays read
+    /// under another name; empty under the crate's names.
+    fn read_as(&self) -> String {
+        let pairs = [
+            ("logp", Some(self.logp)),
+            ("logp_old", Some(self.logp_old)),
+            ("advantages", Some(self.advantages)),
+            ("mask", Some(self.mask)),
+            ("topk_logp_old", self.topk.map(|t| t.0)),
+            ("topk_logp", self.topk.map(|t| t.1)),
+            ("logp_ref", self.logp_ref),
+            ("is_weights", self.is_weights),
+        ];
+        let renamed: Vec<String> = pairs
+            .iter()
+            .filter_map(|&(a, n)| {
+                n.filter(|n| *n != a)
+                    .map(|n| format!("{a} is the file's {n}"))
+            })
+            .collect();
+        if renamed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (under --names {}: {})",
+                self.names.flag(),
+                renamed.join(", ")
+            )
+        }
+    }
+}
 
 /// The input arrays the configs use, owned, in one float type `F`.
 pub struct Arrays<F> {
@@ -60,6 +436,9 @@ pub struct Arrays<F> {
     pub topk: Option<(Array3<F>, Array3<F>)>,
     pub logp_ref: Option<Array2<F>>,
     pub is_weights: Option<Array2<F>>,
+    /// Which of the file's arrays each was read from, for messages about their values:
+    /// ` (under --names verl: logp is the file's log_prob, ...)`, or empty.
+    pub read_as: String,
 }
 
 impl<F: NpyFloat> Arrays<F> {
@@ -96,6 +475,16 @@ impl<F: NpyFloat> Arrays<F> {
 pub enum Loaded {
     F32(Arrays<f32>),
     F64(Arrays<f64>),
+}
+
+impl Loaded {
+    /// [`Arrays::read_as`]: to append to a message about the arrays' values.
+    pub fn read_as(&self) -> &str {
+        match self {
+            Self::F32(a) => &a.read_as,
+            Self::F64(a) => &a.read_as,
+        }
+    }
 }
 
 /// What the configs need beyond the four required arrays.
@@ -137,15 +526,29 @@ impl Format {
     }
 }
 
-/// Reads a batch file.
+/// Reads a batch file whose arrays go by `names` (`--names`).
 ///
 /// Every array's header is read and checked first: its dtype, its shape against what
 /// the batch needs (from `logp`'s (B, L)), and the total size of the arrays read against
 /// `limit`; only then is any array's data read, each with a bounded read.
-pub fn load(path: &Path, needs: Needs, limit: MaxMemory) -> Result<Loaded, Failure> {
+pub fn load_named(
+    path: &Path,
+    needs: Needs,
+    limit: MaxMemory,
+    names: Names,
+) -> Result<Loaded, Failure> {
+    read_file(path, needs, limit, Lookup { names })
+}
+
+fn read_file(
+    path: &Path,
+    needs: Needs,
+    limit: MaxMemory,
+    lookup: Lookup,
+) -> Result<Loaded, Failure> {
     match Format::of(path) {
-        Format::Npz => read_from(&mut Input::open(path)?, needs, limit),
-        Format::Safetensors => read_from(&mut StInput::open(path)?, needs, limit),
+        Format::Npz => read_from(&mut Input::open(path)?, needs, limit, lookup),
+        Format::Safetensors => read_from(&mut StInput::open(path)?, needs, limit, lookup),
     }
 }
 
@@ -162,6 +565,7 @@ pub fn demo(needs: Needs) -> Loaded {
         topk: d.topk_logp_old.zip(d.topk_logp),
         logp_ref: d.logp_ref,
         is_weights: None,
+        read_as: String::new(),
     })
 }
 
@@ -181,8 +585,14 @@ pub fn demo_spec(needs: Needs) -> SynthSpec {
 trait Source {
     /// The file, for messages.
     fn path(&self) -> &Path;
+    /// The file's format, for the hints of messages.
+    fn format(&self) -> Format;
     /// Whether the file holds an array of this name.
     fn has(&self, name: &str) -> bool;
+    /// The names of the arrays the file holds, in its order.
+    fn names(&self) -> Vec<String>;
+    /// An array's declared shape and dtype, for messages; `None` if they cannot be read.
+    fn peek(&mut self, name: &str) -> Option<(Vec<usize>, String)>;
     /// An array's declared shape and dtype, its data unread; the dtype must suit `role`.
     fn declared(
         &mut self,
@@ -196,16 +606,28 @@ trait Source {
         needed_by: &str,
         expected: &str,
     ) -> Result<Array<F, D>, Failure>;
-    fn advantages<F: NpyFloat>(&mut self) -> Result<OwnedAdvantages<F>, Failure>;
-    fn mask(&mut self) -> Result<OwnedMask, Failure>;
+    fn advantages<F: NpyFloat>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<OwnedAdvantages<F>, Failure>;
+    fn mask(&mut self, name: &'static str) -> Result<OwnedMask, Failure>;
 }
 
 impl Source for Input {
     fn path(&self) -> &Path {
         Input::path(self)
     }
+    fn format(&self) -> Format {
+        Format::Npz
+    }
     fn has(&self, name: &str) -> bool {
         Input::has(self, name)
+    }
+    fn names(&self) -> Vec<String> {
+        Input::names(self)
+    }
+    fn peek(&mut self, name: &str) -> Option<(Vec<usize>, String)> {
+        Input::peek(self, name)
     }
     fn declared(
         &mut self,
@@ -223,11 +645,14 @@ impl Source for Input {
     ) -> Result<Array<F, D>, Failure> {
         Input::float(self, name, needed_by, expected)
     }
-    fn advantages<F: NpyFloat>(&mut self) -> Result<OwnedAdvantages<F>, Failure> {
-        Input::advantages(self)
+    fn advantages<F: NpyFloat>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<OwnedAdvantages<F>, Failure> {
+        Input::advantages(self, name)
     }
-    fn mask(&mut self) -> Result<OwnedMask, Failure> {
-        Input::mask(self)
+    fn mask(&mut self, name: &'static str) -> Result<OwnedMask, Failure> {
+        Input::mask(self, name)
     }
 }
 
@@ -332,56 +757,84 @@ impl Budget<'_> {
 
 /// Reads the batch in two passes: first every array's header (the dtypes, the shapes
 /// against `logp`'s (B, L), the total size against the limit), then the data.
-fn read_from(src: &mut impl Source, needs: Needs, limit: MaxMemory) -> Result<Loaded, Failure> {
-    Ok(match check(src, needs, limit)? {
-        Dtype::F32 => Loaded::F32(read_rest(src, needs)?),
-        _ => Loaded::F64(read_rest(src, needs)?),
+fn read_from(
+    src: &mut impl Source,
+    needs: Needs,
+    limit: MaxMemory,
+    lookup: Lookup,
+) -> Result<Loaded, Failure> {
+    let (float, names) = check(src, needs, limit, lookup)?;
+    Ok(match float {
+        Dtype::F32 => Loaded::F32(read_rest(src, &names)?),
+        _ => Loaded::F64(read_rest(src, &names)?),
     })
 }
 
-/// The first pass: every array the configs use, declared with the dtype and shape the
-/// batch needs, and all of them within the limit. Returns the float type.
-fn check(src: &mut impl Source, needs: Needs, limit: MaxMemory) -> Result<Dtype, Failure> {
+/// The name the file holds `array` under (by `--names`), or the missing-array error.
+fn resolve(
+    src: &mut impl Source,
+    lookup: Lookup,
+    array: &'static str,
+    needed_by: &str,
+) -> Result<&'static str, Failure> {
+    match lookup.names.find(src, array) {
+        Some(name) => Ok(name),
+        None => Err(missing(src, lookup, array, needed_by)),
+    }
+}
+
+/// The first pass: every array the configs use, found under its name (`--names`) and
+/// declared with the dtype and shape the batch needs, and all of them within the limit.
+/// Returns the float type and the names found.
+fn check(
+    src: &mut impl Source,
+    needs: Needs,
+    limit: MaxMemory,
+    lookup: Lookup,
+) -> Result<(Dtype, Resolved), Failure> {
     let path = src.path().to_path_buf();
     let mut budget = Budget {
         path: &path,
         limit,
         used: 0,
     };
-    let logp = src.declared("logp", ALWAYS, Role::Logp)?;
+    let logp_name = resolve(src, lookup, "logp", ALWAYS)?;
+    let logp = src.declared(logp_name, ALWAYS, Role::Logp)?;
     let (b, l) = match logp.shape[..] {
         [b, l] => (b, l),
-        _ => return Err(shape_error(&path, "logp", &logp.shape, "(B, L)")),
+        _ => return Err(shape_error(&path, logp_name, &logp.shape, "(B, L)")),
     };
     let float = logp.float.unwrap_or(Dtype::F64);
-    budget.add("logp", &logp)?;
+    budget.add(logp_name, &logp)?;
     let bl = format!("({b}, {l})");
-    let has_weights = src.has("is_weights");
-    let mut expect = |name: &'static str,
+    let weights = lookup.names.find(src, "is_weights");
+    let mut expect = |array: &'static str,
                       needed_by: &str,
                       role: Role,
                       ok: &dyn Fn(&[usize]) -> bool,
                       expected: &str| {
+        let name = resolve(src, lookup, array, needed_by)?;
         let d = src.declared(name, needed_by, role)?;
         if !ok(&d.shape) {
             return Err(shape_error(&path, name, &d.shape, expected));
         }
         budget.add(name, &d)?;
-        Ok::<_, Failure>(d)
+        Ok::<_, Failure>((name, d))
     };
     let is_bl = |s: &[usize]| s == [b, l];
-    expect("logp_old", ALWAYS, Role::Float(float), &is_bl, &bl)?;
-    expect(
+    let (logp_old, _) = expect("logp_old", ALWAYS, Role::Float(float), &is_bl, &bl)?;
+    let (advantages, _) = expect(
         "advantages",
         ALWAYS,
         Role::Float(float),
         &|s| s == [b] || s == [b, l],
         &format!("({b},) or ({b}, {l})"),
     )?;
-    expect("mask", ALWAYS, Role::Mask, &is_bl, &bl)?;
+    let (mask, _) = expect("mask", ALWAYS, Role::Mask, &is_bl, &bl)?;
+    let mut topk = None;
     if let Some(d) = needs.topk {
         let by = format!("divergence {}", d.name());
-        let old = expect(
+        let (old_name, old) = expect(
             "topk_logp_old",
             &by,
             Role::Float(float),
@@ -389,54 +842,65 @@ fn check(src: &mut impl Source, needs: Needs, limit: MaxMemory) -> Result<Dtype,
             &format!("({b}, {l}, K)"),
         )?;
         let k = old.shape[2];
-        expect(
+        let (new_name, _) = expect(
             "topk_logp",
             &by,
             Role::Float(float),
             &|s| s == [b, l, k],
             &format!("({b}, {l}, {k})"),
         )?;
+        topk = Some((old_name, new_name));
     }
+    let mut logp_ref = None;
     if needs.logp_ref {
-        expect(
+        let (name, _) = expect(
             "logp_ref",
             "the kl penalty",
             Role::Float(float),
             &is_bl,
             &bl,
         )?;
+        logp_ref = Some(name);
     }
-    if has_weights {
+    if weights.is_some() {
         expect("is_weights", ALWAYS, Role::Float(float), &is_bl, &bl)?;
     }
-    Ok(float)
+    let names = Resolved {
+        names: lookup.names,
+        logp: logp_name,
+        logp_old,
+        advantages,
+        mask,
+        topk,
+        logp_ref,
+        is_weights: weights,
+    };
+    Ok((float, names))
 }
 
-fn read_rest<F: NpyFloat>(src: &mut impl Source, needs: Needs) -> Result<Arrays<F>, Failure> {
+fn read_rest<F: NpyFloat>(src: &mut impl Source, names: &Resolved) -> Result<Arrays<F>, Failure> {
     const BL: &str = "(B, L)";
     const BLK: &str = "(B, L, K)";
-    let logp = src.float::<F, Ix2>("logp", ALWAYS, BL)?;
-    let logp_old = src.float::<F, Ix2>("logp_old", ALWAYS, BL)?;
-    let advantages = src.advantages()?;
-    let mask = src.mask()?;
-    let topk = match needs.topk {
-        Some(d) => {
-            let by = format!("divergence {}", d.name());
-            let old = src.float::<F, Ix3>("topk_logp_old", &by, BLK)?;
-            let new = src.float::<F, Ix3>("topk_logp", &by, BLK)?;
+    let logp = src.float::<F, Ix2>(names.logp, ALWAYS, BL)?;
+    let logp_old = src.float::<F, Ix2>(names.logp_old, ALWAYS, BL)?;
+    let advantages = src.advantages(names.advantages)?;
+    let mask = src.mask(names.mask)?;
+    let topk = match names.topk {
+        Some((old, new)) => {
+            let by = "a top-K divergence";
+            let old = src.float::<F, Ix3>(old, by, BLK)?;
+            let new = src.float::<F, Ix3>(new, by, BLK)?;
             Some((old, new))
         }
         None => None,
     };
-    let logp_ref = if needs.logp_ref {
-        Some(src.float::<F, Ix2>("logp_ref", "the kl penalty", BL)?)
-    } else {
-        None
+    let logp_ref = match names.logp_ref {
+        Some(name) => Some(src.float::<F, Ix2>(name, "the kl penalty", BL)?),
+        None => None,
     };
-    let is_weights = if src.has("is_weights") {
-        Some(src.float::<F, Ix2>("is_weights", ALWAYS, BL)?)
-    } else {
-        None
+    let is_weights = match names.is_weights {
+        Some(name) => Some(src.float::<F, Ix2>(name, ALWAYS, BL)?),
+        None => None,
     };
     Ok(Arrays {
         logp,
@@ -446,6 +910,7 @@ fn read_rest<F: NpyFloat>(src: &mut impl Source, needs: Needs) -> Result<Arrays<
         topk,
         logp_ref,
         is_weights,
+        read_as: names.read_as(),
     })
 }
 
@@ -605,14 +1070,27 @@ impl StInput {
         })
     }
 
-    fn dtype_error(&self, name: &str, dtype: StDtype, expected: &str) -> Failure {
-        let hint = if matches!(dtype, StDtype::F16 | StDtype::BF16) {
-            " (convert with .float() before saving)"
-        } else {
-            ""
+    /// The tensor's dtype is not the `expected` one; the message ends with the
+    /// conversion to `want` that fixes it, if there is one.
+    fn dtype_error(&self, name: &str, dtype: StDtype, expected: &str, want: Want) -> Failure {
+        let found = match dtype {
+            StDtype::F16 => Found::Float16,
+            StDtype::BF16 => Found::BFloat16,
+            StDtype::F32 | StDtype::F64 => Found::Float,
+            StDtype::BOOL => Found::Bool,
+            StDtype::I8
+            | StDtype::I16
+            | StDtype::I32
+            | StDtype::I64
+            | StDtype::U8
+            | StDtype::U16
+            | StDtype::U32
+            | StDtype::U64 => Found::Int,
+            _ => Found::Other,
         };
+        let fix = dtype_fix(name, found, want, true);
         self.fail(format_args!(
-            "array {name} has dtype {dtype:?}, expected {expected}{hint}"
+            "array {name} has dtype {dtype:?}, expected {expected}{fix}"
         ))
     }
 
@@ -714,7 +1192,7 @@ fn st_float<F: NpyFloat, D: Dimension>(
             st.read(name, t, 4, f32_le, |x| F::from_f64(f64::from(x)), expected)
         }
         (Dtype::F64, StDtype::F64) => st.read(name, t, 8, f64_le, F::from_f64, expected),
-        _ => Err(st.dtype_error(name, t.dtype, &one_float_type(F::NPY))),
+        _ => Err(st.dtype_error(name, t.dtype, &one_float_type(F::NPY), Want::Float(F::NPY))),
     }
 }
 
@@ -723,8 +1201,24 @@ impl Source for StInput {
         &self.path
     }
 
+    fn format(&self) -> Format {
+        Format::Safetensors
+    }
+
     fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// By where their data starts in the file: the order they were saved in.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<(&String, &StTensor)> = self.tensors.iter().collect();
+        names.sort_by_key(|&(n, t)| (t.data_offsets.0, n));
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    fn peek(&mut self, name: &str) -> Option<(Vec<usize>, String)> {
+        let t = self.tensors.get(name)?;
+        Some((t.shape.clone(), format!("{:?}", t.dtype)))
     }
 
     fn declared(
@@ -738,10 +1232,12 @@ impl Source for StInput {
         let mem_size = match (role, float) {
             (Role::Logp, Some(f)) => f.size(),
             (Role::Logp, None) => {
-                return Err(self.dtype_error(name, t.dtype, "float32 or float64"));
+                return Err(self.dtype_error(name, t.dtype, "float32 or float64", Want::of(role)));
             }
             (Role::Float(f), Some(g)) if f == g => f.size(),
-            (Role::Float(f), _) => return Err(self.dtype_error(name, t.dtype, &one_float_type(f))),
+            (Role::Float(f), _) => {
+                return Err(self.dtype_error(name, t.dtype, &one_float_type(f), Want::of(role)));
+            }
             (Role::Mask, Some(f)) => f.size(),
             (Role::Mask, None) => match t.dtype {
                 StDtype::BOOL
@@ -753,7 +1249,7 @@ impl Source for StInput {
                 | StDtype::U32
                 | StDtype::I64
                 | StDtype::U64 => 1,
-                d => return Err(self.dtype_error(name, d, MASK_DTYPES_ST)),
+                d => return Err(self.dtype_error(name, d, MASK_DTYPES_ST, Want::Mask)),
             },
         };
         let file_size = t.dtype.bitsize().div_ceil(8);
@@ -777,38 +1273,39 @@ impl Source for StInput {
         st_float(self, name, t, expected)
     }
 
-    fn advantages<F: NpyFloat>(&mut self) -> Result<OwnedAdvantages<F>, Failure> {
-        const NAME: &str = "advantages";
+    fn advantages<F: NpyFloat>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<OwnedAdvantages<F>, Failure> {
         const SHAPES: &str = "(B,) or (B, L)";
-        let t = self.tensor(NAME, ALWAYS)?;
+        let t = self.tensor(name, ALWAYS)?;
         match t.shape.len() {
-            1 => st_float::<F, Ix1>(self, NAME, t, SHAPES).map(OwnedAdvantages::PerRow),
-            2 => st_float::<F, Ix2>(self, NAME, t, SHAPES).map(OwnedAdvantages::PerToken),
-            _ => Err(shape_error(&self.path, NAME, &t.shape, SHAPES)),
+            1 => st_float::<F, Ix1>(self, name, t, SHAPES).map(OwnedAdvantages::PerRow),
+            2 => st_float::<F, Ix2>(self, name, t, SHAPES).map(OwnedAdvantages::PerToken),
+            _ => Err(shape_error(&self.path, name, &t.shape, SHAPES)),
         }
     }
 
-    fn mask(&mut self) -> Result<OwnedMask, Failure> {
+    fn mask(&mut self, name: &'static str) -> Result<OwnedMask, Failure> {
         const BL: &str = "(B, L)";
-        const NAME: &str = "mask";
-        let t = self.tensor(NAME, ALWAYS)?;
+        let t = self.tensor(name, ALWAYS)?;
         Ok(match t.dtype {
-            StDtype::BOOL => OwnedMask::Bool(self.read(NAME, t, 1, |b| b[0] != 0, id, BL)?),
-            StDtype::U8 => OwnedMask::U8(self.read(NAME, t, 1, |b| b[0], id, BL)?),
-            StDtype::F32 => OwnedMask::F32(self.read(NAME, t, 4, f32_le, id, BL)?),
-            StDtype::F64 => OwnedMask::F64(self.read(NAME, t, 8, f64_le, id, BL)?),
-            StDtype::I8 => OwnedMask::U8(self.read(NAME, t, 1, nonzero_le::<1>, id, BL)?),
+            StDtype::BOOL => OwnedMask::Bool(self.read(name, t, 1, |b| b[0] != 0, id, BL)?),
+            StDtype::U8 => OwnedMask::U8(self.read(name, t, 1, |b| b[0], id, BL)?),
+            StDtype::F32 => OwnedMask::F32(self.read(name, t, 4, f32_le, id, BL)?),
+            StDtype::F64 => OwnedMask::F64(self.read(name, t, 8, f64_le, id, BL)?),
+            StDtype::I8 => OwnedMask::U8(self.read(name, t, 1, nonzero_le::<1>, id, BL)?),
             StDtype::I16 | StDtype::U16 => {
-                OwnedMask::U8(self.read(NAME, t, 2, nonzero_le::<2>, id, BL)?)
+                OwnedMask::U8(self.read(name, t, 2, nonzero_le::<2>, id, BL)?)
             }
             StDtype::I32 | StDtype::U32 => {
-                OwnedMask::U8(self.read(NAME, t, 4, nonzero_le::<4>, id, BL)?)
+                OwnedMask::U8(self.read(name, t, 4, nonzero_le::<4>, id, BL)?)
             }
             StDtype::I64 | StDtype::U64 => {
-                OwnedMask::U8(self.read(NAME, t, 8, nonzero_le::<8>, id, BL)?)
+                OwnedMask::U8(self.read(name, t, 8, nonzero_le::<8>, id, BL)?)
             }
             d => {
-                return Err(self.dtype_error(NAME, d, MASK_DTYPES_ST));
+                return Err(self.dtype_error(name, d, MASK_DTYPES_ST, Want::Mask));
             }
         })
     }
@@ -816,3 +1313,135 @@ impl Source for StInput {
 
 /// The dtypes a safetensors mask may have, for messages.
 const MASK_DTYPES_ST: &str = "BOOL, an integer type, float32 or float64";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(names: &[&str]) -> Vec<String> {
+        names.iter().map(ToString::to_string).collect()
+    }
+
+    const CRATE: Lookup = Lookup {
+        names: Names::Crate,
+    };
+
+    /// docs/command_line.md's table of names is [`NAME_TABLE`], row for row.
+    #[test]
+    fn the_documented_names_are_the_table() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/command_line.md");
+        let doc = fs::read_to_string(&path).unwrap();
+        let header = "| array | `--names verl` | `--names trl` |";
+        let at = doc.find(header).expect("the table of names");
+        let rows: Vec<Vec<String>> = doc[at..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                l.trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .collect();
+        let cell = |names: &[&str]| {
+            let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            quoted.join(", ")
+        };
+        let want: Vec<Vec<String>> = NAME_TABLE
+            .iter()
+            .map(|r| {
+                vec![
+                    format!("`{}`", r.array),
+                    cell(Names::Verl.candidates(r.array)),
+                    cell(Names::Trl.candidates(r.array)),
+                ]
+            })
+            .collect();
+        assert_eq!(rows, want, "{}", path.display());
+        // --names' help is made from the same table.
+        let help = names_help();
+        for r in &NAME_TABLE {
+            assert!(help.contains(&Names::Verl.candidates(r.array).join(" | ")));
+        }
+    }
+
+    #[test]
+    fn lookups() {
+        assert_eq!(Names::Crate.candidates("logp_old"), ["logp_old"]);
+        assert_eq!(
+            Names::Verl.candidates("logp_old"),
+            ["old_log_probs", "old_log_prob", "rollout_log_probs"]
+        );
+        assert_eq!(Names::Trl.candidates("is_weights"), ["is_weights"]);
+        assert_eq!(Names::Verl.candidates("topk_logp"), ["topk_logp"]);
+        assert!(Names::Crate.candidates("nope").is_empty());
+        for r in &NAME_TABLE {
+            for n in Names::ALL {
+                assert!(!n.candidates(r.array).is_empty(), "{n:?} {}", r.array);
+            }
+        }
+    }
+
+    #[test]
+    fn hints() {
+        let verl = held(&["old_log_probs", "log_prob", "advantages", "response_mask"]);
+        let h = missing_hint(&verl, CRATE, "logp", Format::Npz).unwrap();
+        assert!(h.starts_with("the file looks like a verl dump (old_log_probs, log_prob, response_mask): rerun with --names verl, or save it with np.savez(path, logp=..."), "{h}");
+        let h = missing_hint(&verl, CRATE, "logp", Format::Safetensors).unwrap();
+        assert!(
+            h.contains("safetensors.torch.save_file({\"logp\": ..."),
+            "{h}"
+        );
+
+        let trl = held(&[
+            "per_token_logps",
+            "old_per_token_logps",
+            "completion_mask",
+            "advantages",
+        ]);
+        let h = missing_hint(&trl, CRATE, "logp", Format::Npz).unwrap();
+        assert!(h.starts_with("the file looks like a TRL dump (per_token_logps, old_per_token_logps, completion_mask): rerun with --names trl"), "{h}");
+
+        let ours = held(&["logp", "logp_old", "advantages", "mask"]);
+        let verl_lookup = Lookup { names: Names::Verl };
+        let h = missing_hint(&ours, verl_lookup, "logp", Format::Npz).unwrap();
+        assert_eq!(
+            h,
+            "the file uses cppo's own names (logp, logp_old, mask): rerun without --names"
+        );
+
+        // One array under verl's name among the crate's: no convention fits the file.
+        let mixed = held(&["logp", "old_log_probs", "advantages", "mask"]);
+        let h = missing_hint(&mixed, CRATE, "logp_old", Format::Npz).unwrap();
+        assert_eq!(
+            h,
+            "old_log_probs is verl's name for logp_old: save it as logp_old"
+        );
+
+        let positional = held(&["arr_0", "arr_1", "arr_2", "arr_3"]);
+        let h = missing_hint(&positional, CRATE, "logp", Format::Npz).unwrap();
+        assert!(h.starts_with("its arrays have no names (np.savez(path, a, b, ...) calls them arr_0, arr_1, ...): name them with keyword arguments, np.savez(path, logp=..., logp_old=..., advantages=..., mask=...)"), "{h}");
+
+        let h = missing_hint(&held(&["logp"]), CRATE, "logp_old", Format::Npz).unwrap();
+        assert!(h.starts_with("save the batch with np.savez("), "{h}");
+        // Not one of the four: no generic hint.
+        assert_eq!(missing_hint(&ours, CRATE, "logp_ref", Format::Npz), None);
+        // A verl file missing verl's reference log-probs: verl fits, but lacks it too.
+        assert_eq!(
+            missing_hint(&verl, verl_lookup, "logp_ref", Format::Npz),
+            None
+        );
+    }
+
+    #[test]
+    fn message_pieces() {
+        assert_eq!(py_shape(&[2, 6]), "(2, 6)");
+        assert_eq!(py_shape(&[2]), "(2,)");
+        assert_eq!(py_shape(&[]), "()");
+        assert_eq!(or_list(&["a"]), "a");
+        assert_eq!(or_list(&["a", "b", "c"]), "a, b or c");
+        assert_eq!(shown(&"x".repeat(100)).len(), 64);
+        assert!(positional("arr_12") && !positional("arr_") && !positional("arr_1x"));
+    }
+}

@@ -26,7 +26,7 @@ use cppo::ndarray::Array2;
 use cppo::synth::{SynthSpec, SyntheticBatch};
 use cppo::{Batch, Config, Float, Outputs, OutputsMut, Par, evaluate_into};
 
-use crate::batchfile::{self, Loaded, MaxMemory, Needs};
+use crate::batchfile::{self, Loaded, MaxMemory, Names, Needs};
 use crate::eval::read_config;
 use crate::failure::Failure;
 use crate::npz::NpyFloat;
@@ -55,12 +55,18 @@ pub struct BenchArgs {
     #[arg(long, value_name = "BATCH", conflicts_with_all = ["rows", "len", "dtype", "topk"])]
     input: Option<PathBuf>,
 
+    /// The names the --input file's arrays go by: crate (logp, logp_old, advantages,
+    /// mask, ...), verl or trl (as for `cppo eval`).
+    #[arg(long, value_enum, default_value_t = Names::Crate, long_help = batchfile::names_help())]
+    names: Names,
+
     /// The most memory the --input file's arrays may take once read (as for `cppo eval`).
     #[arg(long, value_name = "BYTES", default_value = "8G", value_parser = MaxMemory::parse)]
     max_memory: MaxMemory,
 
     /// The config (JSON, as for `cppo eval`); default: the cppo preset (binary TV,
-    /// delta 0.2, delta_b 0.05, w_min 0.8, surrogate, token-mean). A top-K divergence
+    /// delta 0.15, delta_b 0.02 calibrated by the row's P90 within [delta_b, 2 delta_b],
+    /// w_min 0.8, surrogate, token-mean). A top-K divergence
     /// adds the top-K pair to the batch, a `kl` penalty adds logp_ref.
     #[arg(long, value_name = "CFG.json")]
     config: Option<PathBuf>,
@@ -221,10 +227,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
         None => Config::cppo(),
     };
     let source = match (&args.input, args.rows, args.len) {
-        (Some(path), _, _) => Source::File(Box::new(batchfile::load(
+        (Some(path), _, _) => Source::File(Box::new(batchfile::load_named(
             path,
             Needs::of(&[cfg]),
             args.max_memory,
+            args.names,
         )?)),
         (None, Some(rows), Some(len)) => {
             let spec = SynthSpec {

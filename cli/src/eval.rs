@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use cppo::{Config, Par, Preset};
 
-use crate::batchfile::{self, Loaded, MaxMemory, Needs};
+use crate::batchfile::{self, Loaded, MaxMemory, Names, Needs};
 use crate::failure::Failure;
 use crate::npz::{NpyFloat, write_outputs};
 use crate::staged::{Staged, commit_all};
@@ -41,6 +41,11 @@ pub struct EvalArgs {
     /// arrays are ignored.
     #[arg(long, value_name = "BATCH.npz")]
     input: PathBuf,
+
+    /// The names the batch file's arrays go by: crate (logp, logp_old, advantages, mask,
+    /// ...), verl or trl.
+    #[arg(long, value_enum, default_value_t = Names::Crate, long_help = batchfile::names_help())]
+    names: Names,
 
     /// Where to write the outputs (.npz). Replaced if it exists.
     #[arg(long, value_name = "OUT.npz")]
@@ -76,7 +81,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         (None, Some(name)) => preset(name)?,
         (None, None) => return Err(Failure::Input("give --config or --preset".into())),
     };
-    match batchfile::load(&args.input, Needs::of(&[cfg]), args.max_memory)? {
+    match batchfile::load_named(&args.input, Needs::of(&[cfg]), args.max_memory, args.names)? {
         Loaded::F32(a) => eval_as(&cfg, &a, args),
         Loaded::F64(a) => eval_as(&cfg, &a, args),
     }
@@ -114,7 +119,10 @@ fn eval_as<F: NpyFloat>(
     let eval = arrays
         .batch()
         .and_then(|batch| cppo::evaluate(cfg, &batch, Par::Rayon))
-        .map_err(|e| Failure::Input(format!("{}: {e}", args.input.display())))?;
+        .map_err(|e| {
+            let (path, read_as) = (args.input.display(), &arrays.read_as);
+            Failure::Input(format!("{path}: {e}{read_as}"))
+        })?;
 
     let mut staged = vec![Staged::write(&args.output, |w| write_outputs(w, &eval))?];
     if let Some(path) = &args.stats {

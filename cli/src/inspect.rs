@@ -3,7 +3,8 @@
 //! Order of work: check every argument and output path, read the configs, read the
 //! input (a batch file, the built-in demo batch, or every step file of a directory),
 //! run each rule through the library, reduce the per-token outputs by position
-//! ([`crate::report`]), render every output (Markdown, JSON, plots) to temporary files,
+//! ([`crate::report`]) and check it for warnings ([`crate::warnings`]), render every
+//! output (Markdown, JSON, plots, the HTML page of [`crate::html`]) to temporary files,
 //! rename them all into place, and only then print the report to stdout.
 
 use std::collections::{BTreeMap, HashSet};
@@ -66,6 +67,12 @@ pub struct InspectArgs {
     #[arg(long, value_name = "REPORT.json")]
     json: Option<PathBuf>,
 
+    /// Write the report as one self-contained HTML page: the tables, the warnings, the
+    /// plots inline as SVG (with the `plots` feature) and, for a directory, the trend of
+    /// every headline number across steps. It loads nothing from the network.
+    #[arg(long, value_name = "REPORT.html")]
+    html: Option<PathBuf>,
+
     /// Write the plots as one figure, SVG or PNG by the file's extension; repeat for
     /// both. For a batch: four panels (divergence, thresholds and masked fraction by
     /// position, and the token strip chart); for a directory: the trend across steps.
@@ -109,6 +116,11 @@ pub struct InspectArgs {
     /// must be regular files.
     #[arg(long, value_name = "BYTES", default_value = batchfile::DEFAULT_MAX_MEMORY, value_parser = MaxMemory::parse)]
     max_memory: MaxMemory,
+
+    /// The names the batch file's arrays go by: crate (logp, logp_old, advantages, mask,
+    /// ...), verl or trl.
+    #[arg(long, value_enum, default_value_t = batchfile::Names::Crate, long_help = batchfile::names_help())]
+    names: batchfile::Names,
 }
 
 /// The largest figure side, in pixels.
@@ -213,8 +225,10 @@ pub fn run(args: &InspectArgs) -> Result<(), Failure> {
             inspect_batch(&loaded, names, &context, &rules, args, &plots)?
         }
         Source::File(path) => {
-            let loaded = batchfile::load(path, needs(&rules), args.max_memory)?;
-            let context = |e: cppo::Error| Failure::Input(format!("{}: {e}", path.display()));
+            let loaded = batchfile::load_named(path, needs(&rules), args.max_memory, args.names)?;
+            let read_as = loaded.read_as();
+            let context =
+                |e: cppo::Error| Failure::Input(format!("{}: {e}{read_as}", path.display()));
             let name = path.file_name().map_or_else(
                 || path.display().to_string(),
                 |n| n.to_string_lossy().into(),
@@ -408,6 +422,7 @@ fn check_distinct(args: &InspectArgs, plots: &[PlotOut]) -> Result<(), Failure> 
         .report
         .iter()
         .chain(&args.json)
+        .chain(&args.html)
         .chain(plots.iter().map(|p| &p.path));
     for path in all {
         if !seen.insert(path) {
@@ -522,6 +537,15 @@ fn stage_and_commit(
         })?);
         files.push(path.clone());
     }
+    if let Some(path) = &args.html {
+        let page = crate::html::page(figures)
+            .map_err(|e| Failure::System(format!("cannot draw {}: {e}", path.display())))?;
+        staged.push(Staged::write(path, |mut w| {
+            w.write_all(page.as_bytes())?;
+            Ok::<_, io::Error>(w)
+        })?);
+        files.push(path.clone());
+    }
     if let Some(path) = &args.json {
         staged.push(Staged::write(path, |mut w| {
             serde_json::to_writer_pretty(&mut w, json)?;
@@ -631,9 +655,11 @@ fn inspect_steps(
                         .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
                 );
             }
-            let loaded = batchfile::load(path, needs, args.max_memory)?;
-            let context = |e: cppo::Error| Failure::Input(format!("{}: {e}", path.display()));
-            let diagnostics = match &loaded {
+            let loaded = batchfile::load_named(path, needs, args.max_memory, args.names)?;
+            let read_as = loaded.read_as();
+            let context =
+                |e: cppo::Error| Failure::Input(format!("{}: {e}{read_as}", path.display()));
+            let (diagnostics, warnings) = match &loaded {
                 Loaded::F32(a) => report::step_diagnostics(a, rules, &context)?,
                 Loaded::F64(a) => report::step_diagnostics(a, rules, &context)?,
             };
@@ -641,6 +667,7 @@ fn inspect_steps(
                 step: *step,
                 file: path.display().to_string(),
                 diagnostics,
+                warnings,
             });
             if let Some(bar) = &bar {
                 bar.inc(1);

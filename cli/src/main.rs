@@ -5,9 +5,10 @@
 //! - `cppo bench` times the engine on a synthetic batch made in-process;
 //! - `cppo inspect` reports what trust regions do on a batch (or across the steps of a
 //!   run), with plots under the `plots` feature;
-//! - `cppo presets` lists the named presets.
+//! - `cppo presets` lists the named presets;
+//! - `cppo synth` writes a realistic synthetic batch to an `.npz` file, for a first run.
 //!
-//! Modules: [`eval`], [`mod@bench`] and [`inspect`] are the commands, [`npz`] reads and
+//! Modules: [`eval`], [`mod@bench`], [`inspect`] and [`mod@synth`] are the commands, [`npz`] reads and
 //! writes the arrays, [`batchfile`] reads a batch from npz or safetensors, [`report`]
 //! reduces and renders what `inspect` reports, [`plots`] draws it, [`staged`] makes
 //! output files appear all at once or not at all, [`failure`] turns every error into
@@ -22,12 +23,17 @@ mod batchfile;
 mod bench;
 mod eval;
 mod failure;
+mod html;
 mod inspect;
 mod npz;
 #[cfg(feature = "plots")]
 mod plots;
 mod report;
 mod staged;
+#[cfg(feature = "plots")]
+mod svgtext;
+mod synth;
+mod warnings;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
@@ -62,8 +68,11 @@ enum Command {
     ///                                     rollout_is_weights), >= 0, multiplying each
     ///                                     token's objective term
     /// Values at non-response positions are never read. Arrays the config does not use
-    /// are ignored. An .npz may be compressed (numpy.savez_compressed); arrays may be
-    /// little- or big-endian, C or Fortran order. A .safetensors file works too.
+    /// are ignored. --names verl or --names trl reads the arrays under a trainer's names
+    /// (old_log_probs, response_mask, ...). A missing array's error lists the arrays the
+    /// file holds and says what to do. An .npz may be compressed
+    /// (numpy.savez_compressed); arrays may be little- or big-endian, C or Fortran
+    /// order. A .safetensors file works too.
     /// Every array's header is checked before any data is read: shapes against logp's
     /// (B, L), and the sizes of the arrays read, added up, against --max-memory (8G by
     /// default); a file declaring more, or two arrays of one name, is refused.
@@ -118,14 +127,24 @@ enum Command {
 
     /// Report what trust regions do on a batch, or across the steps of a run; plot it
     ///
-    /// Runs each rule (--config files and --preset names, or the built-in set: GRPO
-    /// ratio clip, DPPO, CPPO budget-only, CPPO weight-only, CPPO soft gate, CPPO
-    /// shuffled weights, CPPO fixed budget, full CPPO) through the library on the
-    /// batch, and
+    /// Runs each rule (--config files and --preset names, or the built-in set below)
+    /// through the library on the batch, and
     /// prints: the masked fraction in total, by reason (token threshold, prefix budget,
     /// corrective bypass) and by sign of the advantage; divergence statistics; the
     /// masked fraction by tenth of the response. --report writes it as Markdown, --json
     /// every number (each rule's library diagnostics, the per-position statistics).
+    ///
+    /// The built-in set (--compare, or when no --config or --preset is given), on one
+    /// divergence (--divergence), at the paper's values (delta 0.15, delta_b 0.02
+    /// calibrated by P90 within [delta_b, 2 delta_b], w_min 0.8):
+    ///   GRPO ratio clip         ratio, eps (0.2, 0.28), as a mask
+    ///   DPPO                    dppo, delta 0.15
+    ///   CPPO budget-only        cppo with w_min 1 (no position weights)
+    ///   CPPO weight-only        cppo with delta_b null (no budget)
+    ///   CPPO soft gate          cppo_soft, the paper's inverse gate (its ablation)
+    ///   CPPO shuffled weights   cppo, weights permuted within each row (its control)
+    ///   CPPO fixed budget       cppo with calibration null: delta_b 0.02 for every row
+    ///   CPPO (full)             cppo, the paper's calibrated budget
     ///
     /// Plots (feature `plots`; SVG or PNG by extension), by relative position in the
     /// response (--buckets equal parts): the divergence's median and 90th percentile;
@@ -140,6 +159,8 @@ enum Command {
     ///
     /// Examples:
     ///   cppo inspect --demo --plot demo.svg
+    ///   cppo synth --output batch.npz && cppo inspect batch.npz
+    ///   cppo inspect step_000120.npz --names verl
     ///   cppo inspect batch.npz --config cfg.json --compare --report report.md --plot-dir plots
     ///   cppo inspect dumps/ --plot drift.png
     ///
@@ -155,6 +176,30 @@ enum Command {
     /// scripts'). --json prints them as JSON configs.
     #[command(verbatim_doc_comment)]
     Presets(PresetsArgs),
+
+    /// Write a realistic synthetic batch to an .npz file that eval and inspect read
+    ///
+    /// The batch is cppo::synth's (the quickstart's at the defaults: 64 rows x 512 slots,
+    /// seed 0, float32): ragged GRPO-style rows, 90% of the B x L slots response tokens,
+    /// tool outputs as holes in the mask, one advantage per row from GRPO groups of 8,
+    /// off-policy drift larger on early tokens, and padding holding NaN, +-inf and
+    /// garbage, as trainers leave it (never read).
+    ///
+    /// Arrays (the names cppo eval reads): logp, logp_old, mask (B, L), advantages (B,);
+    /// with --topk K, topk_logp_old and topk_logp (B, L, K); with --with-ref, logp_ref
+    /// (B, L). Uncompressed; float32 or float64 (--dtype), the mask bool. One seed gives
+    /// one file, byte for byte.
+    ///
+    /// Prints one line (the file, its shape, response tokens, dtype, seed, arrays) and
+    /// exits with 0. The file is written to a temporary file beside it and renamed into
+    /// place once complete: a failed run leaves nothing (exit code 1 if it cannot be
+    /// written, 2 for bad arguments or a batch larger than cppo eval reads by default).
+    ///
+    /// Example:
+    ///   cppo synth --output batch.npz
+    ///   cppo eval --preset cppo --input batch.npz --output out.npz
+    #[command(verbatim_doc_comment)]
+    Synth(synth::SynthArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,6 +252,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Presets(args) => presets(args),
+        Command::Synth(args) => synth::run(args),
     }
 }
 

@@ -35,8 +35,14 @@
 //!   library as `u8`; bool bytes other than 0 read as true.
 //!
 //! Other dtypes (float16, complex, strings, objects, structured dtypes, ...) are refused
-//! with the dtype the file declares. Shapes are checked against the batch's by
-//! [`crate::batchfile`] before any data is read; [`cppo::Batch`] checks them again.
+//! with the dtype the file declares and, where one exists, the conversion that fixes it
+//! ([`dtype_fix`]: `logp.astype(np.float32)`, `.float().numpy()` for a torch bfloat16
+//! tensor, `np.asarray(x, dtype=np.float32)` for an object array). Shapes are checked
+//! against the batch's by [`crate::batchfile`] before any data is read; [`cppo::Batch`]
+//! checks them again.
+//!
+//! When an array is missing, [`Input::names`] and [`Input::peek`] list what the archive
+//! holds (each array's shape and dtype from its header alone) for the message.
 //!
 //! # Writing
 //!
@@ -284,6 +290,123 @@ pub fn one_float_type(f: Dtype) -> String {
     format!("{name}, the type of logp (all float arrays must have one type)")
 }
 
+/// What an array must be converted to, for the fix a dtype error suggests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// A float array of this type (float32 for `logp`, which may be either).
+    Float(Dtype),
+    /// A mask: bool.
+    Mask,
+}
+
+impl Want {
+    /// The wanted type of a float array in role `role`.
+    pub fn of(role: Role) -> Self {
+        match role {
+            Role::Logp => Self::Float(Dtype::F32),
+            Role::Float(f) => Self::Float(f),
+            Role::Mask => Self::Mask,
+        }
+    }
+}
+
+/// The kind of a refused dtype, which decides the fix suggested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    Float16,
+    /// bfloat16 (safetensors `BF16`; in an npz, the 2-byte void dtype `V2` that numpy
+    /// writes for ml_dtypes' bfloat16).
+    BFloat16,
+    /// float32 or float64, refused because it is not the batch's float type.
+    Float,
+    Int,
+    Bool,
+    /// Python objects (`|O`): a list of arrays, or rows of different lengths.
+    Object,
+    /// Anything else (complex, strings, dates, structured): no fix is suggested.
+    Other,
+}
+
+impl Found {
+    /// The kind of an `.npy` `descr` string such as `'<f2'`.
+    fn of_descr(descr: &Py) -> Self {
+        let Py::Str(s) = descr else {
+            return Self::Other;
+        };
+        let code = s.trim_start_matches(['<', '>', '|', '=']);
+        match code {
+            "f2" => Self::Float16,
+            "V2" => Self::BFloat16,
+            "f4" | "f8" => Self::Float,
+            "b1" => Self::Bool,
+            "O" => Self::Object,
+            c if c.len() == 2 && (c.starts_with('i') || c.starts_with('u')) => Self::Int,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// The conversion that fixes a refused dtype, as `: save ...` to append to the message
+/// (empty when there is none). `name` is the array's name in the file; `torch` spells
+/// the fix for a tensor saved from torch (safetensors) rather than a numpy array.
+pub fn dtype_fix(name: &str, found: Found, want: Want, torch: bool) -> String {
+    let (np_type, torch_method) = match want {
+        Want::Float(Dtype::F64) => ("np.float64", "double"),
+        Want::Float(_) => ("np.float32", "float"),
+        Want::Mask => ("bool", "bool"),
+    };
+    if torch {
+        return match found {
+            Found::Other | Found::Object => String::new(),
+            _ => format!(": save {name}.{torch_method}() (torch) instead"),
+        };
+    }
+    match found {
+        Found::Other => String::new(),
+        Found::BFloat16 => format!(
+            ": numpy has no bfloat16 (ml_dtypes' bfloat16 is saved as V2); from torch, \
+             save {name}.{torch_method}().numpy()"
+        ),
+        Found::Object => format!(
+            ": an object array (a list of arrays, or rows of different lengths?) is not \
+             read; pad the rows to one length and save np.asarray({name}, dtype={np_type})"
+        ),
+        Found::Float16 | Found::Float | Found::Int | Found::Bool => {
+            format!(": save {name}.astype({np_type})")
+        }
+    }
+}
+
+/// numpy's name of a dtype for messages: `float32` for `'<f4'`, the descr as the file
+/// spells it for a dtype without a plain name.
+fn numpy_name(descr: &Py) -> String {
+    if let Py::Str(s) = descr {
+        let code = s.trim_start_matches(['<', '>', '|', '=']);
+        let name = match code {
+            "b1" => "bool",
+            "u1" => "uint8",
+            "u2" => "uint16",
+            "u4" => "uint32",
+            "u8" => "uint64",
+            "i1" => "int8",
+            "i2" => "int16",
+            "i4" => "int32",
+            "i8" => "int64",
+            "f2" => "float16",
+            "f4" => "float32",
+            "f8" => "float64",
+            "c8" => "complex64",
+            "c16" => "complex128",
+            "O" => "object",
+            _ => "",
+        };
+        if !name.is_empty() {
+            return name.to_string();
+        }
+    }
+    descr.to_string()
+}
+
 /// The first entry name the central directory at `start` lists twice, if any. The
 /// directory is read header by header (never more than the file holds), and ends at the
 /// first record that is not a central directory header.
@@ -381,6 +504,22 @@ impl Input {
         self.names.contains_key(name)
     }
 
+    /// The names of the arrays the archive holds, in its order.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<(&String, &usize)> = self.names.iter().collect();
+        names.sort_by_key(|&(_, &i)| i);
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// An array's declared shape and dtype (numpy's name for it), from its header only;
+    /// `None` if the header cannot be read.
+    pub fn peek(&mut self, name: &str) -> Option<(Vec<usize>, String)> {
+        let &index = self.names.get(name)?;
+        let (mut entry, size) = open_entry(&mut self.archive, index, self.file_len).ok()?;
+        let (header, _) = read_header(&mut entry, size).ok()?;
+        Some((header.shape, numpy_name(&header.descr)))
+    }
+
     /// Prefixes a message with the input's path.
     pub fn context(&self, msg: impl fmt::Display) -> String {
         format!("{}: {msg}", self.path.display())
@@ -397,12 +536,12 @@ impl Input {
         let dtype = npy.dtype();
         let mem_size = match (role, dtype) {
             (Role::Logp, Some(d @ (Dtype::F32 | Dtype::F64))) => d.size(),
-            (Role::Logp, _) => return Err(npy.dtype_error("float32 or float64")),
+            (Role::Logp, _) => return Err(npy.dtype_error("float32 or float64", Want::of(role))),
             (Role::Float(f), Some(d)) if d == f => d.size(),
-            (Role::Float(f), _) => return Err(npy.dtype_error(&one_float_type(f))),
+            (Role::Float(f), _) => return Err(npy.dtype_error(&one_float_type(f), Want::of(role))),
             (Role::Mask, Some(d @ (Dtype::F32 | Dtype::F64))) => d.size(),
             (Role::Mask, Some(_)) => 1,
-            (Role::Mask, None) => return Err(npy.dtype_error(MASK_DTYPES)),
+            (Role::Mask, None) => return Err(npy.dtype_error(MASK_DTYPES, Want::Mask)),
         };
         Ok(Declared {
             shape: npy.header.shape.clone(),
@@ -424,17 +563,19 @@ impl Input {
     ) -> Result<Array<F, D>, Failure> {
         let npy = self.array(name, needed_by)?;
         if npy.dtype() != Some(F::NPY) {
-            return Err(npy.dtype_error(&one_float_type(F::NPY)));
+            return Err(npy.dtype_error(&one_float_type(F::NPY), Want::Float(F::NPY)));
         }
         npy.read(identity, expected)
     }
 
-    /// `advantages`, (B,) or (B, L).
-    pub fn advantages<F: NpyFloat>(&mut self) -> Result<OwnedAdvantages<F>, Failure> {
-        const NAME: &str = "advantages";
+    /// `advantages` (stored as `name`), (B,) or (B, L).
+    pub fn advantages<F: NpyFloat>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<OwnedAdvantages<F>, Failure> {
         const SHAPES: &str = "(B,) or (B, L)";
-        let a: ArrayD<F> = self.float(NAME, ALWAYS, SHAPES)?;
-        let context = |a: &ArrayD<F>| shape_error(&self.path, NAME, a.shape(), SHAPES);
+        let a: ArrayD<F> = self.float(name, ALWAYS, SHAPES)?;
+        let context = |a: &ArrayD<F>| shape_error(&self.path, name, a.shape(), SHAPES);
         if a.ndim() == 1 {
             let e = context(&a);
             a.into_dimensionality::<Ix1>()
@@ -448,13 +589,13 @@ impl Input {
         }
     }
 
-    /// `mask`, in any accepted dtype; masks of the other integer types become `u8`
-    /// (nonzero = 1).
-    pub fn mask(&mut self) -> Result<OwnedMask, Failure> {
+    /// `mask` (stored as `name`), in any accepted dtype; masks of the other integer
+    /// types become `u8` (nonzero = 1).
+    pub fn mask(&mut self, name: &'static str) -> Result<OwnedMask, Failure> {
         const BL: &str = "(B, L)";
-        let npy = self.array("mask", ALWAYS)?;
+        let npy = self.array(name, ALWAYS)?;
         let Some(dtype) = npy.dtype() else {
-            return Err(npy.dtype_error(MASK_DTYPES));
+            return Err(npy.dtype_error(MASK_DTYPES, Want::Mask));
         };
         Ok(match dtype {
             Dtype::Bool => OwnedMask::Bool(npy.read(identity, BL)?),
@@ -490,23 +631,7 @@ impl Input {
                 path.display()
             ))
         };
-        let file = archive.by_index(index).map_err(|e| cannot(&chain(&e)))?;
-        let (size, packed) = (file.size(), file.compressed_size());
-        let possible = match file.compression() {
-            CompressionMethod::Stored => packed,
-            _ => packed
-                .saturating_mul(MAX_DEFLATE_RATIO)
-                .saturating_add(1024),
-        };
-        if packed > *file_len || size > possible {
-            return Err(cannot(&format_args!(
-                "the archive is corrupt: the entry declares {size} bytes from {packed} \
-                 compressed bytes in a {file_len}-byte file"
-            )));
-        }
-        // Never more than the entry declares (and one byte to see that it ends there),
-        // whatever its compressed data inflates to.
-        let mut file = file.take(size.saturating_add(1));
+        let (mut file, size) = open_entry(archive, index, *file_len).map_err(|m| cannot(&m))?;
         let (header, header_len) = read_header(&mut file, size).map_err(|m| cannot(&m))?;
         Ok(Npy {
             file,
@@ -518,9 +643,38 @@ impl Input {
     }
 }
 
+/// An archive entry, read no further than it declares.
+type Entry<'a> = io::Take<ZipFile<'a, BufReader<File>>>;
+
+/// Opens entry `index` of an archive of `file_len` bytes, checking its declared size
+/// against what its compressed size can hold; returns the entry, never read past the
+/// size it declares (plus one byte, to see that it ends there), and that size.
+fn open_entry(
+    archive: &mut ZipArchive<BufReader<File>>,
+    index: usize,
+    file_len: u64,
+) -> Result<(Entry<'_>, u64), String> {
+    let file = archive.by_index(index).map_err(|e| chain(&e))?;
+    let (size, packed) = (file.size(), file.compressed_size());
+    let possible = match file.compression() {
+        CompressionMethod::Stored => packed,
+        _ => packed
+            .saturating_mul(MAX_DEFLATE_RATIO)
+            .saturating_add(1024),
+    };
+    if packed > file_len || size > possible {
+        return Err(format!(
+            "the archive is corrupt: the entry declares {size} bytes from {packed} \
+             compressed bytes in a {file_len}-byte file"
+        ));
+    }
+    // Whatever its compressed data inflates to.
+    Ok((file.take(size.saturating_add(1)), size))
+}
+
 /// An array's entry, its header read, positioned at its data.
 struct Npy<'a> {
-    file: io::Take<ZipFile<'a, BufReader<File>>>,
+    file: Entry<'a>,
     path: &'a Path,
     name: &'static str,
     header: Header,
@@ -534,10 +688,12 @@ impl Npy<'_> {
         self.header.dtype.map(|(d, _)| d)
     }
 
-    /// The array's dtype (as the file spells it) is not the `expected` one.
-    fn dtype_error(&self, expected: &str) -> Failure {
+    /// The array's dtype (as the file spells it) is not the `expected` one; the message
+    /// ends with the conversion to `want` that fixes it, if there is one.
+    fn dtype_error(&self, expected: &str, want: Want) -> Failure {
+        let fix = dtype_fix(self.name, Found::of_descr(&self.header.descr), want, false);
         self.fail(format_args!(
-            "array {} has dtype {}, expected {expected}",
+            "array {} has dtype {}, expected {expected}{fix}",
             self.name, self.header.descr
         ))
     }

@@ -3,7 +3,8 @@
 //! No system font is read: plotters runs without its `ttf` feature (font-kit,
 //! fontconfig), and lays out and rasterises text with ab_glyph from Noto Sans (Apache
 //! License 2.0), embedded by the `ttf-noto-sans` crate and registered here as the
-//! `sans-serif` family. SVG files name that family and leave the glyphs to the viewer.
+//! `sans-serif` family. SVG files carry their text as that font's glyph outlines
+//! ([`crate::svgtext`]), so they look the same in every viewer, with no font installed.
 //! PNG files are RGB, encoded with the `png` crate from plotters' pixel buffer.
 //!
 //! Figures of a batch: the divergence by position (median and 90th percentile per
@@ -67,7 +68,7 @@ pub fn render(
                 draw(&root, figures, kind, SVG_SLACK)?;
                 root.present().map_err(err)?;
             }
-            Ok(svg.into_bytes())
+            Ok(crate::svgtext::outline_text(&svg)?.into_bytes())
         }
         PlotFormat::Png => {
             let (w, h) = size;
@@ -82,6 +83,102 @@ pub fn render(
     }
 }
 
+/// One figure as SVG text, for the HTML page to inline.
+pub fn svg(figures: &Figures<'_>, kind: PlotKind, size: (u32, u32)) -> Res<String> {
+    let bytes = render(figures, kind, PlotFormat::Svg, size)?;
+    String::from_utf8(bytes).map_err(err)
+}
+
+/// A trend across the steps of a run, for the HTML page: one headline number, one line
+/// per series.
+pub struct Trend<'a> {
+    pub title: String,
+    pub subtitle: String,
+    pub y_desc: String,
+    /// The values are fractions, shown in percent.
+    pub percent: bool,
+    /// The step numbers, in order.
+    pub steps: &'a [u64],
+    /// Each line: its label, its colour (a rule's index, so that a rule has one colour
+    /// and line width on every chart), and one value per step (NaN for none).
+    pub series: Vec<(String, usize, Vec<f64>)>,
+    /// How many rules there are (line widths go from the first rule's to the last's).
+    pub rules: usize,
+}
+
+/// A [`Trend`] as SVG text.
+pub fn trend_svg(t: &Trend<'_>, size: (u32, u32)) -> Res<String> {
+    fonts()?;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let theme = Theme::of(&root, SVG_SLACK);
+        let x: Vec<f64> = t.steps.iter().map(|&s| s as f64).collect();
+        let xr = step_range(&x);
+        let scale = if t.percent { 100.0 } else { 1.0 };
+        let lines: Vec<Line> = t
+            .series
+            .iter()
+            .map(|(label, colour, values)| Line {
+                label: label.clone(),
+                color: rule_color(*colour),
+                dash: Dash::Solid,
+                weight: if *colour < t.rules {
+                    rule_weight(*colour, t.rules)
+                } else {
+                    1.0
+                },
+                points: x
+                    .iter()
+                    .zip(values)
+                    .map(|(&x, &v)| (x, scale * v))
+                    .collect(),
+            })
+            .collect();
+        let values = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1));
+        let extra: &[f64] = if t.percent { &[0.0, 1.0] } else { &[0.0] };
+        let y = span(values, extra, 0.0..1.0);
+        let fmt = number_fmt(&y);
+        let pct = t.percent;
+        let y_fmt = move |v: &f64| {
+            if pct { format!("{}%", fmt(v)) } else { fmt(v) }
+        };
+        let step_fmt = |v: &f64| format!("{v:.0}");
+        line_chart(
+            &root,
+            &LineChart {
+                title: t.title.clone(),
+                subtitle: t.subtitle.clone(),
+                x_desc: "step".into(),
+                y_desc: t.y_desc.clone(),
+                x: xr,
+                y,
+                log_y: false,
+                x_fmt: &step_fmt,
+                y_fmt: &y_fmt,
+                lines,
+                markers: t.steps.len() <= 25,
+            },
+            theme,
+        )?;
+        root.present().map_err(err)?;
+    }
+    crate::svgtext::outline_text(&svg)
+}
+
+/// The x range of a chart across steps: the steps, a little padded.
+fn step_range(x: &[f64]) -> Range<f64> {
+    match (x.first(), x.last()) {
+        (Some(&a), Some(&b)) if b > a => {
+            let pad = (b - a) * 0.02;
+            a - pad..b + pad
+        }
+        (Some(&a), _) => a - 1.0..a + 1.0,
+        _ => 0.0..1.0,
+    }
+}
+
 fn encode_png(rgb: &[u8], w: u32, h: u32) -> Res<Vec<u8>> {
     let mut out = Vec::new();
     let mut enc = png::Encoder::new(&mut out, w, h);
@@ -93,10 +190,11 @@ fn encode_png(rgb: &[u8], w: u32, h: u32) -> Res<Vec<u8>> {
     Ok(out)
 }
 
-/// How much wider than measured an SVG viewer may set a text: it uses its own fonts
-/// (Noto Sans if it has it, else DejaVu Sans, about 12% wider, or another sans-serif),
-/// so legends leave that much room.
-const SVG_SLACK: f64 = 1.15;
+/// How much wider than measured an SVG text is drawn. plotters measures text with an em
+/// of size·unitsPerEm/(ascender − descender) = size·2048/2789, and writes the SVG's
+/// `font-size` as size/1.24, which [`crate::svgtext`] draws as the em: 1.098× as wide, so
+/// legends leave that much room.
+const SVG_SLACK: f64 = 1.1;
 
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
@@ -650,14 +748,15 @@ fn divergence<DB: DrawingBackend>(
             }
         }
     }
+    let one_delta = deltas.len() == 1;
     for (d, names) in &deltas {
-        let who = if names.len() > 2 {
-            format!("{} rules", names.len())
+        let label = if one_delta {
+            format!("token threshold δ = {} (every rule that has one)", trim(*d))
         } else {
-            names.join(", ")
+            format!("token threshold δ = {}: {}", trim(*d), name_list(names))
         };
         lines.push(Line {
-            label: format!("δ = {} ({who})", trim(*d)),
+            label,
             color: GREY,
             dash: Dash::Dotted,
             weight: 0.8,
@@ -722,6 +821,57 @@ fn threshold_delta(cfg: &cppo::Config) -> Option<f64> {
     }
 }
 
+/// Rule names for a legend: all of them up to three, else the first two and how many
+/// more.
+fn name_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [a] => (*a).to_string(),
+        [a, b] => format!("{a} and {b}"),
+        [a, b, c] => format!("{a}, {b} and {c}"),
+        [a, b, rest @ ..] => format!("{a}, {b} and {} more", rest.len()),
+    }
+}
+
+/// Lines of the same style that coincide (within 0.5% of the chart's y range at every
+/// point) drawn once, their labels' rule names merged: `"A and B: δ/w_t"`. A line's
+/// label is `"rule: what"`; only lines with the same `what` and dash merge.
+fn merge_coincident(lines: Vec<Line>, y: &Range<f64>) -> Vec<Line> {
+    let tol = 0.005 * (y.end - y.start).abs().max(f64::MIN_POSITIVE);
+    let split = |l: &Line| -> (String, String) {
+        match l.label.rsplit_once(": ") {
+            Some((who, what)) => (who.to_string(), what.to_string()),
+            None => (l.label.clone(), String::new()),
+        }
+    };
+    let mut groups: Vec<(Line, Vec<String>, String)> = Vec::new();
+    for line in lines {
+        let (who, what) = split(&line);
+        let same = groups.iter_mut().find(|(g, _, gwhat)| {
+            *gwhat == what
+                && g.dash == line.dash
+                && g.points.len() == line.points.len()
+                && g.points.iter().zip(&line.points).all(|(a, b)| {
+                    a.0 == b.0 && ((a.1 - b.1).abs() <= tol || (a.1.is_nan() && b.1.is_nan()))
+                })
+        });
+        match same {
+            Some((_, names, _)) => names.push(who),
+            None => groups.push((line, vec![who], what)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(mut line, names, what)| {
+            if names.len() > 1 {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                line.label = format!("{}: {what}", name_list(&names));
+            }
+            line
+        })
+        .collect()
+}
+
 fn thresholds<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     a: &Analysis,
@@ -770,6 +920,7 @@ fn thresholds<DB: DrawingBackend>(
     }
     let values = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1));
     let y = span(values, &[0.0], 0.0..1.0);
+    let mut lines = merge_coincident(lines, &y);
     if y.start < 0.0 {
         lines.insert(
             0,
@@ -861,12 +1012,13 @@ fn strip<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, a: &Analysis, theme:
         Some(r) => format!("Token decisions in {} rows under {}", s.rows.len(), r.name),
         None => "Token decisions".to_string(),
     };
-    let body = titled(
-        area,
-        &title,
-        "one cell per slot of the padded row; blank: not a response token (padding, tool output)",
-        theme,
-    )?;
+    let chosen = if s.chosen {
+        "the rows with the most kinds of decision"
+    } else {
+        "the rows of --strip-rows"
+    };
+    let subtitle = format!("{chosen}, one cell per slot; blank: not a response token");
+    let body = titled(area, &title, &subtitle, theme)?;
     let entries = [
         ("kept".to_string(), Mark::Box(KEPT)),
         (
@@ -1083,4 +1235,48 @@ fn steps<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StepsAnalysis, s
         },
         theme,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(label: &str, dash: Dash, ys: &[f64]) -> Line {
+        Line {
+            label: label.into(),
+            color: GREY,
+            dash,
+            weight: 1.0,
+            points: ys.iter().enumerate().map(|(i, &y)| (i as f64, y)).collect(),
+        }
+    }
+
+    #[test]
+    fn names_are_listed_then_counted() {
+        assert_eq!(name_list(&["A"]), "A");
+        assert_eq!(name_list(&["A", "B"]), "A and B");
+        assert_eq!(name_list(&["A", "B", "C"]), "A, B and C");
+        assert_eq!(name_list(&["A", "B", "C", "D", "E"]), "A, B and 3 more");
+    }
+
+    /// Coincident lines of one kind and dash merge; a line 1% of the range away, of
+    /// another dash or of another kind does not.
+    #[test]
+    fn coincident_lines_merge() {
+        let y = 0.0..1.0;
+        let lines = vec![
+            line("A: δ/w_t", Dash::Dashed, &[0.15, 0.16, 0.18]),
+            line("B: δ/w_t", Dash::Dashed, &[0.15, 0.162, 0.18]), // within 0.005
+            line("C: δ/w_t", Dash::Dashed, &[0.15, 0.17, 0.18]),  // 0.01 away
+            line("D: δ/w_t", Dash::Solid, &[0.15, 0.16, 0.18]),
+            line("E: mean c_t", Dash::Dashed, &[0.15, 0.16, 0.18]),
+            line("F: δ/w_t", Dash::Dashed, &[0.15, 0.16, 0.18]),
+        ];
+        let merged = merge_coincident(lines, &y);
+        let labels: Vec<&str> = merged.iter().map(|l| l.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["A, B and F: δ/w_t", "C: δ/w_t", "D: δ/w_t", "E: mean c_t"]
+        );
+    }
 }

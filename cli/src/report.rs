@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::batchfile::Arrays;
 use crate::failure::Failure;
 use crate::npz::NpyFloat;
+use crate::warnings::{self, BatchShape, RuleFacts, Warning};
 
 /// A named config: one line in every table and plot.
 #[derive(Clone, Debug, Serialize)]
@@ -252,6 +253,8 @@ pub struct Strip {
     pub rows: Vec<usize>,
     /// The rows' advantages, when they are per row.
     pub advantages: Option<Vec<f64>>,
+    /// Whether the rows were chosen by [`choose_rows`] (else given by `--strip-rows`).
+    pub chosen: bool,
 }
 
 /// Everything `cppo inspect` reports on one batch.
@@ -263,6 +266,8 @@ pub struct Analysis {
     pub divergences: Vec<DivergenceStats>,
     pub rules: Vec<RuleResult>,
     pub strip: Strip,
+    /// What a practitioner should look at twice ([`crate::warnings`]).
+    pub warnings: Vec<Warning>,
 }
 
 /// How to reduce.
@@ -307,9 +312,16 @@ pub fn analyse<F: NpyFloat>(
 
     let mut results = Vec::with_capacity(rules.len());
     let mut divergences: Vec<DivergenceStats> = Vec::new();
+    let mut exhausted = Vec::with_capacity(rules.len());
     for spec in rules {
         let eval = cppo::evaluate(&spec.config, &batch, Par::Rayon).map_err(context)?;
         let o = &eval.outputs;
+        exhausted.push(
+            spec.config
+                .rule
+                .has_budget()
+                .then(|| warnings::exhausted_at_first_token(&o.threshold, &o.reason)),
+        );
         if !divergences
             .iter()
             .any(|d| d.divergence == spec.config.divergence)
@@ -344,6 +356,17 @@ pub fn analyse<F: NpyFloat>(
     let advantages = arrays
         .row_advantages()
         .map(|a| strip_rows.iter().map(|&i| a[i]).collect());
+    let facts: Vec<RuleFacts<'_>> = results
+        .iter()
+        .zip(&exhausted)
+        .map(|(r, &exhausted_rows)| RuleFacts {
+            name: &r.name,
+            config: &r.config,
+            diagnostics: &r.diagnostics,
+            exhausted_rows,
+        })
+        .collect();
+    let warnings = warnings::check(BatchShape { rows, len }, &facts);
     Ok(Analysis {
         batch: BatchInfo {
             input,
@@ -360,7 +383,9 @@ pub fn analyse<F: NpyFloat>(
             rule,
             rows: strip_rows,
             advantages,
+            chosen: opts.strip_rows.is_empty(),
         },
+        warnings,
     })
 }
 
@@ -538,6 +563,8 @@ pub struct StepResult {
     pub file: String,
     /// Each rule's diagnostics, in the order of [`StepsAnalysis::rules`].
     pub diagnostics: Vec<Diagnostics>,
+    /// The warnings of this step ([`crate::warnings`]).
+    pub warnings: Vec<Warning>,
 }
 
 /// What `cppo inspect DIR` reports.
@@ -548,22 +575,56 @@ pub struct StepsAnalysis {
     pub steps: Vec<StepResult>,
 }
 
-/// One step's diagnostics under every rule, as [`cppo::evaluate_into`] returns them.
+/// One step's diagnostics under every rule, as [`cppo::evaluate_into`] returns them,
+/// and the step's warnings.
 pub fn step_diagnostics<F: NpyFloat>(
     arrays: &Arrays<F>,
     rules: &[RuleSpec],
     context: &dyn Fn(cppo::Error) -> Failure,
-) -> Result<Vec<Diagnostics>, Failure> {
+) -> Result<(Vec<Diagnostics>, Vec<Warning>), Failure> {
     let batch = arrays.batch().map_err(context)?;
-    rules
-        .iter()
-        .map(|r| {
+    let (rows, len) = batch.shape();
+    // The thresholds and reasons of a rule with a budget, for one warning; reused.
+    let mut buffers: Option<(Array2<F>, Array2<u8>)> = None;
+    let mut diagnostics = Vec::with_capacity(rules.len());
+    let mut exhausted = Vec::with_capacity(rules.len());
+    for r in rules {
+        if r.config.rule.has_budget() {
+            let (threshold, reason) = buffers.get_or_insert_with(|| {
+                (
+                    Array2::from_elem((rows, len), F::default()),
+                    Array2::zeros((rows, len)),
+                )
+            });
+            let out = OutputsMut {
+                threshold: Some(threshold.view_mut()),
+                reason: Some(reason.view_mut()),
+                ..OutputsMut::default()
+            };
+            let s = cppo::evaluate_into(&r.config, &batch, out, Par::Rayon).map_err(context)?;
+            diagnostics.push(s.diagnostics);
+            exhausted.push(Some(warnings::exhausted_at_first_token(threshold, reason)));
+        } else {
             // No output buffers: the loss and the diagnostics only.
-            cppo::evaluate_into(&r.config, &batch, OutputsMut::default(), Par::Rayon)
-                .map(|s| s.diagnostics)
-                .map_err(context)
+            let s = cppo::evaluate_into(&r.config, &batch, OutputsMut::default(), Par::Rayon)
+                .map_err(context)?;
+            diagnostics.push(s.diagnostics);
+            exhausted.push(None);
+        }
+    }
+    let facts: Vec<RuleFacts<'_>> = rules
+        .iter()
+        .zip(&diagnostics)
+        .zip(&exhausted)
+        .map(|((r, d), &exhausted_rows)| RuleFacts {
+            name: &r.name,
+            config: &r.config,
+            diagnostics: d,
+            exhausted_rows,
         })
-        .collect()
+        .collect();
+    let warnings = warnings::check(BatchShape { rows, len }, &facts);
+    Ok((diagnostics, warnings))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -636,18 +697,44 @@ impl Table {
     }
 }
 
-/// A report: headings, paragraphs, tables and (Markdown only) images.
+/// A report: headings, paragraphs, tables, warnings and (Markdown only) images.
 #[derive(Default)]
 pub struct Doc {
     blocks: Vec<Block>,
 }
 
-enum Block {
+/// A warning as a report lists it: with the step it fired at, for a run.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub step: Option<u64>,
+    pub warning: Warning,
+}
+
+impl Listed {
+    /// One line: `step 120: [code] rule: message`.
+    pub fn line(&self) -> String {
+        match self.step {
+            Some(step) => format!("step {step}: {}", self.warning.line()),
+            None => self.warning.line(),
+        }
+    }
+}
+
+/// One part of a [`Doc`].
+pub enum Block {
     Title(String),
     Heading(String),
     Para(String),
     Table(Table),
-    Image { alt: String, path: String },
+    Image {
+        alt: String,
+        path: String,
+    },
+    /// The warnings; in a terminal they come last, at most `shown` of them.
+    Warnings {
+        items: Vec<Listed>,
+        shown: Option<usize>,
+    },
 }
 
 impl Doc {
@@ -669,6 +756,14 @@ impl Doc {
             path: path.into(),
         });
     }
+    pub fn warnings(&mut self, items: Vec<Listed>, shown: Option<usize>) {
+        self.blocks.push(Block::Warnings { items, shown });
+    }
+
+    /// The blocks, in order (for the HTML page).
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
 
     /// Plain text for a terminal.
     pub fn text(&self) -> String {
@@ -687,8 +782,30 @@ impl Doc {
                 Block::Table(t) => {
                     let _ = writeln!(out, "{}", t.text());
                 }
-                Block::Image { .. } => {}
+                Block::Image { .. } | Block::Warnings { .. } => {}
             }
+        }
+        // The warnings last, where the eye lands when the command is done.
+        for b in &self.blocks {
+            let Block::Warnings { items, shown } = b else {
+                continue;
+            };
+            if items.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "Warnings ({})", items.len());
+            let shown = shown.unwrap_or(items.len()).min(items.len());
+            for item in &items[..shown] {
+                let _ = writeln!(out, "- warning {}", item.line());
+            }
+            if shown < items.len() {
+                let _ = writeln!(
+                    out,
+                    "- ... and {} more: --report, --html and --json list them all",
+                    items.len() - shown
+                );
+            }
+            out.push('\n');
         }
         out.trim_end().to_string() + "\n"
     }
@@ -712,6 +829,20 @@ impl Doc {
                 }
                 Block::Image { alt, path } => {
                     let _ = writeln!(out, "![{alt}]({})\n", path.replace(' ', "%20"));
+                }
+                Block::Warnings { items, .. } => {
+                    let _ = writeln!(out, "## Warnings\n");
+                    if items.is_empty() {
+                        let _ = writeln!(out, "None.\n");
+                        continue;
+                    }
+                    for item in items {
+                        let w = &item.warning;
+                        let step = item.step.map_or(String::new(), |s| format!("step {s}: "));
+                        let rule = w.rule.as_ref().map_or(String::new(), |r| format!(" {r}:"));
+                        let _ = writeln!(out, "- {step}`{}`{rule} {}", w.code.name(), w.message);
+                    }
+                    out.push('\n');
                 }
             }
         }
@@ -762,6 +893,17 @@ pub fn batch_report(a: &Analysis, images: &[(String, String)]) -> Doc {
             "per token"
         },
     ));
+
+    doc.warnings(
+        a.warnings
+            .iter()
+            .map(|w| Listed {
+                step: None,
+                warning: w.clone(),
+            })
+            .collect(),
+        None,
+    );
 
     doc.heading("Rules");
     doc.table(Table {
@@ -920,8 +1062,12 @@ pub fn batch_report(a: &Analysis, images: &[(String, String)]) -> Doc {
     doc
 }
 
+/// Warnings a terminal lists for a run; the others are counted.
+pub const TERMINAL_WARNINGS: usize = 20;
+
 /// The report on a run. In the terminal, at most `max_rows` steps are listed (evenly
-/// spaced, first and last included); the Markdown lists them all.
+/// spaced, first and last included) and [`TERMINAL_WARNINGS`] warnings; the Markdown
+/// lists them all.
 pub fn steps_report(
     s: &StepsAnalysis,
     max_rows: Option<usize>,
@@ -933,6 +1079,17 @@ pub fn steps_report(
         s.steps.len(),
         s.dir
     ));
+    let warnings = s
+        .steps
+        .iter()
+        .flat_map(|st| {
+            st.warnings.iter().map(|w| Listed {
+                step: Some(st.step),
+                warning: w.clone(),
+            })
+        })
+        .collect();
+    doc.warnings(warnings, max_rows.map(|_| TERMINAL_WARNINGS));
     doc.heading("Rules");
     doc.table(Table {
         head: vec!["rule".into(), "definition".into()],

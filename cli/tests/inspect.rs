@@ -641,11 +641,29 @@ fn assert_svg(path: &Path, size: (u32, u32)) {
     assert_eq!(root.tag_name().name(), "svg", "{}", path.display());
     assert_eq!(root.attribute("width"), Some(size.0.to_string().as_str()));
     assert_eq!(root.attribute("height"), Some(size.1.to_string().as_str()));
-    let texts = root
+    // Text is drawn as glyph outlines: no <text> elements, no font named, and every
+    // label a group of <use>s of glyphs the file defines.
+    assert!(
+        !text.contains("<text") && !text.contains("font-family"),
+        "{}",
+        path.display()
+    );
+    let glyphs: std::collections::HashSet<&str> = root
         .descendants()
-        .filter(|n| n.has_tag_name("text"))
+        .filter(|n| n.has_tag_name("path"))
+        .filter_map(|n| n.attribute("id"))
+        .collect();
+    let labels = root
+        .descendants()
+        .filter(|n| n.attribute("aria-label").is_some())
+        .filter(|g| {
+            g.children().filter(|u| u.has_tag_name("use")).all(|u| {
+                let href = u.attribute("href").unwrap_or("");
+                glyphs.contains(href.trim_start_matches('#'))
+            })
+        })
         .count();
-    assert!(texts > 10, "{}: {texts} text elements", path.display());
+    assert!(labels > 10, "{}: {labels} labels", path.display());
     let shapes = root
         .descendants()
         .filter(|n| n.has_tag_name("polyline") || n.has_tag_name("rect") || n.has_tag_name("line"))
