@@ -2,7 +2,7 @@
 //! crate's exact gradient.
 //!
 //! The crate has no autodiff of its own; it returns dL/dlogp. [`loss`] copies the inputs
-//! to the host (from any device), runs [`evaluate`](crate::evaluate) there, and builds a
+//! to the host (from any device), runs [`evaluate`] there, and builds a
 //! scalar tensor on `logp`'s device from two parts, with g the crate's gradient as a
 //! constant and m the response mask:
 //!
