@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::Res;
-use crate::stats::{Paired, holm, paired, unit_slopes};
+use crate::report::{COLORS, xml};
+use crate::stats::{Paired, holm, mean_sd, paired, unit_slopes};
 
 /// One line of a cell's `runs.csv`.
 #[derive(Clone, Debug)]
@@ -192,13 +193,6 @@ pub struct Plan<'a> {
     pub primary: Option<(PathBuf, String)>,
     /// Where the report and the plots go.
     pub out: &'a Path,
-}
-
-fn mean_sd(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let m = xs.iter().sum::<f64>() / n;
-    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
-    (m, v.sqrt())
 }
 
 fn ms(xs: &[f64]) -> String {
@@ -456,11 +450,6 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-const COLORS: [&str; 10] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
-];
-
 /// A line series: its label and its (x, y) points.
 type Series = (String, Vec<(f64, f64)>);
 
@@ -677,10 +666,4 @@ fn positions_svg(cells: &[&Cell]) -> Res<String> {
     }
     s.push_str("</svg>\n");
     Ok(s)
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

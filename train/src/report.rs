@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::probe::Probe;
 use crate::rl::IterLog;
+use crate::stats::mean_sd;
 
 /// One finished run.
 pub struct RunSummary {
@@ -118,16 +119,6 @@ impl RunSummary {
     }
 }
 
-fn mean_sd(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let m = xs.iter().sum::<f64>() / n;
-    if xs.len() < 2 {
-        return (m, 0.0);
-    }
-    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
-    (m, v.sqrt())
-}
-
 /// The comparison table (Markdown), one line per rule, in `rules` order. Every rule of
 /// a seed starts from the same model and sees the same prompts, so the last column
 /// compares each rule with the first one seed by seed (paired).
@@ -141,6 +132,8 @@ pub fn table(runs: &[RunSummary], rules: &[String]) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let fmt = |xs: &[f64]| {
         let (m, sd) = mean_sd(xs);
+        // One seed has no spread to show.
+        let sd = if xs.len() < 2 { 0.0 } else { sd };
         format!("{m:.3} ± {sd:.3}")
     };
     for rule in rules {
@@ -216,8 +209,10 @@ pub fn runs_csv(runs: &[RunSummary]) -> String {
     s
 }
 
-const COLORS: [&str; 6] = [
-    "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+/// The line colours of every plot the trainer draws (matplotlib's ten).
+pub(crate) const COLORS: [&str; 10] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
 ];
 
 /// A panel: x = iteration, y = a series per run.
@@ -390,7 +385,8 @@ pub fn plot_svg(runs: &[RunSummary], rules: &[String], subtitle: &str) -> String
     s
 }
 
-fn xml(s: &str) -> String {
+/// `s` escaped for SVG text.
+pub(crate) fn xml(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -343,7 +343,7 @@ pub fn unit_slopes(x: &[f64], ys: &[Vec<f64>]) -> Slope {
 }
 
 /// Mean and sample sd (divisor n - 1); NaN mean for an empty slice, NaN sd below two values.
-fn mean_sd(v: &[f64]) -> (f64, f64) {
+pub fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len();
     if n == 0 {
         return (f64::NAN, f64::NAN);
