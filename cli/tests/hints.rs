@@ -13,7 +13,7 @@
 //!   that `cppo eval` and `cppo inspect` read; it writes atomically.
 
 mod common;
-use common::{Run, Scratch, cppo};
+use common::{Run, Scratch, args, assert_ok, cppo};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
@@ -23,11 +23,6 @@ use cppo::ndarray::{Array1, Array2, Array3};
 use cppo::synth::{SynthSpec, SyntheticBatch};
 use ndarray_npy::{NpzReader, NpzWriter, ReadableElement};
 use serde_json::Value;
-
-/// Builds an argument list from strings and paths.
-macro_rules! args {
-    ($($a:expr),* $(,)?) => { &[$(AsRef::<OsStr>::as_ref(&$a)),*][..] };
-}
 
 /// The failure contract, and every needle in the one line.
 #[track_caller]
@@ -43,12 +38,6 @@ fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
             run.stderr
         );
     }
-}
-
-#[track_caller]
-fn assert_ok(run: &Run) {
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert!(run.stderr.is_empty(), "{run:?}");
 }
 
 fn files_in(dir: &Path) -> Vec<String> {

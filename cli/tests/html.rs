@@ -7,28 +7,11 @@
 mod common;
 mod support;
 
-use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 
-use common::{Run, Scratch, cppo};
+use common::{Scratch, args, assert_ok, inspect};
 use support::{Arrays, small_run};
-
-fn inspect(args: &[&OsStr]) -> Run {
-    let mut all = vec![OsStr::new("inspect")];
-    all.extend_from_slice(args);
-    cppo(&all)
-}
-
-macro_rules! args {
-    ($($a:expr),* $(,)?) => { &[$(AsRef::<OsStr>::as_ref(&$a)),*][..] };
-}
-
-#[track_caller]
-fn assert_ok(run: &Run) {
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert!(run.stderr.is_empty(), "{run:?}");
-}
 
 /// The checks every page passes: one document, its policy forbids every load, nothing
 /// refers to anything outside the page, one style sheet and one script (the page's own).

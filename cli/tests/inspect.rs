@@ -14,7 +14,7 @@
 //!   outputs already staged.
 
 mod common;
-use common::{Run, Scratch, cppo};
+use common::{Run, Scratch, args, assert_ok, inspect};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -26,26 +26,8 @@ use ndarray_npy::{NpzWriter, WritableElement};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------
-// Running the binary
+// Running the binary (`inspect`, `args!` and `assert_ok` are in `common`)
 // ---------------------------------------------------------------------------------------
-
-/// `cppo inspect` with these arguments.
-fn inspect(args: &[&OsStr]) -> Run {
-    let mut all = vec![OsStr::new("inspect")];
-    all.extend_from_slice(args);
-    cppo(&all)
-}
-
-/// Builds an argument list from strings and paths.
-macro_rules! args {
-    ($($a:expr),* $(,)?) => { &[$(AsRef::<OsStr>::as_ref(&$a)),*][..] };
-}
-
-#[track_caller]
-fn assert_ok(run: &Run) {
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert!(run.stderr.is_empty(), "{run:?}");
-}
 
 impl Scratch {
     fn out(&self, name: &str) -> PathBuf {

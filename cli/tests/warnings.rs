@@ -5,29 +5,12 @@
 mod common;
 mod support;
 
-use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 
-use common::{Run, Scratch, cppo};
+use common::{Scratch, args, assert_ok, inspect};
 use serde_json::Value;
 use support::{Arrays, small_run};
-
-fn inspect(args: &[&OsStr]) -> Run {
-    let mut all = vec![OsStr::new("inspect")];
-    all.extend_from_slice(args);
-    cppo(&all)
-}
-
-macro_rules! args {
-    ($($a:expr),* $(,)?) => { &[$(AsRef::<OsStr>::as_ref(&$a)),*][..] };
-}
-
-#[track_caller]
-fn assert_ok(run: &Run) {
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert!(run.stderr.is_empty(), "{run:?}");
-}
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()

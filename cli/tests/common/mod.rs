@@ -1,6 +1,6 @@
 //! Running the `cppo` binary from the tests, and their scratch directories.
 
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code, unused_macros, unused_imports)] // each test file uses its own part
 
 use std::ffi::OsStr;
 use std::fs;
@@ -66,3 +66,23 @@ impl Scratch {
         self.inputs.join(name)
     }
 }
+
+/// `cppo inspect` with these arguments.
+pub fn inspect(args: &[&OsStr]) -> Run {
+    let mut all = vec![OsStr::new("inspect")];
+    all.extend_from_slice(args);
+    cppo(&all)
+}
+
+/// A run that succeeded: exit code 0, nothing on stderr.
+#[track_caller]
+pub fn assert_ok(run: &Run) {
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.is_empty(), "{run:?}");
+}
+
+/// Builds an argument list from strings and paths.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { &[$(AsRef::<std::ffi::OsStr>::as_ref(&$a)),*][..] };
+}
+pub(crate) use args;
