@@ -26,9 +26,10 @@ use cppo::ndarray::Array2;
 use cppo::synth::{SynthSpec, SyntheticBatch};
 use cppo::{Batch, Config, Float, Outputs, OutputsMut, Par, evaluate_into};
 
-use crate::batchfile::{self, Loaded, MaxMemory, Names, Needs};
+use crate::batchfile::{self, Loaded, MaxMemory, Needs};
 use crate::eval::read_config;
 use crate::failure::Failure;
+use crate::names::Names;
 use crate::npz::NpyFloat;
 
 /// The least time spent in untimed warm-up runs.
@@ -57,7 +58,7 @@ pub struct BenchArgs {
 
     /// The names the --input file's arrays go by: crate (logp, logp_old, advantages,
     /// mask, ...), verl or trl (as for `cppo eval`).
-    #[arg(long, value_enum, default_value_t = Names::Crate, long_help = batchfile::names_help())]
+    #[arg(long, value_enum, default_value_t = Names::Crate, long_help = crate::names::names_help())]
     names: Names,
 
     /// The most memory the --input file's arrays may take once read (as for `cppo eval`).

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use cppo::{Config, Par, Preset};
 
-use crate::batchfile::{self, Loaded, MaxMemory, Names, Needs};
+use crate::batchfile::{self, Loaded, MaxMemory, Needs};
 use crate::failure::Failure;
+use crate::names::Names;
 use crate::npz::{NpyFloat, write_outputs};
 use crate::staged::{Staged, commit_all};
 
@@ -44,7 +45,7 @@ pub struct EvalArgs {
 
     /// The names the batch file's arrays go by: crate (logp, logp_old, advantages, mask,
     /// ...), verl or trl.
-    #[arg(long, value_enum, default_value_t = Names::Crate, long_help = batchfile::names_help())]
+    #[arg(long, value_enum, default_value_t = Names::Crate, long_help = crate::names::names_help())]
     names: Names,
 
     /// Where to write the outputs (.npz). Replaced if it exists.

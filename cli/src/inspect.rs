@@ -119,8 +119,8 @@ pub struct InspectArgs {
 
     /// The names the batch file's arrays go by: crate (logp, logp_old, advantages, mask,
     /// ...), verl or trl.
-    #[arg(long, value_enum, default_value_t = batchfile::Names::Crate, long_help = batchfile::names_help())]
-    names: batchfile::Names,
+    #[arg(long, value_enum, default_value_t = crate::names::Names::Crate, long_help = crate::names::names_help())]
+    names: crate::names::Names,
 }
 
 /// The largest figure side, in pixels.

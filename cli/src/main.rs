@@ -25,6 +25,7 @@ mod eval;
 mod failure;
 mod html;
 mod inspect;
+mod names;
 mod npz;
 #[cfg(feature = "plots")]
 mod plots;
