@@ -114,10 +114,19 @@
 //!
 //! - `synth`: [`synth`], realistic synthetic batches for demos, examples and benchmarks
 //!   (rand, rand_distr).
+//! - `json`: [`Config::from_json`], [`Config::from_json_file`] and `str::parse` for
+//!   configs (serde_json).
+//! - `candle`: `cppo::candle`, the loss as a candle tensor whose backward is the crate's
+//!   gradient (candle-core).
 //!
-//! It is off by default: the library itself depends only on ndarray, rayon, serde and
-//! thiserror. The `cppo` command-line tool (`cppo-cli`) and the candle trainer
+//! They are off by default: the library itself depends only on ndarray, rayon, serde
+//! and thiserror. The `cppo` command-line tool (`cppo-cli`) and the candle trainer
 //! (`cppo-train`) are crates of their own in the same workspace.
+//!
+//! The arrays are [`ndarray`]'s, version 0.17, re-exported as `cppo::ndarray`. An
+//! ndarray of another major version in your own `Cargo.toml` is another type, and the
+//! compiler then reports only that `From<…>` is not implemented for [`Mask`] or
+//! [`Advantages`]: use `cppo::ndarray`, or the same version.
 
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
