@@ -1,7 +1,8 @@
 //! The docs agree with the tool: the built-in rules of `cppo inspect`, as the tool runs
 //! them (`cppo inspect --demo --json`), are the rules docs/inspect.md's table lists and
 //! `cppo inspect --help` lists, in order; the README's paragraph after its first shell
-//! block and the `--compare` help name each of them in prose.
+//! block and the `--compare` help name each of them in prose; the README describes the
+//! quickstart example as the file is.
 
 mod common;
 use common::{Scratch, cppo};
@@ -164,4 +165,36 @@ fn help_rule_list_parser() {
     let help =
         "x\nThe built-in set (--compare), on one\ndivergence:\n  A b   one\n  C (d)  two\n\nPlots";
     assert_eq!(help_rules(help), ["A b", "C (d)"]);
+}
+
+/// The README's quickstart sentence says how many lines `examples/quickstart.rs` has, and
+/// how many of the built-in rules it runs: both as the file has them.
+#[test]
+fn the_readme_describes_the_quickstart_as_it_is() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let example = fs::read_to_string(root.join("examples/quickstart.rs")).unwrap();
+    let claim = readme
+        .split("-line file (`examples/quickstart.rs`)")
+        .next()
+        .and_then(|before| before.rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .expect("the README says how long the quickstart is");
+    assert_eq!(
+        claim,
+        example.lines().count(),
+        "README.md's quickstart line count"
+    );
+    // "runs three of those rules (GRPO's clip, DPPO and CPPO)": the presets it calls.
+    let presets = ["Config::grpo()", "Config::dppo()", "Config::cppo()"];
+    let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains("runs three of those rules (GRPO's clip, DPPO and CPPO)"));
+    assert_eq!(
+        example.matches("Config::").count(),
+        presets.len(),
+        "the quickstart's rules"
+    );
+    for p in presets {
+        assert!(example.contains(p), "{p} in the quickstart");
+    }
 }
