@@ -26,6 +26,18 @@ def test_torch_docstring_examples():
     assert doctest.testmod(cppo.torch, raise_on_error=True).attempted > 0
 
 
+def test_verl_docstring_examples():
+    """The example in cppo.verl's docstring runs and holds; its functions are documented."""
+    pytest.importorskip("torch")
+    import inspect
+
+    import cppo.verl
+
+    assert doctest.testmod(cppo.verl, raise_on_error=True).attempted > 0
+    for name in ["policy_loss", "register"]:
+        assert inspect.getdoc(getattr(cppo.verl, name)), name
+
+
 def test_every_public_function_has_a_docstring():
     """Every name in cppo.__all__ is documented."""
     import inspect
