@@ -41,6 +41,7 @@ __all__ = [
     "CppoError",
     "Counts",
     "Evaluation",
+    "chunk",
     "counts",
     "describe_presets",
     "evaluate",
@@ -389,6 +390,28 @@ def evaluate(
             shape mismatch or a wrong dtype (``array``), a bad config (``field``,
             ``hint``), a count override below the batch's own count (``field``).
     """
+    arrays, optional = _inputs(logp, logp_old, advantages, mask, topk_logp_old, topk_logp, logp_ref, is_weights)
+    text = _config_text(config)
+    try:
+        raw = _cppo.evaluate(*arrays, text, *optional, _threads(threads))
+    except CppoError as e:
+        raise _with_config_path(e, text) from None
+    return Evaluation._from_native(raw)
+
+
+def _inputs(
+    logp: Any,
+    logp_old: Any,
+    advantages: Any,
+    mask: Any,
+    topk_logp_old: Any = None,
+    topk_logp: Any = None,
+    logp_ref: Any = None,
+    is_weights: Any = None,
+) -> tuple:
+    """The checked inputs of a call, ``([logp, logp_old, advantages, mask],
+    [topk_logp_old, topk_logp, logp_ref, is_weights])``: every float array in logp's
+    dtype, the dimensions right, a mask of a type the crate takes."""
     logp = _float_array(logp, "logp", (2,), None)
     dt = logp.dtype
     logp_old = _float_array(logp_old, "logp_old", (2,), dt)
@@ -408,23 +431,7 @@ def evaluate(
         logp_ref = _float_array(logp_ref, "logp_ref", (2,), dt)
     if is_weights is not None:
         is_weights = _float_array(is_weights, "is_weights", (2,), dt)
-    text = _config_text(config)
-    try:
-        raw = _cppo.evaluate(
-            logp,
-            logp_old,
-            advantages,
-            mask,
-            text,
-            topk_logp_old,
-            topk_logp,
-            logp_ref,
-            is_weights,
-            _threads(threads),
-        )
-    except CppoError as e:
-        raise _with_config_path(e, text) from None
-    return Evaluation._from_native(raw)
+    return [logp, logp_old, advantages, mask], [topk_logp_old, topk_logp, logp_ref, is_weights]
 
 
 def counts(mask: Any) -> Counts:
@@ -473,3 +480,8 @@ def merge_tallies(tallies: list, config: ConfigLike = None) -> tuple:
     texts = [t if isinstance(t, str) else json.dumps(t) for t in tallies]
     diagnostics, tally = _cppo.merge_tallies(texts, _config_text(config))
     return json.loads(diagnostics), json.loads(tally)
+
+
+# The column-chunk API (context parallelism), ``cppo.chunk``: imported last, it reads
+# the helpers above.
+from . import chunk  # noqa: E402

@@ -1,6 +1,10 @@
-"""Data parallelism across 4 torch.distributed (gloo, loopback) processes: with
-cppo.torch.global_counts in every rank's config, the ranks' losses add up to the whole
-batch's, their gradients are its rows, and their merged tallies give its diagnostics.
+"""Data and context parallelism across 4 torch.distributed (gloo, loopback) processes.
+
+Data parallelism: with cppo.torch.global_counts in every rank's config, the ranks'
+losses add up to the whole batch's, their gradients are its rows, and their merged
+tallies give its diagnostics. Context parallelism: every rank holds one column chunk
+of the same rows (cppo.chunk); the partials are all-gathered, the carries sent from
+rank to rank, and the concatenated outputs are the whole rows' bit for bit.
 Skipped without torch."""
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ dist = pytest.importorskip("torch.distributed")
 
 WORLD = 4
 WORKER = Path(__file__).resolve().parent / "_distributed_worker.py"
+CP_WORKER = Path(__file__).resolve().parent / "_context_parallel_worker.py"
 
 
 def _free_port() -> int:
@@ -27,9 +32,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
-def test_four_gloo_ranks_add_up_to_the_whole_batch():
-    """Four ranks, each a row shard, each with the global counts: rank 0 checks the sums."""
+def _run_ranks(worker: Path) -> None:
+    """Launches ``worker`` as WORLD gloo ranks on the loopback interface and checks
+    that every one exits 0 and prints ``rank r: ok``."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -40,7 +45,7 @@ def test_four_gloo_ranks_add_up_to_the_whole_batch():
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER)],
+            [sys.executable, str(worker)],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -60,3 +65,20 @@ def test_four_gloo_ranks_add_up_to_the_whole_batch():
     for r, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out}"
         assert f"rank {r}: ok" in out
+
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+
+
+@needs_gloo
+def test_four_gloo_ranks_add_up_to_the_whole_batch():
+    """Four ranks, each a row shard, each with the global counts: rank 0 checks the sums."""
+    _run_ranks(WORKER)
+
+
+@needs_gloo
+def test_four_gloo_ranks_of_column_chunks_give_the_whole_rows():
+    """Four context-parallel ranks, each a column chunk of the same rows: partials and
+    divergences all-gathered, carries sent rank to rank; every rank checks every
+    per-token output against the whole rows' cppo.evaluate, bit for bit."""
+    _run_ranks(CP_WORKER)
