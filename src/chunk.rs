@@ -173,7 +173,7 @@ pub fn row_partials_into<F: Float>(
     let one = |i: usize| -> Result<RowPartial> {
         let tokens = chunk.mask.row_len(i)?;
         let stats = if needs_row_stats(cfg) && tokens > 0 {
-            row_stats(cfg, &RowIn::new(cfg, chunk, i, pos.col0)?, None)?
+            row_stats(cfg, &RowIn::new(cfg, chunk, i, pos.col0)?, None, None)?
         } else {
             RowStats::default()
         };
@@ -488,7 +488,7 @@ fn chunk_row<F: Float>(
         chunk.row_advantage(i),
         whole.delta_b,
     );
-    let tally = run_row(plan, &row, &facts, &mut carry.prefix, out)?;
+    let tally = run_row(plan, &row, &facts, &mut carry.prefix, out, None)?;
     carry.col = col0 + lc;
     Ok(tally)
 }

@@ -39,7 +39,7 @@ use crate::divergence::Divergence;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::kernel::lanes::{RowIn, missing_logp_ref, missing_topk};
-use crate::kernel::row_stats::whole_row_facts;
+use crate::kernel::row_stats::{whole_row_facts, with_probs};
 use crate::kernel::{Plan, Prefix, run_row};
 use crate::outputs::{Outputs, OutputsMut, RowOut};
 pub use crate::rows::Par;
@@ -168,8 +168,12 @@ pub fn evaluate_into<F: Float>(
         // An invalid mask value counts here; the sweep reports it in its place.
         let row_len = batch.mask.row_len_unchecked(i);
         let row = RowIn::new(cfg, batch, i, 0)?;
-        let facts = whole_row_facts(cfg, &row, row_len)?;
-        run_row(&plan, &row, &facts, &mut Prefix::default(), out)
+        with_probs(|probs| {
+            let facts = whole_row_facts(cfg, &row, row_len, Some(&mut *probs))?;
+            // The main sweep reuses the first sweep's exponentials, where it kept them.
+            let kept = probs.filled.then_some(&*probs);
+            run_row(&plan, &row, &facts, &mut Prefix::default(), out, kept)
+        })
     };
     let tally = run_rows::<F, ()>(batch.shape(), out, None, par, &row_fn)?;
     check_overrides(cfg, counts)?;

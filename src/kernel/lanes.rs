@@ -170,6 +170,37 @@ pub(crate) struct RowIn<'a, F> {
     pub is_weights: Option<Lane<'a, F>>,
 }
 
+/// A row's p = e^logp and q = e^logp_old per column, kept by the calibrated budget's
+/// first sweep over the whole row, so that the main sweep reads them instead of
+/// computing them again ([`InStage::load`]): the same function of the same inputs, so
+/// the same bits. Columns of blocks without a response token are not written.
+#[derive(Debug, Default)]
+pub(crate) struct Probs {
+    pub p: Vec<f64>,
+    pub q: Vec<f64>,
+    /// Whether the last first sweep filled them (only the binary divergences' sweep
+    /// does).
+    pub filled: bool,
+}
+
+impl Probs {
+    /// Room for a row of `width` columns (grown once, then reused).
+    pub(crate) fn fit(&mut self, width: usize) {
+        if self.p.len() < width {
+            self.p.resize(width, 0.0);
+            self.q.resize(width, 0.0);
+        }
+    }
+
+    /// Keeps the block of `st` at columns `j0..j0 + st.n`.
+    #[inline(always)]
+    pub(crate) fn keep(&mut self, st: &InStage, j0: usize) {
+        let n = st.n;
+        self.p[j0..j0 + n].copy_from_slice(&st.p[..n]);
+        self.q[j0..j0 + n].copy_from_slice(&st.q[..n]);
+    }
+}
+
 impl<'a, F: Float> RowIn<'a, F> {
     /// Row `i` of `batch`, with the arrays `cfg` needs; [`Error::MissingArray`] if the
     /// batch lacks one.
@@ -284,11 +315,18 @@ impl InStage {
         }
     }
 
-    /// Loads columns `j0..j0 + n` and computes the exponentials; `false`, with only the
-    /// mask loaded, for a block with no response token (padding: it has nothing to
-    /// compute, check or tally).
+    /// Loads columns `j0..j0 + n` and computes the exponentials (p and q read from
+    /// `probs` where a first sweep kept them); `false`, with only the mask loaded, for a
+    /// block with no response token (padding: it has nothing to compute, check or
+    /// tally).
     #[inline(always)]
-    pub(crate) fn load<F: Float>(&mut self, row: &RowIn<'_, F>, j0: usize, n: usize) -> bool {
+    pub(crate) fn load<F: Float>(
+        &mut self,
+        row: &RowIn<'_, F>,
+        j0: usize,
+        n: usize,
+        probs: Option<&Probs>,
+    ) -> bool {
         if !self.load_logprobs(row, j0, n) {
             return false;
         }
@@ -301,7 +339,13 @@ impl InStage {
             self.log_ratio[k] = (self.lp[k] - self.lq[k]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
         }
         if row.div.needs_probs() {
-            self.load_probs();
+            match probs {
+                Some(c) => {
+                    self.p[..n].copy_from_slice(&c.p[j0..j0 + n]);
+                    self.q[..n].copy_from_slice(&c.q[j0..j0 + n]);
+                }
+                None => self.load_probs(),
+            }
             // ρ = p/q saves an exponential where it equals e^r to rounding: the log-ratio
             // inside the clamp, and p and q normal numbers (the SIMD exp flushes results
             // below e^−708 to 0). Elsewhere, e^r itself.

@@ -57,7 +57,7 @@ use crate::float::Float;
 use crate::outputs::RowOut;
 use crate::simd::{Isa, isa};
 use crate::stats::Tally;
-use lanes::{InStage, RowIn, load_extras};
+use lanes::{InStage, Probs, RowIn, load_extras};
 use objective::{MinproGrad, kl_terms, objective_terms};
 use row_stats::RowFacts;
 use rule::{kept, reasons_and_shares, rule_test};
@@ -179,15 +179,16 @@ pub(crate) fn run_row<F: Float>(
     facts: &RowFacts,
     prefix: &mut Prefix,
     out: RowOut<'_, F>,
+    probs: Option<&Probs>,
 ) -> Result<Tally> {
     match isa() {
         // SAFETY: `isa` checked that the CPU has these features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { run_row_avx512(plan, row, facts, prefix, out) },
+        Isa::Avx512 => unsafe { run_row_avx512(plan, row, facts, prefix, out, probs) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { run_row_avx2(plan, row, facts, prefix, out) },
-        _ => run_row_impl(plan, row, facts, prefix, out),
+        Isa::Avx2 => unsafe { run_row_avx2(plan, row, facts, prefix, out, probs) },
+        _ => run_row_impl(plan, row, facts, prefix, out, probs),
     }
 }
 
@@ -204,8 +205,9 @@ macro_rules! row_builds {
             facts: &RowFacts,
             prefix: &mut Prefix,
             out: RowOut<'_, F>,
+            probs: Option<&Probs>,
         ) -> Result<Tally> {
-            run_row_impl(plan, row, facts, prefix, out)
+            run_row_impl(plan, row, facts, prefix, out, probs)
         }
     )*};
 }
@@ -238,6 +240,7 @@ pub(crate) fn run_row_impl<F: Float>(
     facts: &RowFacts,
     prefix: &mut Prefix,
     mut out: RowOut<'_, F>,
+    probs: Option<&Probs>,
 ) -> Result<Tally> {
     let cfg = plan.cfg;
     let mut tally = Tally::default();
@@ -270,7 +273,7 @@ pub(crate) fn run_row_impl<F: Float>(
 
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
-        if !st.load(row, j0, n) {
+        if !st.load(row, j0, n, probs) {
             // Padding: zeros out, and the tally, the prefix and MinPRO's minimum as they
             // were (what the passes below would give, bit for bit).
             out.zero_cols(j0, n);

@@ -12,7 +12,9 @@
 //!   divergences ([`crate::budget`]). The first sweep gathers the row's divergences in a
 //!   per-thread buffer (one buffer of 8 L bytes per thread that runs rows, grown once
 //!   and reused: [`evaluate_into`](crate::evaluate_into) allocates only when a thread
-//!   first meets a row longer than any before).
+//!   first meets a row longer than any before). On a binary divergence it also keeps
+//!   the row's p and q (16 L bytes per thread, [`Probs`]), which the main sweep then
+//!   reads instead of computing its two exponentials per token again.
 //!
 //! The first sweep runs the same block passes and checks as the main one, so its errors
 //! come at the same place, in the same order.
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checks::ordered_block;
 use super::divergence::block_divergences;
-use super::lanes::{InStage, RowIn};
+use super::lanes::{InStage, Probs, RowIn};
 use super::sums::{lane_fold, max};
 use super::{BLK, Work, block_values};
 use crate::config::Config;
@@ -136,15 +138,16 @@ pub(crate) fn row_stats<F: Float>(
     cfg: &Config,
     row: &RowIn<'_, F>,
     sink: Option<&mut Vec<f64>>,
+    probs: Option<&mut Probs>,
 ) -> Result<RowStats> {
     match isa() {
         // SAFETY: `isa` checked that the CPU has these features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { row_stats_avx512(cfg, row, sink) },
+        Isa::Avx512 => unsafe { row_stats_avx512(cfg, row, sink, probs) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { row_stats_avx2(cfg, row, sink) },
-        _ => row_stats_impl(cfg, row, sink),
+        Isa::Avx2 => unsafe { row_stats_avx2(cfg, row, sink, probs) },
+        _ => row_stats_impl(cfg, row, sink, probs),
     }
 }
 
@@ -156,8 +159,9 @@ fn row_stats_avx2<F: Float>(
     cfg: &Config,
     row: &RowIn<'_, F>,
     sink: Option<&mut Vec<f64>>,
+    probs: Option<&mut Probs>,
 ) -> Result<RowStats> {
-    row_stats_impl(cfg, row, sink)
+    row_stats_impl(cfg, row, sink, probs)
 }
 
 /// [`row_stats_impl`] for AVX-512 and FMA.
@@ -167,8 +171,9 @@ fn row_stats_avx512<F: Float>(
     cfg: &Config,
     row: &RowIn<'_, F>,
     sink: Option<&mut Vec<f64>>,
+    probs: Option<&mut Probs>,
 ) -> Result<RowStats> {
-    row_stats_impl(cfg, row, sink)
+    row_stats_impl(cfg, row, sink, probs)
 }
 
 #[inline(always)]
@@ -176,6 +181,7 @@ fn row_stats_impl<F: Float>(
     cfg: &Config,
     row: &RowIn<'_, F>,
     mut sink: Option<&mut Vec<f64>>,
+    mut probs: Option<&mut Probs>,
 ) -> Result<RowStats> {
     let mut stats = RowStats::default();
     let trm_max = matches!(cfg.rule, Rule::TrmMax { .. });
@@ -201,13 +207,19 @@ fn row_stats_impl<F: Float>(
             if st.load_binary(row, j0, n) {
                 block_divergences(row, &st, j0, &mut wk.d, &mut scratch);
                 gather(buf, &st.on[..n], &wk.d[..n]);
+                if let Some(c) = probs.as_deref_mut() {
+                    c.keep(&st, j0);
+                }
             }
+        }
+        if let Some(c) = probs {
+            c.filled = true;
         }
         return Ok(stats);
     }
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
-        if !st.load(row, j0, n) {
+        if !st.load(row, j0, n, None) {
             continue;
         }
         // Every value checked, as in the row's sweep, so errors come in column order;
@@ -288,6 +300,14 @@ pub(crate) fn row_facts(
 thread_local! {
     /// The divergences of the row being calibrated (see the module docs).
     static DIVERGENCES: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+    /// p and q of the row being calibrated, for its main sweep (see [`Probs`]).
+    static PROBS: RefCell<Probs> = RefCell::new(Probs::default());
+}
+
+/// Runs `f` with this thread's [`Probs`] buffer (one per thread, grown to the longest
+/// row it has met, reused).
+pub(crate) fn with_probs<R>(f: impl FnOnce(&mut Probs) -> R) -> R {
+    PROBS.with(|cell| f(&mut cell.borrow_mut()))
 }
 
 /// Grows this thread's divergence buffer to hold `width` values.
@@ -301,12 +321,17 @@ pub(crate) fn reserve_divergences(width: usize) {
 
 /// The facts of a whole row `row` with `row_len` response tokens: under TRM, GSPO and
 /// GMPO its statistics, under a calibrated CPPO budget its δ_b^row, each from a first
-/// sweep.
+/// sweep. Under a calibrated budget on a binary divergence, that sweep also keeps the
+/// row's p and q in `probs` (and sets `probs.filled`), for the main sweep to reuse.
 pub(crate) fn whole_row_facts<F: Float>(
     cfg: &Config,
     row: &RowIn<'_, F>,
     row_len: usize,
+    mut probs: Option<&mut Probs>,
 ) -> Result<RowFacts> {
+    if let Some(c) = probs.as_deref_mut() {
+        c.filled = false;
+    }
     let params = cfg.rule.cppo_params();
     let delta_b = params.and_then(|p| p.delta_b);
     let calibration = params.and_then(|p| p.active_calibration());
@@ -318,10 +343,13 @@ pub(crate) fn whole_row_facts<F: Float>(
         (Some(c), Some(db)) => DIVERGENCES.with(|cell| -> Result<_> {
             let mut buf = cell.borrow_mut();
             buf.clear();
-            let stats = row_stats(cfg, row, Some(&mut buf))?;
+            if let Some(c) = probs.as_deref_mut() {
+                c.fit(row.width());
+            }
+            let stats = row_stats(cfg, row, Some(&mut buf), probs)?;
             Ok((stats, Some(c.row_budget(db, &mut buf))))
         })?,
-        _ if needs_row_stats(cfg) => (row_stats(cfg, row, None)?, delta_b),
+        _ if needs_row_stats(cfg) => (row_stats(cfg, row, None, None)?, delta_b),
         _ => (RowStats::default(), delta_b),
     };
     Ok(row_facts(cfg, row_len, &stats, row_adv, delta_b))
@@ -340,7 +368,7 @@ pub(crate) fn divergence_row<F: Float>(
     for j0 in (0..l).step_by(BLK) {
         let n = BLK.min(l - j0);
         let mut block = dst.slice_mut(ndarray::s![j0..j0 + n]);
-        if !st.load(row, j0, n) {
+        if !st.load(row, j0, n, None) {
             block.fill(f64::NAN);
             continue;
         }

@@ -4,7 +4,7 @@
 
 use ndarray::{Array1, Array2, Array3};
 
-use super::lanes::{InStage, RowIn};
+use super::lanes::{InStage, Probs, RowIn};
 use super::row_stats::{RowFacts, whole_row_facts};
 use super::*;
 use crate::batch::Batch;
@@ -145,7 +145,10 @@ fn baseline_and_dispatched_row_passes_agree() {
                 ..Config::cppo()
             };
             let want = evaluate(&cfg, &batch, Par::Seq).unwrap();
-            for build in builds() {
+            // Each build, with the main sweep computing p and q itself and with it
+            // reading those the first sweep kept (a calibrated budget on a binary
+            // divergence), gives `evaluate`'s bits.
+            for (build, cached) in builds().into_iter().flat_map(|b| [(b, false), (b, true)]) {
                 let mut got = Outputs::<f64>::zeros((b, l));
                 let plan = Plan {
                     cfg: &cfg,
@@ -160,19 +163,36 @@ fn baseline_and_dispatched_row_passes_agree() {
                 for i in 0..b {
                     let row = RowIn::new(&cfg, &batch, i, 0).unwrap();
                     let row_len = mask.row(i).iter().filter(|&&x| x).count();
-                    let facts = whole_row_facts(&cfg, &row, row_len).unwrap();
+                    let mut probs = Probs::default();
+                    let facts =
+                        whole_row_facts(&cfg, &row, row_len, cached.then_some(&mut probs)).unwrap();
+                    let kept = probs.filled.then_some(&probs);
+                    let calibrated_binary = cfg.rule.cppo_params().is_some_and(|p| {
+                        p.active_calibration().is_some()
+                            && matches!(divergence, Divergence::BinaryTv | Divergence::BinaryKl)
+                            && !matches!(objective, Objective::Gspo { .. } | Objective::Gmpo { .. })
+                    });
+                    assert_eq!(
+                        kept.is_some(),
+                        cached && calibrated_binary && row_len > 0,
+                        "{cfg:?}"
+                    );
                     let out = views.row(i);
                     let prefix = &mut Prefix::default();
                     match build {
-                        Isa::Base => run_row_impl(&plan, &row, &facts, prefix, out),
+                        Isa::Base => run_row_impl(&plan, &row, &facts, prefix, out, kept),
                         // SAFETY: `builds` lists only what the CPU supports.
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => unsafe { run_row_avx2(&plan, &row, &facts, prefix, out) },
+                        Isa::Avx2 => unsafe {
+                            run_row_avx2(&plan, &row, &facts, prefix, out, kept)
+                        },
                         // SAFETY: as above.
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512 => unsafe { run_row_avx512(&plan, &row, &facts, prefix, out) },
+                        Isa::Avx512 => unsafe {
+                            run_row_avx512(&plan, &row, &facts, prefix, out, kept)
+                        },
                         #[cfg(not(target_arch = "x86_64"))]
-                        _ => run_row_impl(&plan, &row, &facts, prefix, out),
+                        _ => run_row_impl(&plan, &row, &facts, prefix, out, kept),
                     }
                     .unwrap();
                 }
@@ -544,7 +564,7 @@ fn block_divergences_match_the_scalar_formulas() {
             let mut scratch = None;
             for j0 in (0..l).step_by(BLK) {
                 let n = BLK.min(l - j0);
-                assert!(st.load(&row, j0, n));
+                assert!(st.load(&row, j0, n, None));
                 assert!(block_values(&row, &st, j0, &mut wk, &mut scratch));
                 d.extend_from_slice(&wk.d[..n]);
             }
