@@ -20,6 +20,7 @@
 //! | a real-valued config parameter (δ, δ_b, the calibration's scale and ceiling, the sigmoid gate's τ, ε's, caps, clips, the KL coefficient) | its own lower bound (0, or 1 for a ceiling or a dual clip) up to [`MAX_PARAM`] | [`Error::InvalidConfig`] naming the field |
 //! | SAPO's temperatures (`objective.tau_pos`, `objective.tau_neg`) | [[`MIN_TEMPERATURE`], [`MAX_PARAM`]] | [`Error::InvalidConfig`] |
 //! | w_min, the calibration's quantile | (0, 1] | [`Error::InvalidConfig`] |
+//! | a deserialized chunk [`Carry`](crate::chunk::Carry)'s S and W; its MinPRO minimum | [0, [`MAX_CARRY_SUM`]]; (0, e²⁰ (1 + 10⁻¹²)] or +∞ | refused when deserialized |
 //!
 //! Why these bounds suffice (every output is a product or sum of bounded terms):
 //! ρ ≤ e²⁰ < 4.9·10⁸; |A| ≤ 10⁹; |logp| ≤ 10⁴; an IS weight ≤ 10⁶; every divergence of one token is at most
@@ -137,6 +138,24 @@ pub const MAX_PARAM: f64 = 1e6;
 /// assert!(matches!(sapo.validate(), Err(Error::InvalidConfig { field: "objective.tau_pos", .. })));
 /// ```
 pub const MIN_TEMPERATURE: f64 = 1e-6;
+
+/// The largest prefix sum S or W a deserialized column-chunk [`Carry`](crate::chunk::Carry)
+/// may hold: 10³⁰.
+///
+/// A real row's S is at most its tokens times a token's largest divergence (about
+/// 2·10⁴), and W at most its tokens, far below this for any row that fits in memory; a
+/// larger value can only be hand-written, and would take the thresholds of the next
+/// chunk past `f32`'s range. A carry's MinPRO minimum is bounded too: at most the
+/// largest ratio e²⁰ (times 1 + 10⁻¹², for the rounding of ρ = p/q), or +∞ before the
+/// row's first token.
+///
+/// ```
+/// let bad = r#"{"col": 6, "t": 0, "s": 1e31, "w": 0.0, "min_ratio": 1.0}"#;
+/// assert!(serde_json::from_str::<cppo::chunk::Carry>(bad).is_err());
+/// let bad = r#"{"col": 6, "t": 0, "s": 0.5, "w": 5e-324, "min_ratio": 1e300}"#;
+/// assert!(serde_json::from_str::<cppo::chunk::Carry>(bad).is_err());
+/// ```
+pub const MAX_CARRY_SUM: f64 = 1e30;
 
 /// `Ok` if `ok`, else an [`Error::InvalidConfig`] for `field` saying it must be `what`.
 pub(crate) fn check(ok: bool, field: &'static str, what: &str, value: f64) -> Result<()> {

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::kernel::Prefix;
 use crate::kernel::row_stats::RowStats;
+use crate::limits::MAX_CARRY_SUM;
+use crate::objective::LOG_RATIO_CLAMP;
 
 /// A row's state between column chunks. Start every row from `Carry::default()`; only
 /// [`evaluate_chunk_into`](super::evaluate_chunk_into) advances it.
@@ -62,15 +64,18 @@ impl TryFrom<CarryWire> for Carry {
                 c.col, c.t
             ));
         }
-        if !(c.s >= 0.0 && c.s.is_finite() && c.w >= 0.0 && c.w.is_finite()) {
+        let sum_ok = |x: f64| (0.0..=MAX_CARRY_SUM).contains(&x);
+        if !(sum_ok(c.s) && sum_ok(c.w)) {
             return Err(format!(
-                "a carry's prefix sums must be finite and >= 0, got S = {} and W = {}",
+                "a carry's prefix sums must be in [0, {MAX_CARRY_SUM:e}], got S = {} and W = {}",
                 c.s, c.w
             ));
         }
-        if c.min_ratio.is_nan() || c.min_ratio <= 0.0 {
+        // The largest ratio: e^20, and the rounding of ρ = p/q (crate::limits).
+        let max_ratio = LOG_RATIO_CLAMP.exp() * (1.0 + 1e-12);
+        if !(c.min_ratio == f64::INFINITY || (c.min_ratio > 0.0 && c.min_ratio <= max_ratio)) {
             return Err(format!(
-                "a carry's minimum ratio must be > 0 (or inf), got {}",
+                "a carry's minimum ratio must be in (0, e^20] (or inf), got {}",
                 c.min_ratio
             ));
         }
