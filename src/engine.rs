@@ -10,9 +10,10 @@
 //! - [`evaluate`] allocates and returns all outputs;
 //! - [`evaluate_into`] writes into caller-owned buffers, for trainers that run it every
 //!   step. It allocates nothing on the heap, with one bounded exception: a calibrated
-//!   CPPO budget gathers each row's divergences in a buffer per thread, grown once to
-//!   the longest row that thread has seen and reused after (8 bytes a column);
-//!   [`reserve_scratch`] grows them all up front.
+//!   CPPO budget gathers each row's divergences in a buffer per thread (8 bytes a
+//!   column), and on a binary divergence keeps the row's p and q for the main sweep
+//!   (16 bytes a column), each grown once to the longest row that thread has seen and
+//!   reused after; [`reserve_scratch`] grows them all up front.
 //!
 //! Order of work: one count of the whole mask gives N_tok and N_seq, which the
 //! aggregation weights need; then, row by row, the row's response count T, a first
@@ -186,17 +187,18 @@ pub fn evaluate_into<F: Float>(
 }
 
 /// Makes [`evaluate_into`] allocation-free from its first call on rows up to `width`
-/// columns: grows the per-thread buffer a calibrated CPPO budget gathers each row's
-/// divergences in (8 bytes a column), on the calling thread and on every thread of the
-/// current rayon pool. Optional: without it, each thread grows its buffer the first time
-/// it meets a row longer than any before, and keeps it.
+/// columns: grows the per-thread buffers of a calibrated CPPO budget (the row's
+/// divergences, 8 bytes a column, and its p and q, 16 bytes a column), on the calling
+/// thread and on every thread of the current rayon pool. Optional: without it, each
+/// thread grows its buffers the first time it meets a row longer than any before, and
+/// keeps them.
 ///
 /// ```
 /// cppo::engine::reserve_scratch(8192); // once, at start-up
 /// ```
 pub fn reserve_scratch(width: usize) {
-    crate::kernel::row_stats::reserve_divergences(width);
-    rayon::broadcast(|_| crate::kernel::row_stats::reserve_divergences(width));
+    crate::kernel::row_stats::reserve_buffers(width);
+    rayon::broadcast(|_| crate::kernel::row_stats::reserve_buffers(width));
 }
 
 /// The instruction set the engine's per-row pass runs with on this CPU, chosen at run

@@ -66,6 +66,31 @@ fn into_allocates_nothing_and_evaluate_only_its_outputs() {
         .with_logp_ref(&logp_ref)
         .unwrap();
     let mut out = Outputs::<f64>::zeros((b, l));
+
+    // `reserve_scratch` alone makes the first call allocation-free: on a new pool whose
+    // threads have run nothing of the crate's, the calibrated budget's per-thread
+    // buffers (the divergences; p and q on a binary divergence) are grown up front.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        // Starting the pool's threads allocates; the crate has not run on them yet.
+        rayon::broadcast(|_| ());
+        cppo::engine::reserve_scratch(l);
+        for cfg in [
+            Config::cppo(),
+            Config {
+                divergence: Divergence::BinaryKl,
+                ..Config::cppo()
+            },
+        ] {
+            let (r, allocs, _) = count(|| evaluate_into(&cfg, &batch, out.view_mut(), Par::Rayon));
+            r.unwrap();
+            assert_eq!(allocs, 0, "first call on a reserved pool: {cfg:?}");
+        }
+    });
+
     // The calibrated budget's per-thread buffers, grown up front on every thread.
     cppo::engine::reserve_scratch(l);
 

@@ -310,13 +310,15 @@ pub(crate) fn with_probs<R>(f: impl FnOnce(&mut Probs) -> R) -> R {
     PROBS.with(|cell| f(&mut cell.borrow_mut()))
 }
 
-/// Grows this thread's divergence buffer to hold `width` values.
-pub(crate) fn reserve_divergences(width: usize) {
+/// Grows this thread's buffers (the divergences and the kept p and q) to hold rows of
+/// `width` columns.
+pub(crate) fn reserve_buffers(width: usize) {
     DIVERGENCES.with(|cell| {
         let mut buf = cell.borrow_mut();
         let more = width.saturating_sub(buf.len());
         buf.reserve(more);
     });
+    with_probs(|probs| probs.fit(width));
 }
 
 /// The facts of a whole row `row` with `row_len` response tokens: under TRM, GSPO and
