@@ -101,13 +101,18 @@ pub(crate) fn rule_test(
                     // order), then the tests in a vectorized pass. Adding 0 for a
                     // token off the mask leaves a sum as it was (S, W ≥ 0), so these
                     // are the bits of a scan that skips it.
-                    let (mut s_before, mut w_before) = ([0.0f64; BLK], [0.0f64; BLK]);
+                    let (mut add_s, mut add_w) = ([0.0f64; BLK], [0.0f64; BLK]);
                     for k in 0..n {
                         let on = st.on[k];
-                        (s_before[k], w_before[k]) = (s, ws);
-                        s += if on { w[k] * d[k] } else { 0.0 };
-                        ws += if on { w[k] } else { 0.0 };
+                        add_s[k] = if on { w[k] * d[k] } else { 0.0 };
+                        add_w[k] = if on { w[k] } else { 0.0 };
                     }
+                    let (mut s_before, mut w_before) = ([0.0f64; BLK], [0.0f64; BLK]);
+                    (s, ws) = prefix_scan(
+                        (s, ws),
+                        (&add_s[..n], &add_w[..n]),
+                        (&mut s_before[..n], &mut w_before[..n]),
+                    );
                     for k in 0..n {
                         let wd = w[k] * d[k];
                         let r = delta + db * w_before[k];
@@ -126,6 +131,27 @@ pub(crate) fn rule_test(
         }
     }
     fail[..n].fill(TOKEN);
+}
+
+/// The two running sums S and W, token by token in column order: `before` receives
+/// each token's sums before it, and the sums after the last token are returned.
+///
+/// Its own function, not inlined: in the block pass, the compiler kept the two sums
+/// in a stack slot and paid a store and a reload on every token's add; alone, the two
+/// add chains stay in registers and run at the adds' latency.
+#[inline(never)]
+fn prefix_scan(
+    (mut s, mut w): (f64, f64),
+    (add_s, add_w): (&[f64], &[f64]),
+    (s_before, w_before): (&mut [f64], &mut [f64]),
+) -> (f64, f64) {
+    let adds = add_s.iter().zip(add_w);
+    for ((sb, wb), (&a, &b)) in s_before.iter_mut().zip(w_before.iter_mut()).zip(adds) {
+        (*sb, *wb) = (s, w);
+        s += a;
+        w += b;
+    }
+    (s, w)
 }
 
 /// Reasons and shares: 1 feasible; else 2 kept by the corrective bypass (never under
