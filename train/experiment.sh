@@ -8,6 +8,8 @@
 #   sh train/experiment.sh tune_cppo   # CPPO's delta_b, 3 values, at DPPO's tuned delta
 #   sh train/experiment.sh grid        # the main grid, fresh seeds
 #   sh train/experiment.sh ablations   # the paper's ablations at the longest horizon
+#   sh train/experiment.sh staleness   # the arms at lags 0, 2 and 8 (T = 16; lag 4 is in grid)
+#   sh train/experiment.sh long        # the arms at T = 32, stale and mismatch
 #   sh train/experiment.sh analyze     # the statistics, tables and plots
 #
 # The primary endpoint, fixed before the grid ran: the sampled-accuracy AUC (Avg@4 on
@@ -77,6 +79,18 @@ ablations)
     $B $COMMON $STALE --horizon 16 --seeds $SEEDS --out $OUT/ablations_T16 \
         --rules "$CPPO,cppo_weights:$D,cppo_budget:$D:$DB,cppo_shuffled:$D:$DB,cppo_soft:$D:$DB,trm_avg:$D"
     ;;
+staleness)
+    # The staleness sweep at T = 16: lag 4 is the grid's primary cell; these add lags
+    # 0 (on-policy but for the 4 minibatches of an iteration), 2 and 8.
+    for LAG in 0 2 8; do
+        $B $COMMON --lag $LAG --horizon 16 --rules $ARMS --seeds $SEEDS --out $OUT/lag${LAG}_T16
+    done
+    ;;
+long)
+    # The horizon trend's next doubling, T = 32 (33 response tokens), both drifts.
+    $B $COMMON $STALE --horizon 32 --rules $ARMS --seeds $SEEDS --out $OUT/stale_T32
+    $B $COMMON $MISMATCH --horizon 32 --rules $ARMS --seeds $SEEDS --out $OUT/mismatch_T32
+    ;;
 analyze)
     G=$OUT/stale_T4,$OUT/stale_T8,$OUT/stale_T16,$OUT/mismatch_T4,$OUT/mismatch_T8,$OUT/mismatch_T16
     $B --analyze "$G" --reference "$DPPO" --primary "$OUT/stale_T16:$CPPO" --out $OUT/analysis
@@ -85,7 +99,7 @@ analyze)
     $B --analyze "$OUT/ablations_T16" --reference "$CPPO" --out $OUT/analysis_ablations
     ;;
 *)
-    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|analyze" >&2
+    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|staleness|long|analyze" >&2
     exit 2
     ;;
 esac

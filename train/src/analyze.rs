@@ -13,8 +13,11 @@
 //! - **The horizon trend**: cells that differ only in the horizon T form a drift group;
 //!   for each arm, the paired difference's slope against log₂ T, one slope per seed (the
 //!   seeds every cell of the group has), then its mean and 95 % t interval across seeds.
-//! - **Plots**: the endpoint against log₂ T per arm and drift group (`horizon.svg`), and
-//!   masking and D by response position at each group's longest horizon
+//! - **The staleness trend**: cells that differ only in the lag k (the rollout policy k
+//!   iterations behind) form a staleness group; the same per-seed slopes, against k.
+//! - **Plots**: the endpoint against log₂ T per arm and drift group (`horizon.svg`),
+//!   against the lag per staleness group (`staleness.svg`, when there is one), and
+//!   masking and D by response position at each drift group's longest horizon
 //!   (`positions.svg`).
 
 use std::collections::BTreeMap;
@@ -107,6 +110,26 @@ impl Cell {
             "{}, lag {}, τ_μ {}, {} minibatches × {} epochs, lr {}, IS cap {}",
             s["task"].as_str().unwrap_or("?"),
             s["lag"],
+            s["tau_mu"],
+            s["minibatches"],
+            s["epochs"],
+            s["lr"],
+            s["is_cap"]
+        )
+    }
+
+    /// The lag k: the rollouts' policy is k iterations behind.
+    fn lag(&self) -> f64 {
+        self.setting["lag"].as_f64().unwrap_or(f64::NAN)
+    }
+
+    /// Everything but the lag: the cells of one staleness sweep.
+    fn staleness_group(&self) -> String {
+        let s = &self.setting;
+        format!(
+            "{}, T = {}, τ_μ {}, {} minibatches × {} epochs, lr {}, IS cap {}",
+            s["task"].as_str().unwrap_or("?"),
+            self.n(),
             s["tau_mu"],
             s["minibatches"],
             s["epochs"],
@@ -348,46 +371,42 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for (g, cs) in &groups {
-        if cs.len() < 2 {
-            continue;
-        }
         let x: Vec<f64> = cs.iter().map(|c| (c.n() as f64).log2()).collect();
         let horizons: Vec<String> = cs.iter().map(|c| c.n().to_string()).collect();
-        for arm in cs[0].arms().into_iter().filter(|a| a != plan.reference) {
-            let diffs: Vec<BTreeMap<u64, f64>> = cs
-                .iter()
-                .map(|c| {
-                    let (a, b) = (c.by_seed(&arm, ep), c.by_seed(plan.reference, ep));
-                    a.iter()
-                        .filter_map(|(s, v)| Some((*s, v - b.get(s)?)))
-                        .collect()
-                })
-                .collect();
-            let seeds: Vec<u64> = diffs[0]
-                .keys()
-                .filter(|s| diffs.iter().all(|d| d.contains_key(s)))
-                .copied()
-                .collect();
-            if seeds.len() < 2 {
-                continue;
-            }
-            let ys: Vec<Vec<f64>> = seeds
-                .iter()
-                .map(|s| diffs.iter().map(|d| d[s]).collect())
-                .collect();
-            let sl = unit_slopes(&x, &ys);
-            let _ = writeln!(
-                s,
-                "| {g} | {} | {arm} | {} | {:+.4} | [{:+.4}, {:+.4}] |",
-                horizons.join(", "),
-                sl.n,
-                sl.slope,
-                sl.ci95.0,
-                sl.ci95.1
-            );
-        }
+        trend_rows(&mut s, g, &horizons.join(", "), cs, &x, plan.reference, ep);
     }
     let _ = writeln!(s);
+
+    // The staleness trend, where cells differ only in the lag.
+    let mut sweeps: BTreeMap<String, Vec<&Cell>> = BTreeMap::new();
+    for c in &cells {
+        sweeps.entry(c.staleness_group()).or_default().push(c);
+    }
+    sweeps.retain(|_, cs| cs.len() >= 2);
+    for cs in sweeps.values_mut() {
+        cs.sort_by(|a, b| a.lag().total_cmp(&b.lag()));
+    }
+    if !sweeps.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Trend with staleness: slope of the paired difference against the lag\n"
+        );
+        let _ = writeln!(
+            s,
+            "The lag k: rollouts from the policy k iterations behind. One least-squares slope per seed over the group's lags (seeds every cell has), then the mean and its 95 % t interval across seeds.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| staleness group | lags | arm | seeds | slope per iteration of lag | 95 % CI |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for (g, cs) in &sweeps {
+            let x: Vec<f64> = cs.iter().map(|c| c.lag()).collect();
+            let lags: Vec<String> = x.iter().map(|k| k.to_string()).collect();
+            trend_rows(&mut s, g, &lags.join(", "), cs, &x, plan.reference, ep);
+        }
+        let _ = writeln!(s);
+    }
 
     // By position, at each drift group's longest horizon.
     let _ = writeln!(
@@ -434,13 +453,69 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
 
     std::fs::create_dir_all(plan.out)?;
     std::fs::write(plan.out.join("report.md"), &s)?;
-    std::fs::write(plan.out.join("horizon.svg"), horizon_svg(&groups, ep))?;
+    let title = format!("{ep} (mean over seeds) against the horizon");
+    let horizon = trend_svg(&groups, ep, &title, ("log₂ T", |c| (c.n() as f64).log2()));
+    std::fs::write(plan.out.join("horizon.svg"), horizon)?;
+    if !sweeps.is_empty() {
+        let title = format!("{ep} (mean over seeds) against staleness");
+        let x: (&str, fn(&Cell) -> f64) = ("lag k (iterations)", |c| c.lag());
+        std::fs::write(
+            plan.out.join("staleness.svg"),
+            trend_svg(&sweeps, ep, &title, x),
+        )?;
+    }
     let longest: Vec<&Cell> = groups
         .values()
         .filter_map(|cs| cs.iter().max_by_key(|c| c.n()).copied())
         .collect();
     std::fs::write(plan.out.join("positions.svg"), positions_svg(&longest)?)?;
     Ok(s)
+}
+
+/// One table row per arm of a trend group: the slope of the paired difference
+/// `arm − reference` of `ep` against `x` (one value per cell), one least-squares slope
+/// per seed over the seeds every cell has, then their mean and 95 % t interval.
+fn trend_rows(
+    s: &mut String,
+    group: &str,
+    xs_label: &str,
+    cs: &[&Cell],
+    x: &[f64],
+    reference: &str,
+    ep: &str,
+) {
+    if cs.len() < 2 {
+        return;
+    }
+    for arm in cs[0].arms().into_iter().filter(|a| a != reference) {
+        let diffs: Vec<BTreeMap<u64, f64>> = cs
+            .iter()
+            .map(|c| {
+                let (a, b) = (c.by_seed(&arm, ep), c.by_seed(reference, ep));
+                a.iter()
+                    .filter_map(|(s, v)| Some((*s, v - b.get(s)?)))
+                    .collect()
+            })
+            .collect();
+        let seeds: Vec<u64> = diffs[0]
+            .keys()
+            .filter(|s| diffs.iter().all(|d| d.contains_key(s)))
+            .copied()
+            .collect();
+        if seeds.len() < 2 {
+            continue;
+        }
+        let ys: Vec<Vec<f64>> = seeds
+            .iter()
+            .map(|s| diffs.iter().map(|d| d[s]).collect())
+            .collect();
+        let sl = unit_slopes(x, &ys);
+        let _ = writeln!(
+            s,
+            "| {group} | {xs_label} | {arm} | {} | {:+.4} | [{:+.4}, {:+.4}] |",
+            sl.n, sl.slope, sl.ci95.0, sl.ci95.1
+        );
+    }
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -542,15 +617,17 @@ fn svg_open(width: f64, height: f64, title: &str) -> String {
     )
 }
 
-/// The endpoint's mean over seeds against log₂ T, one panel per drift group.
-fn horizon_svg(groups: &BTreeMap<String, Vec<&Cell>>, ep: &str) -> String {
+/// The endpoint's mean over seeds against a cell's x (the horizon's log₂ T, the lag),
+/// one panel per group, one line per arm.
+fn trend_svg(
+    groups: &BTreeMap<String, Vec<&Cell>>,
+    ep: &str,
+    title: &str,
+    (x_label, x_of): (&str, fn(&Cell) -> f64),
+) -> String {
     let (w, h, gap) = (380.0, 260.0, 250.0);
     let n = groups.len().max(1) as f64;
-    let mut s = svg_open(
-        70.0 + n * (w + gap),
-        h + 120.0,
-        &format!("{ep} (mean over seeds) against the horizon"),
-    );
+    let mut s = svg_open(70.0 + n * (w + gap), h + 120.0, title);
     // One y range for every panel, from the data, in steps of 0.05.
     let all: Vec<f64> = groups
         .values()
@@ -574,10 +651,7 @@ fn horizon_svg(groups: &BTreeMap<String, Vec<&Cell>>, ep: &str) -> String {
                     .iter()
                     .map(|c| {
                         let v: Vec<f64> = c.by_seed(arm, ep).into_values().collect();
-                        (
-                            (c.n() as f64).log2(),
-                            v.iter().sum::<f64>() / v.len().max(1) as f64,
-                        )
+                        (x_of(c), v.iter().sum::<f64>() / v.len().max(1) as f64)
                     })
                     .collect();
                 (arm.clone(), pts)
@@ -587,7 +661,7 @@ fn horizon_svg(groups: &BTreeMap<String, Vec<&Cell>>, ep: &str) -> String {
             &mut s,
             (70.0 + k as f64 * (w + gap), 60.0, w, h),
             g,
-            "log₂ T",
+            x_label,
             range,
             &series,
         );

@@ -69,11 +69,12 @@ fn trainer_runs_every_rule_end_to_end() {
 }
 
 /// The running-sum task with a rollout temperature, the shared detached-IS objective,
-/// arms with parameters, a cached shared warm start, and `--analyze` over two cells.
+/// arms with parameters, a cached shared warm start, and `--analyze` over three cells:
+/// two horizons at one lag, two lags at one horizon.
 #[test]
 fn running_sum_cells_and_their_analysis() {
     let dir = tempfile::tempdir().unwrap();
-    let cell = |name: &str, horizon: &str| {
+    let cell = |name: &str, horizon: &str, lag: &str| {
         let out = dir.path().join(name);
         let args = train::Args::parse_from([
             "train",
@@ -89,7 +90,7 @@ fn running_sum_cells_and_their_analysis() {
             "--tau-mu",
             "1.1",
             "--lag",
-            "1",
+            lag,
             "--seeds",
             "1,2",
             "--warm-seed",
@@ -121,7 +122,7 @@ fn running_sum_cells_and_their_analysis() {
         ]);
         (train::run(args).unwrap(), out)
     };
-    let (runs, first) = cell("a", "3");
+    let (runs, first) = cell("a", "3", "1");
     assert_eq!(runs.len(), 6);
     for r in &runs {
         assert!(r.error.is_none(), "{}: {:?}", r.rule, r.error);
@@ -134,18 +135,24 @@ fn running_sum_cells_and_their_analysis() {
         .collect();
     assert_eq!(cached.len(), 1);
     // The same cell again loads the cached warm start and reproduces every number.
-    let (rerun, _) = cell("a2", "3");
+    let (rerun, _) = cell("a2", "3", "1");
     for (x, y) in runs.iter().zip(&rerun) {
         assert_eq!(without_secs(&x.csv()), without_secs(&y.csv()), "{}", x.rule);
     }
-    let (_, second) = cell("b", "4");
+    let (_, second) = cell("b", "4", "1");
+    let (_, fresh) = cell("c", "3", "0");
     let pos = std::fs::read_to_string(first.join("cppo_budget_seed1_pos.csv")).unwrap();
     assert_eq!(pos.lines().count(), 1 + 4, "{pos}");
     let analysis = dir.path().join("analysis");
     let report = train::run(train::Args::parse_from([
         "train",
         "--analyze",
-        &format!("{},{}", first.display(), second.display()),
+        &format!(
+            "{},{},{}",
+            first.display(),
+            second.display(),
+            fresh.display()
+        ),
         "--reference",
         "dppo:delta=0.1",
         "--primary",
@@ -163,7 +170,10 @@ fn running_sum_cells_and_their_analysis() {
     );
     // Two horizons of one drift group: a slope line per compared arm.
     assert!(md.contains("| 3, 4 | cppo_budget | 2 |"), "{md}");
-    for svg in ["horizon.svg", "positions.svg"] {
+    // Two lags at one horizon: a staleness slope line per compared arm.
+    assert!(md.contains("## Trend with staleness"), "{md}");
+    assert!(md.contains("| 0, 1 | cppo_budget | 2 |"), "{md}");
+    for svg in ["horizon.svg", "staleness.svg", "positions.svg"] {
         let s = std::fs::read_to_string(analysis.join(svg)).unwrap();
         assert!(s.starts_with("<svg") && s.contains("polyline"), "{svg}");
     }
