@@ -38,5 +38,7 @@ echo "installed in $(( $(date +%s) - start )) s"
 echo "=== pytest"
 # Run from the tests' own directory with the venv's pytest: `python -m pytest` inside
 # python/ would import the source tree's cppo/, which has no native module.
+# Not `exec`: the EXIT trap above must still run to remove a temporary venv (about
+# 5 GB with torch).
 cd "$here/tests"
-exec "$venv/bin/pytest" -q "$@"
+"$venv/bin/pytest" -q "$@"
