@@ -357,25 +357,19 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
     for c in &cells {
         groups.entry(c.group()).or_default().push(c);
     }
-    let _ = writeln!(
-        s,
-        "## Trend with the horizon: slope of the paired difference against log₂ T\n"
+    trend_section(
+        &mut s,
+        &Trend {
+            heading: "Trend with the horizon: slope of the paired difference against log₂ T",
+            intro: "",
+            columns: ("drift group", "horizons", "slope per doubling of T"),
+            x_of: |c| (c.n() as f64).log2(),
+            x_name: |c| c.n().to_string(),
+        },
+        &groups,
+        plan.reference,
+        ep,
     );
-    let _ = writeln!(
-        s,
-        "One least-squares slope per seed over the group's horizons (seeds every cell has), then the mean and its 95 % t interval across seeds.\n"
-    );
-    let _ = writeln!(
-        s,
-        "| drift group | horizons | arm | seeds | slope per doubling of T | 95 % CI |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
-    for (g, cs) in &groups {
-        let x: Vec<f64> = cs.iter().map(|c| (c.n() as f64).log2()).collect();
-        let horizons: Vec<String> = cs.iter().map(|c| c.n().to_string()).collect();
-        trend_rows(&mut s, g, &horizons.join(", "), cs, &x, plan.reference, ep);
-    }
-    let _ = writeln!(s);
 
     // The staleness trend, where cells differ only in the lag.
     let mut sweeps: BTreeMap<String, Vec<&Cell>> = BTreeMap::new();
@@ -387,25 +381,19 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
         cs.sort_by(|a, b| a.lag().total_cmp(&b.lag()));
     }
     if !sweeps.is_empty() {
-        let _ = writeln!(
-            s,
-            "## Trend with staleness: slope of the paired difference against the lag\n"
+        trend_section(
+            &mut s,
+            &Trend {
+                heading: "Trend with staleness: slope of the paired difference against the lag",
+                intro: "The lag k: rollouts from the policy k iterations behind. ",
+                columns: ("staleness group", "lags", "slope per iteration of lag"),
+                x_of: Cell::lag,
+                x_name: |c| c.lag().to_string(),
+            },
+            &sweeps,
+            plan.reference,
+            ep,
         );
-        let _ = writeln!(
-            s,
-            "The lag k: rollouts from the policy k iterations behind. One least-squares slope per seed over the group's lags (seeds every cell has), then the mean and its 95 % t interval across seeds.\n"
-        );
-        let _ = writeln!(
-            s,
-            "| staleness group | lags | arm | seeds | slope per iteration of lag | 95 % CI |"
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|---|");
-        for (g, cs) in &sweeps {
-            let x: Vec<f64> = cs.iter().map(|c| c.lag()).collect();
-            let lags: Vec<String> = x.iter().map(|k| k.to_string()).collect();
-            trend_rows(&mut s, g, &lags.join(", "), cs, &x, plan.reference, ep);
-        }
-        let _ = writeln!(s);
     }
 
     // By position, at each drift group's longest horizon.
@@ -472,50 +460,77 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
     Ok(s)
 }
 
-/// One table row per arm of a trend group: the slope of the paired difference
-/// `arm − reference` of `ep` against `x` (one value per cell), one least-squares slope
-/// per seed over the seeds every cell has, then their mean and 95 % t interval.
-fn trend_rows(
+/// A trend table: what its cells' x is and how its columns are named.
+struct Trend {
+    heading: &'static str,
+    /// Text before the method's description.
+    intro: &'static str,
+    /// The group, x values and slope columns' names.
+    columns: (&'static str, &'static str, &'static str),
+    x_of: fn(&Cell) -> f64,
+    x_name: fn(&Cell) -> String,
+}
+
+/// A trend section: for each group of two cells or more and each arm, the slope of the
+/// paired difference `arm − reference` of `ep` against the cells' x, one least-squares
+/// slope per seed over the seeds every cell has, then their mean and 95 % t interval.
+fn trend_section(
     s: &mut String,
-    group: &str,
-    xs_label: &str,
-    cs: &[&Cell],
-    x: &[f64],
+    t: &Trend,
+    groups: &BTreeMap<String, Vec<&Cell>>,
     reference: &str,
     ep: &str,
 ) {
-    if cs.len() < 2 {
-        return;
-    }
-    for arm in cs[0].arms().into_iter().filter(|a| a != reference) {
-        let diffs: Vec<BTreeMap<u64, f64>> = cs
-            .iter()
-            .map(|c| {
-                let (a, b) = (c.by_seed(&arm, ep), c.by_seed(reference, ep));
-                a.iter()
-                    .filter_map(|(s, v)| Some((*s, v - b.get(s)?)))
-                    .collect()
-            })
-            .collect();
-        let seeds: Vec<u64> = diffs[0]
-            .keys()
-            .filter(|s| diffs.iter().all(|d| d.contains_key(s)))
-            .copied()
-            .collect();
-        if seeds.len() < 2 {
-            continue;
+    let _ = writeln!(s, "## {}\n", t.heading);
+    let _ = writeln!(
+        s,
+        "{}One least-squares slope per seed over the group's cells (seeds every cell has), then the mean and its 95 % t interval across seeds.\n",
+        t.intro
+    );
+    let (group_col, x_col, slope_col) = t.columns;
+    let _ = writeln!(
+        s,
+        "| {group_col} | {x_col} | arm | seeds | {slope_col} | 95 % CI |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for (g, cs) in groups.iter().filter(|(_, cs)| cs.len() >= 2) {
+        let x: Vec<f64> = cs.iter().map(|c| (t.x_of)(c)).collect();
+        let names: Vec<String> = cs.iter().map(|c| (t.x_name)(c)).collect();
+        for arm in cs[0].arms().into_iter().filter(|a| a != reference) {
+            let diffs: Vec<BTreeMap<u64, f64>> = cs
+                .iter()
+                .map(|c| {
+                    let (a, b) = (c.by_seed(&arm, ep), c.by_seed(reference, ep));
+                    a.iter()
+                        .filter_map(|(s, v)| Some((*s, v - b.get(s)?)))
+                        .collect()
+                })
+                .collect();
+            let seeds: Vec<u64> = diffs[0]
+                .keys()
+                .filter(|s| diffs.iter().all(|d| d.contains_key(s)))
+                .copied()
+                .collect();
+            if seeds.len() < 2 {
+                continue;
+            }
+            let ys: Vec<Vec<f64>> = seeds
+                .iter()
+                .map(|s| diffs.iter().map(|d| d[s]).collect())
+                .collect();
+            let sl = unit_slopes(&x, &ys);
+            let _ = writeln!(
+                s,
+                "| {g} | {} | {arm} | {} | {:+.4} | [{:+.4}, {:+.4}] |",
+                names.join(", "),
+                sl.n,
+                sl.slope,
+                sl.ci95.0,
+                sl.ci95.1
+            );
         }
-        let ys: Vec<Vec<f64>> = seeds
-            .iter()
-            .map(|s| diffs.iter().map(|d| d[s]).collect())
-            .collect();
-        let sl = unit_slopes(x, &ys);
-        let _ = writeln!(
-            s,
-            "| {group} | {xs_label} | {arm} | {} | {:+.4} | [{:+.4}, {:+.4}] |",
-            sl.n, sl.slope, sl.ci95.0, sl.ci95.1
-        );
     }
+    let _ = writeln!(s);
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
