@@ -219,8 +219,10 @@ fn draw<DB: DrawingBackend>(
 // Style
 // ---------------------------------------------------------------------------------------
 
-/// Okabe–Ito colours, one per rule in order (yellow left out: too pale on white).
-const PALETTE: [RGBColor; 7] = [
+/// Okabe–Ito colours, one per rule in order (yellow left out: too pale on white), then
+/// a mid grey, so that the built-in set's eight rules each have their own; a ninth
+/// rule repeats the first colour.
+const PALETTE: [RGBColor; 8] = [
     RGBColor(230, 159, 0),   // orange
     RGBColor(86, 180, 233),  // sky blue
     RGBColor(0, 158, 115),   // bluish green
@@ -228,6 +230,7 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(213, 94, 0),    // vermillion
     RGBColor(0, 114, 178),   // blue
     RGBColor(0, 0, 0),       // black
+    RGBColor(128, 128, 128), // grey
 ];
 
 fn rule_color(k: usize) -> RGBColor {
@@ -1248,6 +1251,21 @@ mod tests {
             dash,
             weight: 1.0,
             points: ys.iter().enumerate().map(|(i, &y)| (i as f64, y)).collect(),
+        }
+    }
+
+    /// Every rule of the built-in set (`--compare`) is drawn in a colour of its own.
+    #[test]
+    fn built_in_rules_have_distinct_colours() {
+        let n = crate::report::compare_set(cppo::Divergence::BinaryTv)
+            .unwrap()
+            .len();
+        let colours: Vec<RGBColor> = (0..n).map(rule_color).collect();
+        for (k, c) in colours.iter().enumerate() {
+            assert!(
+                !colours[..k].contains(c),
+                "rule {k} of {n} repeats a colour"
+            );
         }
     }
 
