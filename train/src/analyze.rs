@@ -441,8 +441,12 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
 
     std::fs::create_dir_all(plan.out)?;
     std::fs::write(plan.out.join("report.md"), &s)?;
+    // The horizon plot: the drift groups with two horizons or more, if there are any.
+    let mut trends = groups.clone();
+    trends.retain(|_, cs| cs.len() >= 2);
+    let trends = if trends.is_empty() { &groups } else { &trends };
     let title = format!("{ep} (mean over seeds) against the horizon");
-    let horizon = trend_svg(&groups, ep, &title, ("log₂ T", |c| (c.n() as f64).log2()));
+    let horizon = trend_svg(trends, ep, &title, ("log₂ T", |c| (c.n() as f64).log2()));
     std::fs::write(plan.out.join("horizon.svg"), horizon)?;
     if !sweeps.is_empty() {
         let title = format!("{ep} (mean over seeds) against staleness");
@@ -580,11 +584,18 @@ fn panel(
         y0 + h + 32.0,
         xml(x_label)
     );
+    // Enough decimals that the five ticks' labels differ (a step of 0.025 needs three).
+    let step = (yhi - ylo) / 4.0;
+    let decimals = if step > 0.0 {
+        (-step.log10() + 1.0 - 1e-9).ceil().clamp(1.0, 6.0) as usize
+    } else {
+        2
+    };
     for i in 0..=4 {
-        let v = ylo + (yhi - ylo) * f64::from(i) / 4.0;
+        let v = ylo + step * f64::from(i);
         let _ = writeln!(
             s,
-            r##"<line x1="{x0}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.2}</text>"##,
+            r##"<line x1="{x0}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.decimals$}</text>"##,
             x0 + w,
             ty(v),
             ty(v),
@@ -611,6 +622,17 @@ fn panel(
             r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
             path.join(" ")
         );
+        // A marker at each point, where the points are few enough to tell apart.
+        if pts.len() <= 12 {
+            for &(x, v) in pts.iter().filter(|p| p.1.is_finite()) {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                    tx(x),
+                    ty(v)
+                );
+            }
+        }
         let ly = y0 + 14.0 + 15.0 * k as f64;
         let _ = writeln!(
             s,
