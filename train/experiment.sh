@@ -9,7 +9,8 @@
 #   sh train/experiment.sh grid        # the main grid, fresh seeds
 #   sh train/experiment.sh ablations   # the paper's ablations at the longest horizon
 #   sh train/experiment.sh staleness   # the arms at lags 0, 2 and 8 (T = 16; lag 4 is in grid)
-#   sh train/experiment.sh long        # the arms at T = 32, stale and mismatch
+#   sh train/experiment.sh mismatch13  # a larger mismatch, tau_mu = 1.3, T = 4, 8, 16
+#   sh train/experiment.sh warm32      # the T = 32 warm start alone (it does not learn)
 #   sh train/experiment.sh analyze     # the statistics, tables and plots
 #
 # The primary endpoint, fixed before the grid ran: the sampled-accuracy AUC (Avg@4 on
@@ -86,10 +87,19 @@ staleness)
         $B $COMMON --lag $LAG --horizon 16 --rules $ARMS --seeds $SEEDS --out $OUT/lag${LAG}_T16
     done
     ;;
-long)
-    # The horizon trend's next doubling, T = 32 (33 response tokens), both drifts.
-    $B $COMMON $STALE --horizon 32 --rules $ARMS --seeds $SEEDS --out $OUT/stale_T32
-    $B $COMMON $MISMATCH --horizon 32 --rules $ARMS --seeds $SEEDS --out $OUT/mismatch_T32
+mismatch13)
+    # The mismatch at tau_mu = 1.3 instead of 1.1: a larger per-token drift of the same
+    # position-uniform kind, at every horizon.
+    for T in 4 8 16; do
+        $B $COMMON --lag 0 --tau-mu 1.3 --horizon $T --rules $ARMS --seeds $SEEDS --out $OUT/mismatch13_T$T
+    done
+    ;;
+warm32)
+    # T = 32 (33 response tokens): the warm start alone, and one iteration of one run to
+    # print its accuracy. On 2026-12-02 it ran its 2,000-step cap (58 minutes on one
+    # core) and ended at sampled validation accuracy 0.000, so a T = 32 cell would have
+    # no reward to learn from, and none was run.
+    $B $COMMON $STALE --horizon 32 --iters 1 --rules none --seeds 1 --out $OUT/warm_T32
     ;;
 analyze)
     G=$OUT/stale_T4,$OUT/stale_T8,$OUT/stale_T16,$OUT/mismatch_T4,$OUT/mismatch_T8,$OUT/mismatch_T16
@@ -97,9 +107,14 @@ analyze)
     # Secondary: every arm against GRPO's clip.
     $B --analyze "$G" --reference "$GRPO" --out $OUT/analysis_grpo
     $B --analyze "$OUT/ablations_T16" --reference "$CPPO" --out $OUT/analysis_ablations
+    # Added after the grid, each its own family: the staleness sweep at T = 16 (lag 4
+    # is the primary cell), and the larger mismatch.
+    $B --analyze "$OUT/lag0_T16,$OUT/lag2_T16,$OUT/stale_T16,$OUT/lag8_T16" --reference "$DPPO" --out $OUT/analysis_staleness
+    $B --analyze "$OUT/lag0_T16,$OUT/lag2_T16,$OUT/stale_T16,$OUT/lag8_T16" --reference "$GRPO" --out $OUT/analysis_staleness_grpo
+    $B --analyze "$OUT/mismatch13_T4,$OUT/mismatch13_T8,$OUT/mismatch13_T16" --reference "$DPPO" --out $OUT/analysis_mismatch13
     ;;
 *)
-    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|staleness|long|analyze" >&2
+    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|staleness|mismatch13|warm32|analyze" >&2
     exit 2
     ;;
 esac

@@ -475,9 +475,10 @@ struct Trend {
     x_name: fn(&Cell) -> String,
 }
 
-/// A trend section: for each group of two cells or more and each arm, the slope of the
-/// paired difference `arm − reference` of `ep` against the cells' x, one least-squares
-/// slope per seed over the seeds every cell has, then their mean and 95 % t interval.
+/// A trend section (none if no group has two cells): for each group of two cells or
+/// more and each arm, the slope of the paired difference `arm − reference` of `ep`
+/// against the cells' x, one least-squares slope per seed over the seeds every cell
+/// has, then their mean and 95 % t interval.
 fn trend_section(
     s: &mut String,
     t: &Trend,
@@ -485,6 +486,9 @@ fn trend_section(
     reference: &str,
     ep: &str,
 ) {
+    if groups.values().all(|cs| cs.len() < 2) {
+        return;
+    }
     let _ = writeln!(s, "## {}\n", t.heading);
     let _ = writeln!(
         s,
