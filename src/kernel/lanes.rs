@@ -184,6 +184,13 @@ pub(crate) struct Probs {
 }
 
 impl Probs {
+    /// No room yet (the thread-local's `const` initial value).
+    pub(crate) const EMPTY: Self = Self {
+        p: Vec::new(),
+        q: Vec::new(),
+        filled: false,
+    };
+
     /// Room for a row of `width` columns (grown once, then reused).
     pub(crate) fn fit(&mut self, width: usize) {
         if self.p.len() < width {

@@ -301,7 +301,7 @@ thread_local! {
     /// The divergences of the row being calibrated (see the module docs).
     static DIVERGENCES: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
     /// p and q of the row being calibrated, for its main sweep (see [`Probs`]).
-    static PROBS: RefCell<Probs> = RefCell::new(Probs::default());
+    static PROBS: RefCell<Probs> = const { RefCell::new(Probs::EMPTY) };
 }
 
 /// Runs `f` with this thread's [`Probs`] buffer (one per thread, grown to the longest

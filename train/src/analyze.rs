@@ -39,6 +39,13 @@ struct Run {
     collapsed: bool,
 }
 
+/// A knob a trend varies across its cells.
+#[derive(Clone, Copy)]
+enum Knob {
+    Horizon,
+    Lag,
+}
+
 /// One output directory of `--compare`.
 #[derive(Clone, Debug)]
 struct Cell {
@@ -103,39 +110,33 @@ impl Cell {
         arms
     }
 
-    /// The drift setting: everything but the horizon.
-    fn group(&self) -> String {
+    /// The cell's setting but `knob`: the cells of one trend share it (everything but
+    /// the horizon is a drift group; everything but the lag, a staleness sweep).
+    fn setting_without(&self, knob: Knob) -> String {
         let s = &self.setting;
+        let kept = match knob {
+            Knob::Horizon => format!("lag {}", s["lag"]),
+            Knob::Lag => format!("T = {}", self.n()),
+        };
         format!(
-            "{}, lag {}, τ_μ {}, {} minibatches × {} epochs, lr {}, IS cap {}",
+            "{}, {kept}, τ_μ {}, {} minibatches × {} epochs, lr {}, IS cap {}",
             s["task"].as_str().unwrap_or("?"),
-            s["lag"],
             s["tau_mu"],
             s["minibatches"],
             s["epochs"],
             s["lr"],
             s["is_cap"]
         )
+    }
+
+    /// The drift setting: everything but the horizon.
+    fn group(&self) -> String {
+        self.setting_without(Knob::Horizon)
     }
 
     /// The lag k: the rollouts' policy is k iterations behind.
     fn lag(&self) -> f64 {
         self.setting["lag"].as_f64().unwrap_or(f64::NAN)
-    }
-
-    /// Everything but the lag: the cells of one staleness sweep.
-    fn staleness_group(&self) -> String {
-        let s = &self.setting;
-        format!(
-            "{}, T = {}, τ_μ {}, {} minibatches × {} epochs, lr {}, IS cap {}",
-            s["task"].as_str().unwrap_or("?"),
-            self.n(),
-            s["tau_mu"],
-            s["minibatches"],
-            s["epochs"],
-            s["lr"],
-            s["is_cap"]
-        )
     }
 
     fn label(&self) -> String {
@@ -374,7 +375,10 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
     // The staleness trend, where cells differ only in the lag.
     let mut sweeps: BTreeMap<String, Vec<&Cell>> = BTreeMap::new();
     for c in &cells {
-        sweeps.entry(c.staleness_group()).or_default().push(c);
+        sweeps
+            .entry(c.setting_without(Knob::Lag))
+            .or_default()
+            .push(c);
     }
     sweeps.retain(|_, cs| cs.len() >= 2);
     for cs in sweeps.values_mut() {
