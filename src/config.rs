@@ -54,6 +54,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::aggregate::Aggregation;
 use crate::divergence::Divergence;
 use crate::error::{Error, Result};
+use crate::float::Numerics;
 use crate::objective::{KlPenalty, Objective};
 use crate::rule::{DEFAULT_DELTA, DEFAULT_EPS_HIGH, DEFAULT_EPS_LOW, Rule};
 
@@ -90,6 +91,10 @@ pub struct Config {
     pub num_seqs: Option<u64>,
     /// The KL penalty to `logp_ref`, or `None`.
     pub kl: Option<KlPenalty>,
+    /// The arithmetic of the per-token exponentials: [`Numerics::Exact`] (the default)
+    /// or the opt-in [`Numerics::F32Exp`]. Left out of the written form when exact.
+    #[serde(skip_serializing_if = "Numerics::is_exact")]
+    pub numerics: Numerics,
 }
 
 /// `null` and absent told apart: absent → `None`, `null` → `Some(None)`.
@@ -150,6 +155,8 @@ struct ConfigRepr {
     num_seqs: Option<Option<u64>>,
     #[serde(default, deserialize_with = "nullable")]
     kl: Option<Option<KlPenalty>>,
+    #[serde(default)]
+    numerics: Option<Numerics>,
 }
 
 impl TryFrom<ConfigRepr> for Config {
@@ -165,6 +172,7 @@ impl TryFrom<ConfigRepr> for Config {
             num_tokens: r.num_tokens.unwrap_or(base.num_tokens),
             num_seqs: r.num_seqs.unwrap_or(base.num_seqs),
             kl: r.kl.unwrap_or(base.kl),
+            numerics: r.numerics.unwrap_or(base.numerics),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -280,7 +288,8 @@ impl Default for Config {
 
 impl Config {
     /// A config with the given rule and the defaults for everything else: binary TV,
-    /// surrogate objective, token-mean, no KL penalty, no count overrides.
+    /// surrogate objective, token-mean, no KL penalty, no count overrides, exact
+    /// numerics.
     ///
     /// ```
     /// let cfg = cppo::Config::with_rule(cppo::Rule::None);
@@ -296,6 +305,7 @@ impl Config {
             num_tokens: None,
             num_seqs: None,
             kl: None,
+            numerics: Numerics::Exact,
         }
     }
 

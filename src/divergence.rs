@@ -222,7 +222,10 @@ pub(crate) fn binary_kl_from_parts(logp: f64, logp_old: f64, q: f64, ln_ratio: f
 /// ```
 pub fn topk_tv(topk_logp_old: &[f64], topk_logp: &[f64]) -> f64 {
     assert_eq!(topk_logp_old.len(), topk_logp.len(), "top-K widths differ");
-    topk_tv_pairs(topk_logp_old.iter().copied().zip(topk_logp.iter().copied()))
+    topk_tv_pairs(
+        topk_logp_old.iter().copied().zip(topk_logp.iter().copied()),
+        f64::exp,
+    )
 }
 
 /// Top-K KL(μ ‖ π) from the rollout policy's top-K log-probs and the current policy's
@@ -242,16 +245,22 @@ pub fn topk_tv(topk_logp_old: &[f64], topk_logp: &[f64]) -> f64 {
 /// ```
 pub fn topk_kl(topk_logp_old: &[f64], topk_logp: &[f64]) -> f64 {
     assert_eq!(topk_logp_old.len(), topk_logp.len(), "top-K widths differ");
-    topk_kl_pairs(topk_logp_old.iter().copied().zip(topk_logp.iter().copied()))
+    topk_kl_pairs(
+        topk_logp_old.iter().copied().zip(topk_logp.iter().copied()),
+        f64::exp,
+    )
 }
 
 /// Top-K TV from (log P_k, log Q_k) pairs.
 #[inline]
-pub(crate) fn topk_tv_pairs(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
+pub(crate) fn topk_tv_pairs(
+    pairs: impl Iterator<Item = (f64, f64)>,
+    exp: impl Fn(f64) -> f64,
+) -> f64 {
     let (mut l1, mut sum_p, mut sum_q) = (0.0, 0.0, 0.0);
     for (lp_old, lp_new) in pairs {
-        let pk = lp_old.exp();
-        let qk = lp_new.exp();
+        let pk = exp(lp_old);
+        let qk = exp(lp_new);
         l1 += (pk - qk).abs();
         sum_p += pk;
         sum_q += qk;
@@ -263,13 +272,16 @@ pub(crate) fn topk_tv_pairs(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
 
 /// Top-K KL from (log P_k, log Q_k) pairs.
 #[inline]
-pub(crate) fn topk_kl_pairs(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
+pub(crate) fn topk_kl_pairs(
+    pairs: impl Iterator<Item = (f64, f64)>,
+    exp: impl Fn(f64) -> f64,
+) -> f64 {
     let (mut head, mut sum_p, mut sum_q) = (0.0, 0.0, 0.0);
     for (lp_old, lp_new) in pairs {
-        let pk = lp_old.exp();
+        let pk = exp(lp_old);
         head += pk * (lp_old - lp_new);
         sum_p += pk;
-        sum_q += lp_new.exp();
+        sum_q += exp(lp_new);
     }
     let p_rest = (1.0 - sum_p).max(0.0);
     let q_rest = (1.0 - sum_q).max(0.0);

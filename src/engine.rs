@@ -234,7 +234,8 @@ pub(crate) fn check_call<F: Float>(
 
 /// The trust-region decisions alone, for audits that need no loss of their own: the
 /// outputs and diagnostics of [`evaluate`] under `divergence` and `rule`, with the
-/// surrogate objective and token-mean.
+/// surrogate objective, token-mean and exact numerics (for the f32 exponentials, call
+/// [`evaluate`] with a config whose `numerics` is [`Numerics::F32Exp`](crate::Numerics)).
 ///
 /// # Errors
 ///

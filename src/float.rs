@@ -1,10 +1,20 @@
-//! The element types the crate accepts: [`Float`] for log-probabilities and advantages,
-//! [`MaskElem`] for the response mask.
+//! The element types the crate accepts ([`Float`] for log-probabilities and advantages,
+//! [`MaskElem`] for the response mask) and the arithmetic it computes them with
+//! ([`Numerics`]).
 //!
-//! Inputs are `f32` or `f64`. All arithmetic runs in `f64` whatever the input type (an
-//! `f32` value is widened on load and the outputs are rounded once on store), so `f32`
-//! and `f64` batches give the same decisions except where a value sits within `f32`
-//! rounding of a threshold.
+//! Inputs are `f32` or `f64`. By default ([`Numerics::Exact`]) all arithmetic runs in
+//! `f64` whatever the input type (an `f32` value is widened on load and the outputs are
+//! rounded once on store), so `f32` and `f64` batches give the same decisions except
+//! where a value sits within `f32` rounding of a threshold.
+//!
+//! [`Numerics::F32Exp`] is the one opt-in exception: the per-token exponentials (ρ_t, p_t,
+//! q_t and the top-K probabilities) are taken in `f32`, as the official PyTorch code
+//! takes them on `f32` log-probs, and everything else stays in `f64`. An exponential
+//! e^x then carries a relative error of about (1 + |x|) · 6e-8 (one `f32` ulp, and the
+//! rounding of x to `f32`) instead of about 1e-16, and a decision can differ from the
+//! exact one only where the exact value sits within that of its threshold. Under either numerics the results are the
+//! same bits whatever the thread count, the column chunking and the CPU's instruction
+//! set.
 
 mod sealed {
     /// Seals `Float` and `MaskElem`: not implementable outside the crate.
@@ -65,6 +75,77 @@ impl Float for f64 {
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
+    }
+}
+
+/// The arithmetic of the per-token exponentials: a field of [`Config`](crate::Config)
+/// (`"numerics"` in JSON: `"exact"`, the default, or `"f32_exp"`).
+///
+/// - **`Exact`**: every exponential in `f64`, within 2 `f64` ulp of the correctly rounded
+///   value; the engine agrees with an `f64` reference to rounding.
+/// - **`F32Exp`**: ρ_t = e^{log π − log μ} (clamped as always to ±20), p_t = e^{log π},
+///   q_t = e^{log μ} and the 2K top-K probabilities are computed in `f32` arithmetic,
+///   eight lanes wide on AVX2: each input rounded to `f32`, an `f32` exponential within 1
+///   `f32` ulp of the correctly rounded value (over the tests' sweep of its range), the
+///   result widened back exactly. An exponential
+///   below e^−87 ≈ 1.6e−38 reads as 0 (so where p or q underflows, ρ_t is taken in `f64`
+///   from the log-ratio). Everything else (the divergences' other terms, the weights and
+///   prefix sums, the tests, the objective's and the soft gate's own exponentials, the
+///   KL penalty, the reductions) is the exact engine's `f64` arithmetic. It is faster
+///   where the exponentials are the cost: about 1.1× for binary TV and 1.3× for top-K
+///   TV at K = 20 on an AVX2 machine (BENCHMARKS.md in the repository).
+///
+/// What `F32Exp` gives up, against `Exact`: an exponential e^x is within about
+/// (1 + |x|) · 6e-8 relative of the exact value (for `f32` log-probs, p_t and q_t within
+/// 6e-8 and ρ_t = p_t / q_t within about 1.2e-7), the outputs move by about that much
+/// (the tests hold them within 1e-4 relative, the tolerance of `f32` inputs), and a
+/// token's decision may differ where its exact divergence, ratio or direction sits
+/// within that of the threshold (a token with ρ_t within the error of 1 may count as
+/// moving the other way). What it keeps: the results are the same bits whatever the
+/// thread count, the column chunking and the instruction set, and the rules'
+/// invariants (CPPO without decay or budget is DPPO, a larger budget masks no more,
+/// corrective tokens are kept, padding is never read) hold under it as under `Exact`.
+///
+/// ```
+/// use cppo::{Config, Numerics};
+/// let cfg: Config = serde_json::from_str(r#"{"numerics": "f32_exp"}"#).unwrap();
+/// assert_eq!(cfg.numerics, Numerics::F32Exp);
+/// assert_eq!(Config::cppo().numerics, Numerics::Exact);
+/// assert_eq!(Numerics::F32Exp.name(), "f32_exp");
+/// ```
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Numerics {
+    /// Every exponential in `f64` (the default).
+    #[default]
+    Exact,
+    /// The per-token exponentials (ρ, p, q, top-K probabilities) in `f32`.
+    F32Exp,
+}
+
+impl Numerics {
+    /// The name in a config (`"exact"`, `"f32_exp"`).
+    ///
+    /// ```
+    /// assert_eq!(cppo::Numerics::Exact.name(), "exact");
+    /// ```
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::F32Exp => "f32_exp",
+        }
+    }
+
+    /// Whether this is [`Numerics::Exact`] (the default, left out when a config is
+    /// written).
+    ///
+    /// ```
+    /// assert!(cppo::Numerics::default().is_exact());
+    /// ```
+    pub const fn is_exact(&self) -> bool {
+        matches!(self, Self::Exact)
     }
 }
 

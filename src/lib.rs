@@ -186,7 +186,7 @@ pub use config::preset::{self, Preset};
 pub use divergence::Divergence;
 pub use engine::{Evaluation, Par, Summary, evaluate, evaluate_into, trust_region};
 pub use error::{At, Error, Result};
-pub use float::{Float, MaskElem};
+pub use float::{Float, MaskElem, Numerics};
 pub use objective::{KlEstimator, KlPenalty, Objective};
 pub use outputs::{Outputs, OutputsMut};
 pub use rule::{CppoParams, Gate, Reason, Rule};

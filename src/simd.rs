@@ -1,4 +1,5 @@
-//! Vectorizable `exp`, `expm1` and `ln` for blocks of `f64`, with runtime CPU dispatch.
+//! Vectorizable `exp`, `expm1` and `ln` for blocks of `f64` (and an `f32` `exp`), and
+//! the runtime CPU detection the engine dispatches on.
 //!
 //! The engine needs several exponentials per token (p = e^logp, q = e^logp_old,
 //! ρ = e^{clamp(logp − logp_old)}, and 2K more for top-K divergences) and, for the KL
@@ -19,6 +20,14 @@
 //!   sweep); inputs below −708 give 0, inputs above 709 give +∞ (the engine only
 //!   exponentiates log-probs ≤ 1e-4 and log-ratios clamped to ±20), NaN gives NaN.
 //!
+//! `exp32` (the opt-in [`Numerics::F32Exp`](crate::Numerics)): the same range reduction
+//! in `f32` with `f32` constants, the degree-7 Taylor polynomial (truncation below a
+//! tenth of an `f32` ulp), 2^n in the exponent bits; within 1 `f32` ulp of the correctly
+//! rounded result over the tests' sweep of [−87, 88]; below −87 it returns 0 (so every
+//! nonzero result is a normal `f32`), above 88 +∞. [`exp32_to`] rounds `f64` inputs to
+//! `f32` and widens the results back, through a stack buffer so that the exponential's
+//! loop runs on eight `f32` lanes (AVX2) rather than four `f64` ones.
+//!
 //! `expm1` (the k3 KL penalty): x (1 + x Q(x)) from the Taylor series for |x| < 1, so
 //! there is no cancellation near 0, else `exp(x) − 1`; within 3 ulp (2 in the tests'
 //! sweep).
@@ -30,10 +39,16 @@
 //! - within 2 ulp over the whole range, subnormals included (1 ulp in the tests'
 //!   sweep); ln 0 = −∞, ln of a negative number or NaN is NaN, ln ∞ = ∞.
 //!
-//! Both use fused multiply-adds (`f64::mul_add`), which IEEE 754 defines exactly: the
+//! All of them use fused multiply-adds (`mul_add`), which IEEE 754 defines exactly: the
 //! AVX2 and AVX-512 builds and the baseline build (where `mul_add` is the C library's
 //! correctly rounded `fma`) return bit-identical results. Everything else in the crate
 //! uses separate multiplies and adds, which Rust never fuses on its own.
+//!
+//! The slice functions (`exp_to`, …) have no dispatch of their own: they are inlined
+//! into the engine's passes, which [`crate::kernel`] builds once per instruction set
+//! ([`isa`] picks the build), so each build runs them on its own lanes.
+
+use crate::float::Numerics;
 
 const LOG2E: f64 = std::f64::consts::LOG2_E;
 /// ln 2, high part: its trailing 32 bits are zero, so n · LN2_HI is exact for |n| < 2^20.
@@ -98,6 +113,58 @@ pub(crate) fn exp(x: f64) -> f64 {
         0.0
     } else if x > MAX_X {
         f64::INFINITY
+    } else {
+        y
+    }
+}
+
+/// 1/k! for k = 7 down to 2: e^r = 1 + r (1 + r P(r)) for the f32 exponential, the
+/// Taylor series truncated after r⁷/7! (for |r| ≤ ln 2 / 2 the first term left out is
+/// below 6e-9 relative, a tenth of an f32 ulp).
+const EXP32_P: [f32; 6] = [
+    1.0 / 5_040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+];
+/// ln 2, high part for f32: its trailing 9 bits are zero, so n · LN2_HI_32 is exact
+/// for |n| < 2^9.
+const LN2_HI_32: f32 = f32::from_bits(0x3f31_7200);
+/// ln 2 − LN2_HI_32, rounded to f32.
+const LN2_LO_32: f32 = 1.428_606_8e-6;
+/// 1.5 · 2^23: adding it rounds an f32 to an integer held in the low mantissa bits.
+const MAGIC_32: f32 = 12_582_912.0;
+/// Below this the f32 exponential returns 0: e^−87 ≈ 1.6e−38 is still a normal f32,
+/// so every nonzero result has full f32 precision (no subnormals).
+const MIN_X_32: f32 = -87.0;
+/// Above this the f32 exponential returns +∞ (e^88 ≈ 1.7e38 is finite).
+const MAX_X_32: f32 = 88.0;
+
+/// e^x in f32 arithmetic, for one value, in the form the compiler vectorizes across a
+/// loop (eight lanes on AVX2): the same range reduction as [`exp`] with f32 constants,
+/// the degree-7 Taylor polynomial, 2^n in the exponent bits. Within 2 f32 ulp of the
+/// correctly rounded result on [−87, 88] (1 in the tests' sweep); below −87 it returns
+/// 0, above 88 +∞, and NaN for NaN.
+#[inline(always)]
+pub(crate) fn exp32(x: f32) -> f32 {
+    let xc = x.clamp(MIN_X_32, MAX_X_32);
+    let t = xc.mul_add(std::f32::consts::LOG2_E, MAGIC_32);
+    let n = t - MAGIC_32;
+    let r = (-n).mul_add(LN2_LO_32, (-n).mul_add(LN2_HI_32, xc));
+    let mut p = EXP32_P[0];
+    for c in &EXP32_P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let poly = r.mul_add(r.mul_add(p, 1.0), 1.0);
+    let n_int = t.to_bits().wrapping_sub(MAGIC_32.to_bits());
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
+    let y = poly * scale;
+    if x < MIN_X_32 {
+        0.0
+    } else if x > MAX_X_32 {
+        f32::INFINITY
     } else {
         y
     }
@@ -243,60 +310,87 @@ pub(crate) fn expm1(x: f64) -> f64 {
 }
 
 /// `dst[k] = f(src[k])`.
+///
+/// # Panics
+///
+/// If the slices differ in length (a bug in the caller).
 #[inline(always)]
-fn map_generic(src: &[f64], dst: &mut [f64], f: impl Fn(f64) -> f64) {
+fn map(src: &[f64], dst: &mut [f64], f: impl Fn(f64) -> f64) {
+    assert_eq!(src.len(), dst.len(), "simd::map: lengths differ");
     for (d, &x) in dst.iter_mut().zip(src) {
         *d = f(x);
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,fma")]
-fn map_avx512(src: &[f64], dst: &mut [f64], f: impl Fn(f64) -> f64) {
-    map_generic(src, dst, f);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn map_avx2(src: &[f64], dst: &mut [f64], f: impl Fn(f64) -> f64) {
-    map_generic(src, dst, f);
-}
-
-/// [`map_generic`] built for the widest SIMD the CPU has.
-///
-/// # Panics
-///
-/// If the slices differ in length (a bug in the caller).
-#[inline]
-fn map(src: &[f64], dst: &mut [f64], f: impl Fn(f64) -> f64) {
-    assert_eq!(src.len(), dst.len(), "simd::map: lengths differ");
-    match isa() {
-        // SAFETY: `isa` checked that the CPU has these features.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { map_avx512(src, dst, f) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { map_avx2(src, dst, f) },
-        _ => map_generic(src, dst, f),
-    }
-}
-
 /// Writes the exponential of every element of `src` to `dst` (of the same length).
-#[inline]
+///
+/// Like every `_to` function here, it has no dispatch of its own: it is inlined into
+/// the engine's passes, which are built for each instruction set ([`Isa`]), so each
+/// build runs it on its own lanes. (A call and a feature check per block cost as much
+/// as the block's exponentials.)
+#[inline(always)]
 pub(crate) fn exp_to(src: &[f64], dst: &mut [f64]) {
     map(src, dst, exp);
 }
 
+/// Writes e^x of every element of `src` to `dst` under `numerics`: [`exp_to`] or
+/// [`exp32_to`].
+#[inline(always)]
+pub(crate) fn exp_with(numerics: Numerics, src: &[f64], dst: &mut [f64]) {
+    match numerics {
+        Numerics::Exact => exp_to(src, dst),
+        Numerics::F32Exp => exp32_to(src, dst),
+    }
+}
+
 /// Writes e^x − 1 of every element of `src` to `dst` (of the same length).
-#[inline]
+#[inline(always)]
 pub(crate) fn expm1_to(src: &[f64], dst: &mut [f64]) {
     map(src, dst, expm1);
 }
 
 /// Writes the natural logarithm of every element of `src` to `dst` (of the same length).
-#[inline]
+#[inline(always)]
 pub(crate) fn ln_to(src: &[f64], dst: &mut [f64]) {
     map(src, dst, ln);
+}
+
+/// Columns per pass of [`exp32_to`]: its inputs are narrowed to f32 into a stack
+/// buffer of this many, so that the exponential's loop runs on f32 lanes only.
+const EXP32_CHUNK: usize = 64;
+
+/// Writes e^x of every element of `src` to `dst` (of the same length), computed in f32:
+/// each input rounded to f32, [`exp32`], the result widened back (exactly). The fast
+/// numerics' exponential.
+///
+/// It has no dispatch of its own: it is inlined into the engine's passes, which are
+/// built for each instruction set ([`Isa`]), so each build runs it on its own lanes
+/// (eight f32 lanes on AVX2). The inputs go through a stack buffer of
+/// [`EXP32_CHUNK`] f32s, so that the exponential's loop runs on f32 lanes only.
+///
+/// # Panics
+///
+/// If the slices differ in length (a bug in the caller).
+#[inline(always)]
+pub(crate) fn exp32_to(src: &[f64], dst: &mut [f64]) {
+    assert_eq!(src.len(), dst.len(), "simd::exp32_to: lengths differ");
+    let n = src.len();
+    let mut start = 0;
+    while start < n {
+        let m = (n - start).min(EXP32_CHUNK);
+        let (s, d) = (&src[start..start + m], &mut dst[start..start + m]);
+        let mut buf = [0.0f32; EXP32_CHUNK];
+        for k in 0..m {
+            buf[k] = s[k] as f32;
+        }
+        for b in &mut buf {
+            *b = exp32(*b);
+        }
+        for k in 0..m {
+            d[k] = f64::from(buf[k]);
+        }
+        start += m;
+    }
 }
 
 #[cfg(test)]
@@ -349,8 +443,21 @@ mod tests {
         assert!(ulps(two[0], 2.0) <= 1);
     }
 
+    /// The functions as the AVX2 build of the engine inlines them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn map_avx2(src: &[f64], dst: &mut [f64], f: impl Fn(f64) -> f64) {
+        map(src, dst, f);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp32_avx2(src: &[f64], dst: &mut [f64]) {
+        exp32_to(src, dst);
+    }
+
     #[test]
-    fn every_dispatch_path_agrees() {
+    fn every_build_agrees() {
         let xs: Vec<f64> = (0..1000).map(|k| -30.0 + k as f64 * 0.0307).collect();
         let pos: Vec<f64> = (0..1000)
             .map(|k| (k as f64 * 0.7).exp2() * 1e-150)
@@ -358,10 +465,7 @@ mod tests {
         for (f, xs) in [(exp as fn(f64) -> f64, &xs), (ln, &pos), (expm1, &xs)] {
             let scalar: Vec<f64> = xs.iter().map(|&x| f(x)).collect();
             let mut generic = vec![0.0; xs.len()];
-            map_generic(xs, &mut generic, f);
-            let mut dispatched = vec![0.0; xs.len()];
-            map(xs, &mut dispatched, f);
-            assert_eq!(generic, dispatched);
+            map(xs, &mut generic, f);
             assert_eq!(generic, scalar);
             #[cfg(target_arch = "x86_64")]
             if isa() != Isa::Base {
@@ -370,6 +474,84 @@ mod tests {
                 unsafe { map_avx2(xs, &mut avx2, f) };
                 assert_eq!(generic, avx2);
             }
+        }
+        // The f32 exponential: 1000 values are 15 chunks and a partial one.
+        let wide: Vec<f64> = (0..1000).map(|k| -100.0 + k as f64 * 0.19).collect();
+        let scalar: Vec<f64> = wide.iter().map(|&x| f64::from(exp32(x as f32))).collect();
+        let mut generic = vec![0.0; wide.len()];
+        exp32_to(&wide, &mut generic);
+        assert_eq!(generic, scalar);
+        #[cfg(target_arch = "x86_64")]
+        if isa() != Isa::Base {
+            let mut avx2 = vec![0.0; wide.len()];
+            // SAFETY: as above.
+            unsafe { exp32_avx2(&wide, &mut avx2) };
+            assert_eq!(generic, avx2);
+        }
+    }
+
+    fn ulps32(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i32 - b.to_bits() as i32).unsigned_abs()
+    }
+
+    #[test]
+    fn exp32_within_two_f32_ulp() {
+        // Against the f64 exponential rounded to f32 (itself within half an f32 ulp of
+        // the exact value plus 2 f64 ulp), over the whole normal range, every f32 input
+        // of [-1, 1] in a stride, and the reduced range's edges.
+        let mut worst = 0;
+        let mut check = |x: f32| {
+            let want = f64::from(x).exp() as f32;
+            worst = worst.max(ulps32(exp32(x), want));
+        };
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            check(x);
+            x += 0.000_731;
+        }
+        let one = 1.0f32.to_bits();
+        for bits in (0..one).step_by(97) {
+            check(f32::from_bits(bits));
+            check(-f32::from_bits(bits));
+        }
+        let h = std::f32::consts::LN_2 / 2.0;
+        for n in -120..120 {
+            for e in [-h, h] {
+                check(n as f32 * std::f32::consts::LN_2 + e);
+            }
+        }
+        assert!(worst <= 1, "worst error {worst} f32 ulp");
+    }
+
+    #[test]
+    fn exp32_edges() {
+        assert_eq!(exp32(0.0), 1.0);
+        assert_eq!(exp32(-0.0), 1.0);
+        // The smallest input with a nonzero result gives a normal f32; below it, 0.
+        let low = exp32(-87.0);
+        assert!(low >= f32::MIN_POSITIVE && ulps32(low, (-87.0f64).exp() as f32) <= 2);
+        assert_eq!(exp32(-87.000_01), 0.0);
+        assert_eq!(exp32(f32::NEG_INFINITY), 0.0);
+        assert!(exp32(88.0).is_finite());
+        assert_eq!(exp32(88.001), f32::INFINITY);
+        assert!(exp32(f32::NAN).is_nan());
+        let mut out = [0.0; 3];
+        exp32_to(&[std::f64::consts::LN_2, -1e-300, 1e-4], &mut out);
+        assert_eq!(out[0], 2.0);
+        assert_eq!(out[1], 1.0);
+        assert_eq!(out[2], f64::from(1e-4f32.exp()));
+    }
+
+    #[test]
+    fn exp_with_picks_the_numerics() {
+        let x = [-0.3, -7.25];
+        let (mut exact, mut fast) = ([0.0; 2], [0.0; 2]);
+        exp_with(Numerics::Exact, &x, &mut exact);
+        exp_with(Numerics::F32Exp, &x, &mut fast);
+        for k in 0..2 {
+            assert_eq!(exact[k], exp(x[k]));
+            assert_eq!(fast[k], f64::from(exp32(x[k] as f32)));
+            assert!(((fast[k] - exact[k]) / exact[k]).abs() < 3e-7);
         }
     }
 

@@ -562,3 +562,37 @@ mod from_json {
         d
     }
 }
+
+#[test]
+fn numerics_parses_defaults_and_round_trips() {
+    use cppo::Numerics;
+    assert_eq!(parse("{}").unwrap().numerics, Numerics::Exact);
+    let fast = parse(r#"{"numerics": "f32_exp"}"#).unwrap();
+    assert_eq!(fast.numerics, Numerics::F32Exp);
+    // Everything else stays the default.
+    assert_eq!(
+        Config {
+            numerics: Numerics::Exact,
+            ..fast
+        },
+        Config::cppo()
+    );
+    // A preset keeps the numerics given beside it, and the preset's own are exact.
+    let p = parse(r#"{"preset": "verl_pr6731", "numerics": "f32_exp"}"#).unwrap();
+    assert_eq!(p.numerics, Numerics::F32Exp);
+    assert!(
+        Preset::ALL
+            .iter()
+            .all(|&p| Config::preset(p).numerics.is_exact())
+    );
+    // The written form leaves exact out and keeps f32_exp; both read back the same.
+    let exact = serde_json::to_value(Config::cppo()).unwrap();
+    assert!(exact.get("numerics").is_none(), "{exact}");
+    let written = serde_json::to_value(fast).unwrap();
+    assert_eq!(written["numerics"], "f32_exp");
+    assert_eq!(serde_json::from_value::<Config>(written).unwrap(), fast);
+    // A name that is not one is refused, with the closest.
+    let err = parse(r#"{"numerics": "f32-exp"}"#).unwrap_err().to_string();
+    assert!(err.contains("did you mean `f32_exp`?"), "{err}");
+    assert!(parse(r#"{"numerics": "fast"}"#).is_err());
+}

@@ -29,6 +29,11 @@
 //!   f32 rounding is large in absolute terms), except at tokens whose decision margin (a
 //!   rule test, the TRM row statistic, the bypass sign, a `ppo_clip` branch) is within
 //!   1e-3 relative of its threshold, where the decision may legitimately flip.
+//! - **f32 exponentials** (`Numerics::F32Exp`): the results within the same tolerances
+//!   of the exact engine, except at tokens within the same decision margin; and every
+//!   invariant above that does not compare with the reference (CPPO → DPPO, budget
+//!   monotonicity, the corrective bypass away from ρ = 1 by more than the f32 error,
+//!   padding, masks, rows, f32 inputs, threads) holds under it too.
 //! - **Threads**: `Par::Seq`, `Par::Rayon` and rayon pools of 1, 2 and 8 threads give
 //!   bit-identical outputs, loss, diagnostics and tally, on small batches and on batches
 //!   of several leaf blocks; and report the same first error.
@@ -58,8 +63,8 @@ use common::*;
 use cppo::budget::Calibration;
 use cppo::ndarray::{Array1, Array2, Array3};
 use cppo::{
-    At, Batch, Config, CppoParams, Divergence, Error, Evaluation, KlEstimator, KlPenalty,
-    Objective, Outputs, Par, Rule, evaluate, evaluate_into, trust_region,
+    At, Batch, Config, CppoParams, Divergence, Error, Evaluation, Float, KlEstimator, KlPenalty,
+    Numerics, Objective, Outputs, Par, Rule, evaluate, evaluate_into, trust_region,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -228,9 +233,17 @@ fn check_unit_is_weights_change_nothing(case: &Case<f64>) -> TestCaseResult {
     Ok(())
 }
 
-/// A (ρ − 1) ≤ 0, computed here from the inputs, implies keep.
+/// A (ρ − 1) ≤ 0, computed here from the inputs, implies keep. Under
+/// `Numerics::F32Exp` the engine's ρ carries f32 rounding, so tokens whose log-ratio is
+/// within 1e-6 (1 + |log π| + |log μ|) of 0 may count as moving the other way and are
+/// skipped.
 fn check_non_away_tokens_are_kept(case: &Case<f64>) -> TestCaseResult {
     prop_assume!(!case.cfg.rule.is_sequence_level());
+    let near_one = if case.cfg.numerics.is_exact() {
+        0.0
+    } else {
+        1e-6
+    };
     let o = case.eval(Par::Seq).unwrap().outputs;
     for ((i, j), &on) in case.mask.indexed_iter() {
         if !on {
@@ -238,6 +251,9 @@ fn check_non_away_tokens_are_kept(case: &Case<f64>) -> TestCaseResult {
         }
         let lp = read_logprob(case.logp[[i, j]]);
         let lq = read_logprob(case.logp_old[[i, j]]);
+        if (lp - lq).abs() <= near_one * (1.0 + lp.abs() + lq.abs()) && near_one > 0.0 {
+            continue;
+        }
         let rho = ref_ratio(lp, lq);
         let a = case.adv_at(i, j);
         if a * (rho - 1.0) <= 0.0 {
@@ -419,20 +435,40 @@ fn magnitude(case: &Case<f64>, i: usize, j: usize) -> f64 {
     m
 }
 
-/// f32-rounded inputs against the f64 originals. Tokens whose decision margin (see
+/// f32-rounded inputs against the f64 originals (see [`check_close_to_exact`]).
+fn check_f32_rounding_moves_results_little(case: &Case<f64>) -> TestCaseResult {
+    let e32 = case.cast::<f32>().eval(Par::Seq).unwrap();
+    check_close_to_exact(case, &e32, "f32")
+}
+
+/// The f32 exponentials of `Numerics::F32Exp` against the exact engine, on the same
+/// f64 inputs (see [`check_close_to_exact`]): their relative error, (1 + |x|) 6e-8 for
+/// an exponent x, is of the size of the f32 rounding of the inputs.
+fn check_f32_exp_moves_results_little(case: &Case<f64>) -> TestCaseResult {
+    let mut fast = case.clone();
+    fast.cfg.numerics = Numerics::F32Exp;
+    check_close_to_exact(case, &fast.eval(Par::Seq).unwrap(), "f32_exp")
+}
+
+/// `got`, an evaluation of `case` with f32 rounding somewhere (of the inputs, or of the
+/// exponentials), against the exact f64 engine. Tokens whose decision margin (see
 /// `Reference::margin`) is under 1e-3 may legitimately decide differently and are
 /// skipped; every other token has the same reason, and floats within 1e-4 relative plus
 /// 1e-5 absolute, both widened by 1e-6 times the token's input magnitude (the prefix
 /// sum of magnitudes for the CPPO threshold, which carries S_{t−1}). The loss is compared
 /// when no token was skipped and every magnitude is below 64.
-fn check_f32_rounding_moves_results_little(case: &Case<f64>) -> TestCaseResult {
+fn check_close_to_exact<G: Float>(
+    case: &Case<f64>,
+    e32: &Evaluation<G>,
+    what_got: &str,
+) -> TestCaseResult {
     const MARGIN: f64 = 1e-3;
     const REL: f64 = 1e-4;
     const ABS: f64 = 1e-5;
     const PER_MAGNITUDE: f64 = 1e-6;
+    assert!(case.cfg.numerics.is_exact());
     let r = reference(case);
     let e64 = case.eval(Par::Seq).unwrap();
-    let e32 = case.cast::<f32>().eval(Par::Seq).unwrap();
     let (o32, o64) = (&e32.outputs, &e64.outputs);
     let (b, l) = case.shape();
     let mut compare_loss = true;
@@ -469,11 +505,11 @@ fn check_f32_rounding_moves_results_little(case: &Case<f64>) -> TestCaseResult {
                 ("token_loss", &o32.token_loss, &o64.token_loss, mag),
                 ("grad", &o32.grad, &o64.grad, mag),
             ] {
-                let (x, y) = (f64::from(x[[i, j]]), y[[i, j]]);
+                let (x, y) = (x[[i, j]].to_f64(), y[[i, j]]);
                 let widen = PER_MAGNITUDE * mag;
                 prop_assert!(
                     close(x, y, REL + widen, ABS + widen),
-                    "{what}({i}, {j}): f32 {x:e}, f64 {y:e}, input magnitude {mag}"
+                    "{what}({i}, {j}): {what_got} {x:e}, exact {y:e}, input magnitude {mag}"
                 );
             }
         }
@@ -481,7 +517,7 @@ fn check_f32_rounding_moves_results_little(case: &Case<f64>) -> TestCaseResult {
     if compare_loss {
         prop_assert!(
             close(e32.loss, e64.loss, 0.0, REL * r.loss_scale + ABS),
-            "loss: f32 {:e}, f64 {:e}",
+            "loss: {what_got} {:e}, exact {:e}",
             e32.loss,
             e64.loss
         );
@@ -1185,6 +1221,47 @@ proptest! {
     #[test]
     fn threads_do_not_change_bits_large(case in big_case_strategy()) {
         check_all_identical(&case)?;
+    }
+}
+
+/// `case` under `Numerics::F32Exp`.
+fn f32_exp(mut case: Case<f64>) -> Case<f64> {
+    case.cfg.numerics = Numerics::F32Exp;
+    case
+}
+
+proptest! {
+    #![proptest_config(proptest_config(128, REGRESSIONS))]
+
+    /// `Numerics::F32Exp` moves the results by about its f32 rounding, as f32 inputs do.
+    #[test]
+    fn f32_exp_moves_results_little(case in any_case()) {
+        check_f32_exp_moves_results_little(&case)?;
+    }
+
+    /// The invariants that do not compare with the exact reference hold under
+    /// `Numerics::F32Exp` too: CPPO → DPPO bit for bit, budget monotonicity, the
+    /// corrective bypass, padding, unit IS weights, mask types, row permutations and
+    /// scheduling.
+    #[test]
+    fn invariants_hold_under_f32_exp(
+        case in cppo_case().prop_map(f32_exp),
+        any in any_case().prop_map(f32_exp),
+        db in 0.0f64..0.3,
+        more in prop_oneof![Just(None), (0.0f64..0.3).prop_map(Some)],
+        s1 in any::<u64>(),
+        s2 in any::<u64>(),
+    ) {
+        check_cppo_without_decay_or_budget_is_dppo(&case)?;
+        check_larger_budget_never_masks_more(&case, db, more)?;
+        check_unit_is_weights_change_nothing(&any)?;
+        check_padding_is_never_read(&any, s1, s2)?;
+        check_mask_element_types_agree(&any, s1)?;
+        check_f32_inputs_are_computed_in_f64(&any)?;
+        let perm: Vec<usize> = (0..any.shape().0).rev().collect();
+        check_permuting_rows_permutes_outputs(&any, &perm)?;
+        check_all_identical(&any)?;
+        check_non_away_tokens_are_kept(&any)?;
     }
 }
 

@@ -198,3 +198,19 @@ def test_outputs_are_owned_writeable_arrays(readme):
 def test_instruction_set():
     """The instruction set is one of the three the crate builds for."""
     assert cppo.INSTRUCTION_SET in ("avx512", "avx2", "baseline")
+
+
+def test_f32_exp_numerics_is_close_to_exact():
+    """``"numerics": "f32_exp"`` takes the exponentials in f32: the decisions of a random
+    batch stay those of the exact engine, the gradient moves by f32 rounding, and the
+    config resolves with the field."""
+    logp, logp_old, adv, mask = random_batch(5, 16, 300, dtype=np.float32)
+    exact = cppo.evaluate(logp, logp_old, adv, mask, config={"rule": "dppo"})
+    fast = cppo.evaluate(logp, logp_old, adv, mask, config={"rule": "dppo", "numerics": "f32_exp"})
+    assert fast.keep.tolist() == exact.keep.tolist()
+    scale = np.abs(exact.grad).max()
+    assert np.abs(fast.grad - exact.grad).max() <= 1e-5 * scale
+    assert fast.loss == pytest.approx(exact.loss, rel=1e-5)
+    assert cppo.resolve_config({"numerics": "f32_exp"})["numerics"] == "f32_exp"
+    with pytest.raises(cppo.CppoError, match="f32_exp"):
+        cppo.evaluate(logp, logp_old, adv, mask, config={"numerics": "f32-exp"})

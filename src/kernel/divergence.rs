@@ -68,7 +68,7 @@ pub(crate) fn block_divergences<F: Float>(
         }
         DivRow::Topk { kl, row: topk } => {
             let buf = scratch.get_or_insert_with(TopkScratch::new);
-            return topk_block(*kl, topk, row.pos(j0), on, d, buf);
+            return topk_block(*kl, row.numerics, topk, row.pos(j0), on, d, buf);
         }
     }
     true
@@ -100,7 +100,7 @@ pub(crate) fn token_divergence<F: Float>(
         DivRow::K3 => k3(st.rho[k], st.log_ratio[k]),
         DivRow::Topk { kl, row: topk } => {
             let buf = scratch.get_or_insert_with(TopkScratch::new);
-            topk_divergence(*kl, topk, pos, buf)?
+            topk_divergence(*kl, row.numerics, topk, pos, buf)?
         }
     })
 }

@@ -15,9 +15,10 @@ use crate::batch::{Advantages, Batch, MaskRow};
 use crate::config::Config;
 use crate::divergence::Divergence;
 use crate::error::{At, Error, Result};
+use crate::float::Numerics;
 use crate::float::{Float, MaskElem, dispatch_mask, with_mask};
 use crate::objective::{KlPenalty, LOG_RATIO_CLAMP};
-use crate::simd::{exp as simd_exp, exp_to};
+use crate::simd::{exp as simd_exp, exp_with};
 
 /// A row of an input: a slice when contiguous (the common case), else a strided view.
 pub(crate) enum Lane<'a, T> {
@@ -168,6 +169,8 @@ pub(crate) struct RowIn<'a, F> {
     /// The KL penalty and its `logp_ref` lane.
     pub kl: Option<(KlPenalty, Lane<'a, F>)>,
     pub is_weights: Option<Lane<'a, F>>,
+    /// The config's numerics, for the per-token exponentials.
+    pub numerics: Numerics,
 }
 
 /// A row's p = e^logp and q = e^logp_old per column, kept by the calibrated budget's
@@ -244,6 +247,7 @@ impl<'a, F: Float> RowIn<'a, F> {
             div,
             kl,
             is_weights: batch.is_weights.map(lane),
+            numerics: cfg.numerics,
         })
     }
 
@@ -351,7 +355,7 @@ impl InStage {
                     self.p[..n].copy_from_slice(&c.p[j0..j0 + n]);
                     self.q[..n].copy_from_slice(&c.q[j0..j0 + n]);
                 }
-                None => self.load_probs(),
+                None => self.load_probs(row.numerics),
             }
             // ρ = p/q saves an exponential where it equals e^r to rounding: the log-ratio
             // inside the clamp, and p and q normal numbers (the SIMD exp flushes results
@@ -373,7 +377,7 @@ impl InStage {
                 }
             }
         } else {
-            exp_to(&self.log_ratio[..n], &mut self.rho[..n]);
+            exp_with(row.numerics, &self.log_ratio[..n], &mut self.rho[..n]);
         }
         true
     }
@@ -401,10 +405,10 @@ impl InStage {
 
     /// p = e^logp and q = e^logp_old of the loaded log-probs.
     #[inline(always)]
-    fn load_probs(&mut self) {
+    fn load_probs(&mut self, numerics: Numerics) {
         let n = self.n;
-        exp_to(&self.lp[..n], &mut self.p[..n]);
-        exp_to(&self.lq[..n], &mut self.q[..n]);
+        exp_with(numerics, &self.lp[..n], &mut self.p[..n]);
+        exp_with(numerics, &self.lq[..n], &mut self.q[..n]);
     }
 
     /// What the binary divergences read of columns `j0..j0 + n` (the mask, the clamped
@@ -422,7 +426,7 @@ impl InStage {
         if !self.load_logprobs(row, j0, n) {
             return false;
         }
-        self.load_probs();
+        self.load_probs(row.numerics);
         true
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! 1. [`lanes`]: **load** the block's mask, log-probs and advantages, widened to f64,
 //!    and compute ρ (and p, q for the binary divergences) as SIMD exponentials
-//!    ([`crate::simd`]); the extra inputs (`logp_ref`, `is_weights`);
+//!    ([`crate::simd`]; in f32 under [`Numerics::F32Exp`](crate::Numerics), the only
+//!    place besides the top-K probabilities where the numerics matter); the extra inputs
+//!    (`logp_ref`, `is_weights`);
 //! 2. [`checks`] and [`divergence`] ([`topk`] for the top-K forms): one pass of
 //!    comparisons finds whether any token holds a bad value, one pass computes D_t
 //!    (0 off the mask); only a block holding a bad value is walked again token by

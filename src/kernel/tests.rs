@@ -12,6 +12,7 @@ use crate::budget::Calibration;
 use crate::divergence::Divergence;
 use crate::engine::{Par, evaluate};
 use crate::error::Error;
+use crate::float::Numerics;
 use crate::objective::{KlEstimator, KlPenalty, Objective};
 use crate::outputs::Outputs;
 use crate::rule::{CppoParams, Gate, Rule, cppo_test, cppo_threshold, inverse_gate};
@@ -36,7 +37,8 @@ fn same(a: &Array2<f64>, b: &Array2<f64>) -> bool {
 }
 
 /// Every build of the row pass (baseline, AVX2, AVX-512, as far as this CPU has them)
-/// gives the same bits as the dispatched one, for every rule and objective.
+/// gives the same bits as the dispatched one, for every rule and objective, under both
+/// numerics.
 #[test]
 fn baseline_and_dispatched_row_passes_agree() {
     let (b, l, kk) = (5, 150, 3);
@@ -124,12 +126,17 @@ fn baseline_and_dispatched_row_passes_agree() {
         },
         Objective::DetachedIs { ratio_cap: 1.5 },
     ];
-    for divergence in [
+    let divergences = [
         Divergence::BinaryTv,
         Divergence::BinaryKl,
         Divergence::TopkTv,
         Divergence::K3,
-    ] {
+    ];
+    let numerics = [Numerics::Exact, Numerics::F32Exp];
+    for (divergence, numerics) in divergences
+        .into_iter()
+        .flat_map(|d| numerics.map(|n| (d, n)))
+    {
         for (rule, objective) in rules
             .iter()
             .zip(objectives.iter().cycle().skip(divergence as usize))
@@ -142,6 +149,7 @@ fn baseline_and_dispatched_row_passes_agree() {
                     estimator: KlEstimator::K3,
                     coef: 0.1,
                 }),
+                numerics,
                 ..Config::cppo()
             };
             let want = evaluate(&cfg, &batch, Par::Seq).unwrap();

@@ -22,7 +22,8 @@ use crate::batch::{TopK, read_logprob};
 use crate::divergence::{TOPK_KL_REST_FLOOR, topk_kl_pairs, topk_tv_pairs};
 use crate::error::Result;
 use crate::float::Float;
-use crate::simd::{exp_to, ln_to};
+use crate::float::Numerics;
+use crate::simd::{exp_with, exp32, ln_to};
 
 /// Top-K widths up to this are staged for SIMD; wider ones use a scalar loop.
 const TOPK_STACK: usize = 64;
@@ -174,7 +175,12 @@ impl TopkScratch {
 
 /// D_t for a top-K width above [`TOPK_STACK`]: a scalar pass, still allocation-free.
 #[cold]
-fn topk_divergence_wide<F: Float>(kl: bool, topk: &TopkRow<'_, F>, pos: Pos) -> Result<f64> {
+fn topk_divergence_wide<F: Float>(
+    kl: bool,
+    numerics: Numerics,
+    topk: &TopkRow<'_, F>,
+    pos: Pos,
+) -> Result<f64> {
     let (old, new) = topk.token(pos.j);
     for (k, (&a, &b)) in old.iter().zip(new.iter()).enumerate() {
         let at = pos.at_k(k);
@@ -186,10 +192,16 @@ fn topk_divergence_wide<F: Float>(kl: bool, topk: &TopkRow<'_, F>, pos: Pos) -> 
         .iter()
         .zip(new.iter())
         .map(|(&a, &b)| (a.to_f64().min(0.0), b.to_f64().min(0.0)));
+    // The exact path's scalar exponential is the platform's (this path is not the
+    // SIMD one); the f32 one is the SIMD path's own function.
+    let exp = |x: f64| match numerics {
+        Numerics::Exact => x.exp(),
+        Numerics::F32Exp => f64::from(exp32(x as f32)),
+    };
     Ok(if !kl {
-        topk_tv_pairs(pairs)
+        topk_tv_pairs(pairs, exp)
     } else {
-        topk_kl_pairs(pairs)
+        topk_kl_pairs(pairs, exp)
     })
 }
 
@@ -245,6 +257,7 @@ fn topk_rests(sum_p: f64, sum_q: f64) -> (f64, f64) {
 #[inline(always)]
 fn topk_group<F: Float>(
     kl: bool,
+    numerics: Numerics,
     topk: &TopkRow<'_, F>,
     j: usize,
     on: &[bool],
@@ -262,7 +275,7 @@ fn topk_group<F: Float>(
         }
     }
     let probs = &mut buf.probs[..2 * len];
-    exp_to(&buf.logs[..2 * len], probs);
+    exp_with(numerics, &buf.logs[..2 * len], probs);
     let (po, pn) = probs.split_at(len);
     let (lo, ln) = buf.logs[..2 * len].split_at(len);
     // Per token: the sums; then (KL) the two logarithms of the rest term for the whole
@@ -313,6 +326,7 @@ fn topk_group<F: Float>(
 #[inline(always)]
 pub(crate) fn topk_block<F: Float>(
     kl: bool,
+    numerics: Numerics,
     topk: &TopkRow<'_, F>,
     pos: Pos,
     on: &[bool],
@@ -327,6 +341,7 @@ pub(crate) fn topk_block<F: Float>(
             if on {
                 match topk_divergence_wide(
                     kl,
+                    numerics,
                     topk,
                     Pos {
                         j: pos.j + k,
@@ -353,7 +368,7 @@ pub(crate) fn topk_block<F: Float>(
     let g = (TOPK_GROUP / kk.max(1)).clamp(1, BLK);
     let mut ok = true;
     for (s, (on, d)) in on.chunks(g).zip(d.chunks_mut(g)).enumerate() {
-        ok &= topk_group(kl, topk, j + s * g, on, d, buf);
+        ok &= topk_group(kl, numerics, topk, j + s * g, on, d, buf);
     }
     ok
 }
@@ -362,15 +377,16 @@ pub(crate) fn topk_block<F: Float>(
 #[inline(always)]
 pub(crate) fn topk_divergence<F: Float>(
     kl: bool,
+    numerics: Numerics,
     topk: &TopkRow<'_, F>,
     pos: Pos,
     buf: &mut TopkScratch,
 ) -> Result<f64> {
     if topk.width() > TOPK_STACK {
-        return topk_divergence_wide(kl, topk, pos);
+        return topk_divergence_wide(kl, numerics, topk, pos);
     }
     let mut d = [0.0];
-    if !topk_group(kl, topk, pos.j, &[true], &mut d, buf) {
+    if !topk_group(kl, numerics, topk, pos.j, &[true], &mut d, buf) {
         topk.check(pos)?;
     }
     Ok(d[0])

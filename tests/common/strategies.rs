@@ -9,7 +9,7 @@ use std::ops::RangeInclusive;
 use cppo::budget::Calibration;
 use cppo::ndarray::{Array1, Array2, Array3};
 use cppo::{
-    Aggregation, Config, CppoParams, Divergence, Gate, KlEstimator, KlPenalty, Objective,
+    Aggregation, Config, CppoParams, Divergence, Gate, KlEstimator, KlPenalty, Numerics, Objective,
     Positions, Rule,
 };
 use proptest::prelude::*;
@@ -248,6 +248,7 @@ pub fn config_with(
                     num_tokens: None,
                     num_seqs: None,
                     kl,
+                    numerics: Numerics::Exact,
                 },
                 extra_tokens: et,
                 extra_seqs: es,
