@@ -92,8 +92,7 @@ pub struct Config {
     /// The KL penalty to `logp_ref`, or `None`.
     pub kl: Option<KlPenalty>,
     /// The arithmetic of the per-token exponentials: [`Numerics::Exact`] (the default)
-    /// or the opt-in [`Numerics::F32Exp`]. Left out of the written form when exact.
-    #[serde(skip_serializing_if = "Numerics::is_exact")]
+    /// or the opt-in [`Numerics::F32Exp`].
     pub numerics: Numerics,
 }
 

@@ -138,8 +138,7 @@ impl Numerics {
         }
     }
 
-    /// Whether this is [`Numerics::Exact`] (the default, left out when a config is
-    /// written).
+    /// Whether this is [`Numerics::Exact`] (the default).
     ///
     /// ```
     /// assert!(cppo::Numerics::default().is_exact());

@@ -133,7 +133,8 @@ pub struct Args {
     /// `clip_ratio_c`), instead of each preset's plain surrogate.
     #[arg(long)]
     pub is_cap: Option<f64>,
-    /// Warm start: supervised steps until this greedy accuracy on a validation set.
+    /// Warm start: supervised steps until this sampled (temperature 1) accuracy on a
+    /// validation set.
     #[arg(long)]
     pub sft_target: Option<f64>,
     /// Warm start: at most this many supervised steps.
