@@ -8,6 +8,8 @@
 //!   4 M tokens, `f32` and `f64`, `Par::Seq` and `Par::Rayon`.
 //! - `divergences`, `rules`: one axis varied at a time (every divergence under CPPO,
 //!   every rule on binary TV), 64 × 8192 `f32`.
+//! - `numerics`: the exact exponentials against the opt-in f32 ones
+//!   (`Numerics::F32Exp`), on binary TV and top-K TV, one thread.
 //! - `stream`: the memory floor. Reads `logp`, `logp_old`, `mask` and writes one output;
 //!   no kernel that reads its inputs and writes a result can move fewer bytes.
 //! - `naive`: CPPO + binary TV + surrogate + token-mean written the way one would in
@@ -32,7 +34,8 @@ use std::sync::{LazyLock, Mutex};
 
 use cppo::ndarray::{Array1, Array2, Array3, ArrayView2, Axis, Zip};
 use cppo::{
-    Batch, Config, CppoParams, Divergence, Float, Gate, Outputs, Par, Rule, evaluate, evaluate_into,
+    Batch, Config, CppoParams, Divergence, Float, Gate, Numerics, Outputs, Par, Rule, evaluate,
+    evaluate_into,
 };
 use divan::Bencher;
 use divan::counter::{BytesCount, ItemsCount};
@@ -311,6 +314,33 @@ fn divergences(bencher: Bencher, Named((div, par)): Named<(Divergence, Par)>) {
     };
     let k = if div.needs_topk() { TOPK } else { 0 };
     run_engine::<f32>(bencher, cfg, MID, k, par);
+}
+
+/// The opt-in f32 exponentials against the exact ones, CPPO (fixed budget) on binary TV
+/// and on top-K TV (K = 20), 64 × 8192 `f32`, one thread: the ratio of a pair is the
+/// speed-up of `Numerics::F32Exp`.
+#[divan::bench(args = NUMERICS.map(Named), max_time = 1.5)]
+fn numerics(bencher: Bencher, Named((div, numerics)): Named<(Divergence, Numerics)>) {
+    let cfg = Config {
+        divergence: div,
+        numerics,
+        ..Config::with_rule(CPPO)
+    };
+    let k = if div.needs_topk() { TOPK } else { 0 };
+    run_engine::<f32>(bencher, cfg, MID, k, Par::Seq);
+}
+
+const NUMERICS: [(Divergence, Numerics); 4] = [
+    (Divergence::BinaryTv, Numerics::Exact),
+    (Divergence::BinaryTv, Numerics::F32Exp),
+    (Divergence::TopkTv, Numerics::Exact),
+    (Divergence::TopkTv, Numerics::F32Exp),
+];
+
+impl fmt::Display for Named<(Divergence, Numerics)> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{MID}/{}/{}", self.0.0.name(), self.0.1.name())
+    }
 }
 
 const RULES: [(Rule, Par); 16] = [
