@@ -10,6 +10,8 @@
 #   sh train/experiment.sh ablations   # the paper's ablations at the longest horizon
 #   sh train/experiment.sh staleness   # the arms at lags 0, 2 and 8 (T = 16; lag 4 is in grid)
 #   sh train/experiment.sh mismatch13  # a larger mismatch, tau_mu = 1.3, T = 4, 8, 16
+#   sh train/experiment.sh calibrate13 # D under no mask at tau_mu = 1.3, T = 16, tuning seeds
+#   sh train/experiment.sh retune13    # CPPO with delta_b from calibrate13 against DPPO, tau_mu = 1.3
 #   sh train/experiment.sh warm32      # the T = 32 warm start alone (it does not learn)
 #   sh train/experiment.sh analyze     # the statistics, tables and plots
 #
@@ -94,6 +96,16 @@ mismatch13)
         $B $COMMON --lag 0 --tau-mu 1.3 --horizon $T --rules $ARMS --seeds $SEEDS --out $OUT/mismatch13_T$T
     done
     ;;
+calibrate13)
+    # The larger mismatch's own D under no mask, at T = 16 on the tuning seeds (the first
+    # 5 iterations, as calibrate): its median is the retuned delta_b below.
+    $B $COMMON --lag 0 --tau-mu 1.3 --horizon 16 --iters 5 --rules none --seeds $TUNE_SEEDS --out $OUT/calibrate13_T16
+    ;;
+retune13)
+    # CPPO with delta_b retuned to the larger mismatch (the median of calibrate13's D,
+    # DB13), against DPPO (the same runs as mismatch13_T16's DPPO arm), fresh seeds.
+    $B $COMMON --lag 0 --tau-mu 1.3 --horizon 16 --rules "$DPPO,$CPPO_DELTA:delta_b=${DB13:-0.01}" --seeds $SEEDS --out $OUT/retune13_T16
+    ;;
 warm32)
     # T = 32 (33 response tokens): the warm start alone, and one iteration of one run to
     # print its accuracy. On 2026-12-02 it ran its 2,000-step cap (58 minutes on one
@@ -112,9 +124,11 @@ analyze)
     $B --analyze "$OUT/lag0_T16,$OUT/lag2_T16,$OUT/stale_T16,$OUT/lag8_T16" --reference "$DPPO" --out $OUT/analysis_staleness
     $B --analyze "$OUT/lag0_T16,$OUT/lag2_T16,$OUT/stale_T16,$OUT/lag8_T16" --reference "$GRPO" --out $OUT/analysis_staleness_grpo
     $B --analyze "$OUT/mismatch13_T4,$OUT/mismatch13_T8,$OUT/mismatch13_T16" --reference "$DPPO" --out $OUT/analysis_mismatch13
+    # CPPO with delta_b retuned to the larger mismatch, its own family.
+    $B --analyze "$OUT/retune13_T16" --reference "$DPPO" --out $OUT/analysis_retune13
     ;;
 *)
-    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|staleness|mismatch13|warm32|analyze" >&2
+    echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|staleness|mismatch13|calibrate13|retune13|warm32|analyze" >&2
     exit 2
     ;;
 esac
