@@ -13,10 +13,13 @@ times, on the same number of threads:
 Each prints tokens per second (B x L slots per second, the best of its runs in the
 round); the summary is the median over rounds of each round's ratios, with the machine.
 With --check, the torch mask and gradient are first compared with `cppo eval`'s.
+--numerics exact,f32_exp times the crate under each of its numerics in every round (the
+f32 exponentials of `"numerics": "f32_exp"` are what the torch peer computes in on f32
+inputs); the summary then has one set of ratios per numerics.
 
 Setup: python3 -m venv .venv && .venv/bin/pip install numpy torch
 Usage: .venv/bin/python benches/peer/peer.py target/release/cppo [--rows 64] [--len 8192]
-       [--threads 2] [--rounds 5] [--check]
+       [--threads 2] [--rounds 5] [--check] [--numerics exact,f32_exp]
 """
 import argparse
 import json
@@ -75,9 +78,9 @@ def cpu_model():
     return platform.processor()
 
 
-def check(cppo_bin, d, batch_path, tensors):
+def check(cppo_bin, d, batch_path, tensors, numerics):
     out = os.path.join(d, "out.npz")
-    cfg = os.path.join(d, "cfg.json")
+    cfg = os.path.join(d, f"cfg_{numerics}.json")
     subprocess.run([cppo_bin, "eval", "--config", cfg, "--input", batch_path, "--output", out],
                    check=True)
     got = np.load(out)
@@ -85,7 +88,8 @@ def check(cppo_bin, d, batch_path, tensors):
     same_keep = np.array_equal(got["keep"], keep.numpy())
     scale = np.abs(got["grad"]).max()
     err = np.abs(got["grad"] - grad.numpy()).max() / max(scale, 1e-30)
-    print(f"check: keep masks equal: {same_keep}; max |grad difference| / max |grad| = {err:.2e}")
+    print(f"check ({numerics}): keep masks equal: {same_keep}; "
+          f"max |grad difference| / max |grad| = {err:.2e}")
     if not same_keep or err > 1e-5:
         sys.exit("the torch peer and cppo eval disagree: the comparison would be unfair")
 
@@ -98,7 +102,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--numerics", default="exact",
+                    help="the crate's numerics to time, comma-separated: exact, f32_exp")
     a = ap.parse_args()
+    modes = a.numerics.split(",")
     torch.set_num_threads(a.threads)
     lp, lq, adv, mask = make_batch(a.rows, a.len)
     tensors = [torch.from_numpy(x) for x in (lp, lq, adv, mask)]
@@ -111,32 +118,41 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         batch_path = os.path.join(d, "batch.npz")
         np.savez(batch_path, logp=lp, logp_old=lq, advantages=adv, mask=mask)
-        with open(os.path.join(d, "cfg.json"), "w") as f:
-            json.dump(CONFIG, f)
-        if a.check:
-            check(a.cppo_bin, d, batch_path, tensors)
+        for m in modes:
+            with open(os.path.join(d, f"cfg_{m}.json"), "w") as f:
+                json.dump({**CONFIG, "numerics": m}, f)
+            if a.check:
+                check(a.cppo_bin, d, batch_path, tensors, m)
         for r in range(a.rounds):
             te = best_rate(eager, tokens)
             tc = best_rate(compiled, tokens)
-            run = subprocess.run(
-                [a.cppo_bin, "bench", "--input", batch_path, "--config", os.path.join(d, "cfg.json"),
-                 "--threads", str(a.threads), "--outputs", "grad"],
-                capture_output=True, text=True, check=True)
-            bench = json.loads(run.stdout)
-            tr = bench["tokens_per_s"]
+            tr = {}
+            for m in modes:
+                run = subprocess.run(
+                    [a.cppo_bin, "bench", "--input", batch_path,
+                     "--config", os.path.join(d, f"cfg_{m}.json"),
+                     "--threads", str(a.threads), "--outputs", "grad"],
+                    capture_output=True, text=True, check=True)
+                bench = json.loads(run.stdout)
+                tr[m] = bench["tokens_per_s"]
             rounds.append((tr, te, tc))
-            print(f"round {r}: cppo {tr / 1e6:.1f}  torch eager {te / 1e6:.1f}  "
+            crate = "  ".join(f"cppo {m} {tr[m] / 1e6:.1f}" for m in modes)
+            print(f"round {r}: {crate}  torch eager {te / 1e6:.1f}  "
                   f"torch.compile {tc / 1e6:.1f}  (M tokens/s)")
     med = lambda xs: round(statistics.median(xs), 2)  # noqa: E731
-    print(json.dumps({
+    summary = {
         "rows": a.rows, "len": a.len, "threads": a.threads, "rounds": a.rounds,
         "cpu": cpu_model(), "isa": bench["isa"], "torch": torch.__version__,
-        "cppo_vs_torch_compile": med([r / c for r, _, c in rounds]),
-        "cppo_vs_torch_eager": med([r / e for r, e, _ in rounds]),
-        "cppo_m_tokens_per_s": med([r / 1e6 for r, _, _ in rounds]),
         "eager_m_tokens_per_s": med([e / 1e6 for _, e, _ in rounds]),
         "compile_m_tokens_per_s": med([c / 1e6 for _, _, c in rounds]),
-    }))
+    }
+    for m in modes:
+        # The exact numerics keep the keys they always had.
+        sfx = "" if m == "exact" else f"_{m}"
+        summary[f"cppo_vs_torch_compile{sfx}"] = med([r[m] / c for r, _, c in rounds])
+        summary[f"cppo_vs_torch_eager{sfx}"] = med([r[m] / e for r, e, _ in rounds])
+        summary[f"cppo_m_tokens_per_s{sfx}"] = med([r[m] / 1e6 for r, _, _ in rounds])
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
