@@ -97,14 +97,21 @@ mismatch13)
     done
     ;;
 calibrate13)
-    # The larger mismatch's own D under no mask, at T = 16 on the tuning seeds (the first
-    # 5 iterations, as calibrate): its median is the retuned delta_b below.
-    $B $COMMON --lag 0 --tau-mu 1.3 --horizon 16 --iters 5 --rules none --seeds $TUNE_SEEDS --out $OUT/calibrate13_T16
+    # The larger mismatch's own D under no mask, per horizon on the tuning seeds (the
+    # first 5 iterations, as calibrate): its median is the retuned delta_b below.
+    for T in ${HORIZONS:-4 8 16}; do
+        $B $COMMON --lag 0 --tau-mu 1.3 --horizon $T --iters 5 --rules none --seeds $TUNE_SEEDS --out $OUT/calibrate13_T$T
+    done
     ;;
 retune13)
-    # CPPO with delta_b retuned to the larger mismatch (the median of calibrate13's D,
-    # DB13), against DPPO (the same runs as mismatch13_T16's DPPO arm), fresh seeds.
-    $B $COMMON --lag 0 --tau-mu 1.3 --horizon 16 --rules "$DPPO,$CPPO_DELTA:delta_b=${DB13:-0.01}" --seeds $SEEDS --out $OUT/retune13_T16
+    # CPPO with delta_b retuned to the larger mismatch, against DPPO (the same runs as
+    # mismatch13's DPPO arms), fresh seeds. delta_b is calibrate13's median of D at that
+    # horizon, the smaller of the two tuning seeds' to two significant digits: 0.027,
+    # 0.011 and 0.012 at T = 4, 8 and 16.
+    for T in ${HORIZONS:-4 8 16}; do
+        case $T in 4) DB=${DB13_T4:-0.027} ;; 8) DB=${DB13_T8:-0.011} ;; *) DB=${DB13:-0.012} ;; esac
+        $B $COMMON --lag 0 --tau-mu 1.3 --horizon $T --rules "$DPPO,$CPPO_DELTA:delta_b=$DB" --seeds $SEEDS --out $OUT/retune13_T$T
+    done
     ;;
 warm32)
     # T = 32 (33 response tokens): the warm start alone, and one iteration of one run to
@@ -125,7 +132,9 @@ analyze)
     $B --analyze "$OUT/lag0_T16,$OUT/lag2_T16,$OUT/stale_T16,$OUT/lag8_T16" --reference "$GRPO" --out $OUT/analysis_staleness_grpo
     $B --analyze "$OUT/mismatch13_T4,$OUT/mismatch13_T8,$OUT/mismatch13_T16" --reference "$DPPO" --out $OUT/analysis_mismatch13
     # CPPO with delta_b retuned to the larger mismatch, its own family.
-    $B --analyze "$OUT/retune13_T16" --reference "$DPPO" --out $OUT/analysis_retune13
+    # (--rename: the three horizons' delta_b differ, one arm for the trend.)
+    $B --analyze "$OUT/retune13_T4,$OUT/retune13_T8,$OUT/retune13_T16" --reference "$DPPO" --out $OUT/analysis_retune13 \
+        --rename "$CPPO_DELTA:delta_b=0.027=>cppo retuned,$CPPO_DELTA:delta_b=0.011=>cppo retuned,$CPPO_DELTA:delta_b=0.012=>cppo retuned"
     ;;
 *)
     echo "usage: sh train/experiment.sh calibrate|tune|tune_cppo|grid|ablations|staleness|mismatch13|calibrate13|retune13|warm32|analyze" >&2

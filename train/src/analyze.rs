@@ -33,7 +33,10 @@ use crate::stats::{Paired, holm, mean_sd, paired, unit_slopes};
 /// One line of a cell's `runs.csv`.
 #[derive(Clone, Debug)]
 struct Run {
+    /// The arm's name in the report: its rule label, or the name `--rename` gave it.
     arm: String,
+    /// The rule label the run was trained under (its files are named after it).
+    rule: String,
     seed: u64,
     values: BTreeMap<String, f64>,
     collapsed: bool,
@@ -55,7 +58,8 @@ struct Cell {
 }
 
 impl Cell {
-    fn read(dir: &Path) -> Res<Self> {
+    /// Reads the cell in `dir`, its arms renamed by `rename` (rule label → name).
+    fn read(dir: &Path, rename: &[(String, String)]) -> Res<Self> {
         let text = std::fs::read_to_string(dir.join("setting.json"))
             .map_err(|e| format!("{}: {e}", dir.join("setting.json").display()))?;
         let setting: Value = serde_json::from_str(&text)?;
@@ -82,8 +86,14 @@ impl Cell {
                 .zip(&fields)
                 .filter_map(|(h, f)| Some(((*h).to_string(), f.parse::<f64>().ok()?)))
                 .collect();
+            let rule = get("rule").to_string();
+            let arm = rename
+                .iter()
+                .find(|(from, _)| *from == rule)
+                .map_or_else(|| rule.clone(), |(_, to)| to.clone());
             runs.push(Run {
-                arm: get("rule").to_string(),
+                arm,
+                rule,
                 seed: get("seed").parse()?,
                 values,
                 collapsed: get("collapsed") == "true",
@@ -172,10 +182,10 @@ impl Cell {
 
     /// The mean over seeds of a per-position column of `arm`'s `_pos.csv` files.
     fn by_position(&self, arm: &str, column: &str) -> Res<Vec<f64>> {
-        let stem = crate::file_stem(arm);
         let mut sum: Vec<f64> = Vec::new();
         let mut count = 0.0;
         for r in self.runs.iter().filter(|r| r.arm == arm) {
+            let stem = crate::file_stem(&r.rule);
             let path = self.dir.join(format!("{stem}_seed{}_pos.csv", r.seed));
             let text =
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -215,6 +225,9 @@ pub struct Plan<'a> {
     pub endpoint: &'a str,
     /// The primary comparison: a cell's directory and an arm.
     pub primary: Option<(PathBuf, String)>,
+    /// Arms renamed on reading (rule label → name): one arm across cells whose rule
+    /// labels differ, such as a threshold tuned per horizon.
+    pub rename: &'a [(String, String)],
     /// Where the report and the plots go.
     pub out: &'a Path,
 }
@@ -243,7 +256,7 @@ pub fn run(plan: &Plan<'_>) -> Res<String> {
     let mut cells = plan
         .dirs
         .iter()
-        .map(|d| Cell::read(d))
+        .map(|d| Cell::read(d, plan.rename))
         .collect::<Res<Vec<_>>>()?;
     cells.sort_by(|a, b| a.group().cmp(&b.group()).then(a.n().cmp(&b.n())));
     let ep = plan.endpoint;

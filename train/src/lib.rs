@@ -184,6 +184,11 @@ pub struct Args {
     /// without the Holm correction that every other comparison gets).
     #[arg(long)]
     pub primary: Option<String>,
+    /// --analyze: arms to rename, comma-separated `RULE=>NAME`, so that rules whose
+    /// labels differ across cells (a threshold tuned per horizon) count as one arm in
+    /// the trends: `--rename "cppo:delta_b=0.02=>cppo tuned,cppo:delta_b=0.01=>cppo tuned"`.
+    #[arg(long, value_delimiter = ',')]
+    pub rename: Vec<String>,
     /// Output directory for the CSVs, the table and the plot.
     #[arg(long, default_value = "target/train")]
     pub out: PathBuf,
@@ -310,11 +315,21 @@ pub fn run(args: Args) -> Res<Vec<RunSummary>> {
             }
             None => None,
         };
+        let rename = args
+            .rename
+            .iter()
+            .map(|r| {
+                r.split_once("=>")
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| format!("--rename {r:?}: expected RULE=>NAME"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let report = analyze::run(&analyze::Plan {
             dirs: &args.analyze,
             reference: &args.reference,
             endpoint: &args.endpoint,
             primary,
+            rename: &rename,
             out: &args.out,
         })?;
         println!("{report}");

@@ -177,6 +177,32 @@ fn running_sum_cells_and_their_analysis() {
         let s = std::fs::read_to_string(analysis.join(svg)).unwrap();
         assert!(s.starts_with("<svg") && s.contains("polyline"), "{svg}");
     }
+    // --rename: the arm under its new name everywhere, its per-position files still
+    // found under the rule it ran.
+    let renamed = dir.path().join("renamed");
+    let analyze = |rename: &str| {
+        train::run(train::Args::parse_from([
+            "train",
+            "--analyze",
+            &format!("{},{}", first.display(), second.display()),
+            "--reference",
+            "dppo:delta=0.1",
+            "--rename",
+            rename,
+            "--out",
+            renamed.to_str().unwrap(),
+        ]))
+    };
+    assert!(analyze("cppo_budget=>budget only").unwrap().is_empty());
+    let md = std::fs::read_to_string(renamed.join("report.md")).unwrap();
+    assert!(md.contains("| 3, 4 | budget only | 2 |"), "{md}");
+    assert!(md.contains("| budget only | budget |"), "{md}");
+    assert!(!md.contains("cppo_budget"), "{md}");
+    let Err(err) = analyze("cppo_budget") else {
+        panic!("--rename without => accepted");
+    };
+    let err = err.to_string();
+    assert!(err.contains("expected RULE=>NAME"), "{err}");
 }
 
 /// A run's CSV without its last column (the seconds an iteration took).
