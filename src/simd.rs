@@ -124,17 +124,19 @@ fn edges<T: PartialOrd>(x: T, min: T, max: T, y: T, zero: T, inf: T) -> T {
     }
 }
 
-/// 1/k! for k = 7 down to 2: e^r = 1 + r (1 + r P(r)) for the f32 exponential, the
-/// Taylor series truncated after r⁷/7! (for |r| ≤ ln 2 / 2 the first term left out is
-/// below 6e-9 relative, a tenth of an f32 ulp).
-const EXP32_P: [f32; 6] = [
-    1.0 / 5_040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    0.5,
-];
+/// 1/k! for k = 7 down to 2 (the last six of [`EXPM1_Q`], rounded to f32): e^r =
+/// 1 + r (1 + r P(r)) for the f32 exponential, the Taylor series truncated after r⁷/7!
+/// (for |r| ≤ ln 2 / 2 the first term left out is below 6e-9 relative, a tenth of an f32
+/// ulp).
+const EXP32_P: [f32; 6] = {
+    let mut p = [0.0f32; 6];
+    let mut k = 0;
+    while k < 6 {
+        p[k] = EXPM1_Q[EXPM1_Q.len() - 6 + k] as f32;
+        k += 1;
+    }
+    p
+};
 /// ln 2, high part for f32: its trailing 9 bits are zero, so n · LN2_HI_32 is exact
 /// for |n| < 2^9.
 const LN2_HI_32: f32 = f32::from_bits(0x3f31_7200);
