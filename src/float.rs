@@ -10,11 +10,11 @@
 //! [`Numerics::F32Exp`] is the one opt-in exception: the per-token exponentials (ρ_t, p_t,
 //! q_t and the top-K probabilities) are taken in `f32`, as the official PyTorch code
 //! takes them on `f32` log-probs, and everything else stays in `f64`. An exponential
-//! e^x then carries a relative error of about (1 + |x|) · 6e-8 (one `f32` ulp, and the
-//! rounding of x to `f32`) instead of about 1e-16, and a decision can differ from the
-//! exact one only where the exact value sits within that of its threshold. Under either numerics the results are the
-//! same bits whatever the thread count, the column chunking and the CPU's instruction
-//! set.
+//! e^x then carries a relative error of at most about 1.8e-7 + |x| · 6e-8 (its `f32`
+//! arithmetic, and the rounding of x to `f32`) instead of about 2e-16, and a decision
+//! can differ from the exact one only where the exact value sits within that of its
+//! threshold. Under either numerics the results are the same bits whatever the thread
+//! count, the column chunking and the CPU's instruction set.
 
 mod sealed {
     /// Seals `Float` and `MaskElem`: not implementable outside the crate.
@@ -85,20 +85,21 @@ impl Float for f64 {
 ///   value; the engine agrees with an `f64` reference to rounding.
 /// - **`F32Exp`**: ρ_t = e^{log π − log μ} (clamped as always to ±20), p_t = e^{log π},
 ///   q_t = e^{log μ} and the 2K top-K probabilities are computed in `f32` arithmetic,
-///   eight lanes wide on AVX2: each input rounded to `f32`, an `f32` exponential within 1
-///   `f32` ulp of the correctly rounded value (over the tests' sweep of its range), the
-///   result widened back exactly. An exponential
-///   below e^−87 ≈ 1.6e−38 reads as 0 (so where p or q underflows, ρ_t is taken in `f64`
-///   from the log-ratio). Everything else (the divergences' other terms, the weights and
-///   prefix sums, the tests, the objective's and the soft gate's own exponentials, the
-///   KL penalty, the reductions) is the exact engine's `f64` arithmetic. It is faster
-///   where the exponentials are the cost: about 1.1× for binary TV and 1.3× for top-K
-///   TV at K = 20 on an AVX2 machine (BENCHMARKS.md in the repository).
+///   eight lanes wide on AVX2: each input rounded to `f32`, an `f32` exponential within
+///   1 `f32` ulp of the correctly rounded value (over the tests' sweep of its range),
+///   the result widened back exactly. An exponential below e^−87 ≈ 1.6e−38 reads as 0
+///   (so where p or q underflows, ρ_t is taken in `f64` from the log-ratio). Everything
+///   else (the divergences' other terms, the weights and prefix sums, the tests, the
+///   objective's and the soft gate's own exponentials, the KL penalty, the reductions)
+///   is the exact engine's `f64` arithmetic. It is faster where the exponentials are
+///   the cost: about 1.06× for binary TV and 1.2–1.4× for top-K TV at K = 20 on an
+///   AVX2 machine (BENCHMARKS.md in the repository).
 ///
 /// What `F32Exp` gives up, against `Exact`: an exponential e^x is within about
-/// (1 + |x|) · 6e-8 relative of the exact value (for `f32` log-probs, p_t and q_t within
-/// 6e-8 and ρ_t = p_t / q_t within about 1.2e-7), the outputs move by about that much
-/// (the tests hold them within 1e-4 relative, the tolerance of `f32` inputs), and a
+/// 1.8e-7 + |x| · 6e-8 relative of the exact value (1.5 `f32` ulp, plus the rounding of
+/// x to `f32`; for `f32` log-probs x is exact, so p_t and q_t are within 1.8e-7 and
+/// ρ_t = p_t / q_t within about 3.6e-7), the outputs move by about that much (the tests
+/// hold them within 1e-4 relative, the tolerance they hold `f32` inputs to), and a
 /// token's decision may differ where its exact divergence, ratio or direction sits
 /// within that of the threshold (a token with ρ_t within the error of 1 may count as
 /// moving the other way). What it keeps: the results are the same bits whatever the
