@@ -239,11 +239,7 @@ fn check_unit_is_weights_change_nothing(case: &Case<f64>) -> TestCaseResult {
 /// skipped.
 fn check_non_away_tokens_are_kept(case: &Case<f64>) -> TestCaseResult {
     prop_assume!(!case.cfg.rule.is_sequence_level());
-    let near_one = if case.cfg.numerics.is_exact() {
-        0.0
-    } else {
-        1e-6
-    };
+    let skip_near_one = !case.cfg.numerics.is_exact();
     let o = case.eval(Par::Seq).unwrap().outputs;
     for ((i, j), &on) in case.mask.indexed_iter() {
         if !on {
@@ -251,7 +247,7 @@ fn check_non_away_tokens_are_kept(case: &Case<f64>) -> TestCaseResult {
         }
         let lp = read_logprob(case.logp[[i, j]]);
         let lq = read_logprob(case.logp_old[[i, j]]);
-        if (lp - lq).abs() <= near_one * (1.0 + lp.abs() + lq.abs()) && near_one > 0.0 {
+        if skip_near_one && (lp - lq).abs() <= 1e-6 * (1.0 + lp.abs() + lq.abs()) {
             continue;
         }
         let rho = ref_ratio(lp, lq);
@@ -459,7 +455,7 @@ fn check_f32_exp_moves_results_little(case: &Case<f64>) -> TestCaseResult {
 /// when no token was skipped and every magnitude is below 64.
 fn check_close_to_exact<G: Float>(
     case: &Case<f64>,
-    e32: &Evaluation<G>,
+    got: &Evaluation<G>,
     what_got: &str,
 ) -> TestCaseResult {
     const MARGIN: f64 = 1e-3;
@@ -469,7 +465,7 @@ fn check_close_to_exact<G: Float>(
     assert!(case.cfg.numerics.is_exact());
     let r = reference(case);
     let e64 = case.eval(Par::Seq).unwrap();
-    let (o32, o64) = (&e32.outputs, &e64.outputs);
+    let (o32, o64) = (&got.outputs, &e64.outputs);
     let (b, l) = case.shape();
     let mut compare_loss = true;
     for i in 0..b {
@@ -516,9 +512,9 @@ fn check_close_to_exact<G: Float>(
     }
     if compare_loss {
         prop_assert!(
-            close(e32.loss, e64.loss, 0.0, REL * r.loss_scale + ABS),
+            close(got.loss, e64.loss, 0.0, REL * r.loss_scale + ABS),
             "loss: {what_got} {:e}, exact {:e}",
-            e32.loss,
+            got.loss,
             e64.loss
         );
     }
